@@ -1,0 +1,62 @@
+"""The ``tbptt-bench`` command line. Each sub-command lives in ``tbptt_bench.commands.<name>``.
+
+Bad input (a UsageError) prints one line ``tbptt-bench: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tbptt_bench.errors import UsageError
+from tbptt_bench.registry import add_plugin_dirs
+
+COMMANDS = ("tasks", "explain", "grad", "train", "bias", "perf", "run", "report")
+
+
+def _available_commands() -> list[object]:
+    modules = []
+    for name in COMMANDS:
+        try:
+            modules.append(importlib.import_module(f"tbptt_bench.commands.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"tbptt_bench.commands.{name}":
+                raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tbptt-bench",
+        description="Gradient bias, cost and learning outcomes of truncated backpropagation through time.",
+    )
+    parser.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                        help="folder of user tasks/models/methods (*.py files), repeatable")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _available_commands():
+        module.add_parser(sub)  # type: ignore[attr-defined]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.plugins:
+            add_plugin_dirs(args.plugins)
+        return int(args.run(args) or 0)
+    except UsageError as exc:
+        print(f"tbptt-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tbptt-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``tbptt-bench`` CLI: one module each, with ``add_parser`` and ``run``."""

@@ -1,0 +1,69 @@
+"""Arguments shared by several sub-commands, and turning them into a task and a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from torch import nn
+
+from tbptt_bench.errors import UsageError
+from tbptt_bench.setup import make_model, make_task
+from tbptt_bench.tasks.base import Task
+
+
+def add_run_args(p: argparse.ArgumentParser, *, seq_len: int = 64, batch: int = 16, hidden: int = 32) -> None:
+    """--task --task-param --model --hidden --layers --seq-len --batch --seed --dtype --device --path."""
+    p.add_argument("--task", default="copy", help="task name (see `tbptt-bench tasks`)")
+    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="task constructor parameter, repeatable (e.g. --task-param corpus=text --task-param path=f.txt)")
+    p.add_argument("--model", default="lstm", help="model name (see `tbptt-bench tasks`)")
+    p.add_argument("--hidden", type=int, default=hidden, help="hidden size")
+    p.add_argument("--layers", type=int, default=1, help="number of recurrent layers")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="sequence (or stream segment) length T")
+    p.add_argument("--batch", type=int, default=batch, help="batch size B")
+    p.add_argument("--seed", type=int, default=0, help="seed for parameters and data")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--path", default="fused", choices=["fused", "cell"], help="execution path of built-in models")
+
+
+def parse_task_params(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"malformed --task-param {item!r}; expected KEY=VALUE")
+        out[key] = _coerce(value)
+    return out
+
+
+def _coerce(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    for name in ("hidden", "layers", "seq_len", "batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+
+
+def build(args: argparse.Namespace) -> tuple[Task, nn.Module]:
+    """The task and the model that the shared arguments describe."""
+    check_sizes(args)
+    task = make_task(args.task, **parse_task_params(args.task_param))
+    model = make_model(args.model, task, args.hidden, args.layers, seed=args.seed, dtype=args.dtype,
+                       device=args.device, path=args.path)
+    return task, model
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=float)
+    sys.stdout.write("\n")

@@ -1,0 +1,86 @@
+"""``tbptt-bench grad``: a method's gradient estimate against the true gradient on one batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tbptt_bench import __version__
+from tbptt_bench.commands.common import add_run_args, build, emit_json
+from tbptt_bench.errors import UsageError
+from tbptt_bench.gradients import compare, method_gradient, true_gradient
+from tbptt_bench.methods import parse_method
+from tbptt_bench.models import map_state
+from tbptt_bench.setup import derive_seed, generator
+
+LOSS_NORMALISATION = "L = sum over steps t of l_t; l_t = (1/B) * sum over rows b of w[b,t] * loss(b,t)"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grad", help="gradient estimate of a method vs the true gradient on one batch")
+    add_run_args(p, seq_len=40, batch=4, hidden=16)
+    p.add_argument("--method", required=True, help="method spec, e.g. tbptt:k1=5,k2=10")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--save", metavar="FILE.npz", help="write parameters, data and both gradients")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    method = parse_method(args.method)
+    task, model = build(args)
+    batch = task.sample(args.batch, args.seq_len, generator(derive_seed("data", args.seed)))
+    data = batch.to(args.device, model.readout.weight.dtype if hasattr(model, "readout") else None)
+    state = model.initial_state(args.batch)
+    est = method_gradient(model, data, method, task.loss_kind, state)
+    true = true_gradient(model, data, task.loss_kind, state)
+    metrics = {group: c.as_dict() for group, c in compare(est, true).items()}
+    meta = {
+        "task": args.task, "model": args.model, "method": method.spec, "seq_len": args.seq_len,
+        "batch": args.batch, "hidden": args.hidden, "layers": args.layers, "seed": args.seed,
+        "dtype": args.dtype, "loss_kind": task.loss_kind, "loss_normalisation": LOSS_NORMALISATION,
+        "tbptt_bench": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    }
+    if args.save:
+        save_npz(Path(args.save), model, state, data, est, true, meta)
+    if args.json:
+        emit_json({**meta, "metrics": metrics})
+    else:
+        print(f"{method.spec} on {args.task}/{args.model}, T={args.seq_len}, B={args.batch}:")
+        for group, m in metrics.items():
+            print(f"  {group:<10} relative error {m['relative_error']:.6g}  cosine {m['cosine']:.6g}  "
+                  f"norm ratio {m['norm_ratio']:.6g}")
+    return 0
+
+
+def save_npz(path: Path, model, state, data, est, true, meta) -> None:  # type: ignore[no-untyped-def]
+    """Write atomically: a temporary file in the same folder, renamed when complete."""
+    if not path.parent.exists():
+        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in model.state_dict().items():
+        arrays[f"param/{name}"] = value.detach().cpu().numpy()
+    parts = state if isinstance(state, tuple) else (state,)
+    for i, s in enumerate(parts):
+        arrays[f"initial_state/{i}"] = s.detach().cpu().numpy()
+    arrays["inputs"] = data.inputs.cpu().numpy()
+    arrays["targets"] = data.targets.cpu().numpy()
+    arrays["weights"] = data.weights.cpu().numpy()
+    for name, g in est.items():
+        arrays[f"grad_estimate/{name}"] = g.cpu().numpy()
+    for name, g in true.items():
+        arrays[f"grad_true/{name}"] = g.cpu().numpy()
+    arrays["metadata"] = np.array(json.dumps(meta))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,283 @@
+"""The one engine: runs a method's updates over a time-sliced source with any recurrent model.
+
+Every task, model and method goes through :class:`Engine.run`. It knows the truncation mask only as
+the :class:`~tbptt_bench.mask.Update` list a method produces, and implements each update with as few
+fused calls as the mask allows:
+
+* a *window* (all losses of the update reach back to the same step) is one chain of fused calls from
+  the stored boundary state, split only where a later update needs the state or a gradient scale
+  applies; chunked TBPTT is one call per chunk, full BPTT one call per sequence (or per checkpoint
+  chunk, recomputed in the backward pass), tbptt(k1 < k2) recomputes its window from the stored
+  state at ``u - k2`` — no chains of per-step ``backward`` calls, no graph kept across updates;
+* steps before the window (k2 < k1) run without gradient and give only the read-out's direct term;
+* per-loss windows (``sliding``) are stacked along the batch dimension and run as one call.
+
+Data come from the source one segment at a time, so a long stream is never on the device whole.
+The loss is ``L = Σ_t (1/B) Σ_b w[b,t] · loss(b,t)`` (summed over time, mean over the batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from tbptt_bench.mask import Update
+from tbptt_bench.models import State, check_state, detach_state, has_readout, map_state
+from tbptt_bench.tasks.base import Batch
+
+log = logging.getLogger(__name__)
+
+#: Maximum number of per-loss windows stacked into one call for ``sliding`` updates.
+WINDOW_BLOCK = 512
+
+
+class Source(Protocol):
+    """Anything with a batch size, a length and time slices (a :class:`Batch`, a stream)."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+    def slice(self, a: int, b: int) -> Batch: ...
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the state at the end and each update's loss (detached, on the device)."""
+
+    final_state: State
+    update_losses: torch.Tensor
+
+
+def step_loss_sum(outputs: torch.Tensor, batch: Batch, loss_kind: str, batch_size: int) -> torch.Tensor:
+    """``Σ_t ℓ_t`` over the steps of ``batch``: weighted per-element loss summed, divided by B."""
+    if loss_kind == "cross_entropy":
+        per = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), batch.targets.reshape(-1), reduction="none")
+        per = per.view(batch.weights.shape)
+    elif loss_kind == "mse":
+        diff = outputs - batch.targets.to(outputs.dtype)
+        per = (diff * diff).reshape(*batch.weights.shape, -1).sum(-1)
+    else:
+        raise ValueError(f"unknown loss kind {loss_kind!r}")
+    return (per * batch.weights.to(per.dtype)).sum() / batch_size
+
+
+def scale_grad(state: State, factor: float) -> State:
+    """Identity in the forward pass; multiplies the adjoint flowing back through ``state`` by factor."""
+
+    def scale(s: torch.Tensor) -> torch.Tensor:
+        if not s.requires_grad:
+            return s
+        d = s.detach()
+        return d + factor * (s - d)
+
+    return map_state(scale, state)
+
+
+class Engine:
+    """Runs updates of a gradient method for one model on one device.
+
+    ``checkpoint``: recompute activations per chunk of that many steps in the backward pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_kind: str,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        checkpoint: int | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        self.model = model
+        self.loss_kind = loss_kind
+        first = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        self.dtype = dtype if dtype is not None else (first.dtype if first is not None else torch.get_default_dtype())
+        self.checkpoint = checkpoint
+        self.non_blocking = non_blocking
+        self.split_readout = has_readout(model)
+
+    # -- public ----------------------------------------------------------------------------------
+    def run(
+        self,
+        source: Source,
+        updates: Sequence[Update],
+        state: State,
+        on_update: Callable[[int, Update, torch.Tensor], None] | None = None,
+    ) -> RunResult:
+        """Run ``updates`` over ``source`` from ``state``; call ``on_update`` after each backward.
+
+        Gradients accumulate in ``.grad`` unless ``on_update`` steps an optimiser and zeroes them.
+        """
+        check_state(state)
+        self._source = source
+        self._batch_size = source.batch_size
+        self._splits = {0}
+        for u in updates:
+            self._splits.update((u.window_start, u.loss_start, u.loss_end))
+        needs = [self._earliest_needed(u) for u in updates]
+        keep_from = [min(needs[i + 1 :], default=10**18) for i in range(len(updates))]
+        self._bank: dict[int, State] = {0: detach_state(state)}
+        losses = []
+        for i, u in enumerate(updates):
+            loss = self._update_loss(u)
+            if loss.requires_grad:
+                loss.backward()
+            loss = loss.detach()
+            losses.append(loss)
+            if on_update is not None:
+                on_update(i, u, loss)
+            frontier = max(self._bank)
+            self._bank = {p: s for p, s in self._bank.items() if p >= keep_from[i] or p == frontier}
+        end = updates[-1].loss_end if updates else 0
+        final = self._bank[end] if end in self._bank else self._bank[max(self._bank)]
+        zero = torch.zeros((), device=self.device, dtype=self.dtype)
+        return RunResult(final, torch.stack(losses) if losses else zero[None][:0])
+
+    # -- one update ------------------------------------------------------------------------------
+    def _update_loss(self, u: Update) -> torch.Tensor:
+        a, b = u.loss_start, u.loss_end
+        if u.max_lag is None:
+            return self._window(u.window_start, a, b, u)
+        shared_end = min(b, u.window_start + u.max_lag)  # losses whose window starts at window_start
+        total = self._window(u.window_start, a, shared_end, u) if a < shared_end else None
+        rest = max(a, shared_end)
+        if rest < b:
+            if u.scales:
+                raise NotImplementedError("gradient scales with per-loss windows are not supported")
+            windows = self._stacked_windows(rest, b, u.max_lag)
+            total = windows if total is None else total + windows
+        self._ensure_state(b)
+        assert total is not None
+        return total
+
+    def _window(self, start: int, a: int, b: int, u: Update) -> torch.Tensor:
+        """Losses ``[a, b)`` reaching back to step ``start`` (one chain of fused calls)."""
+        total: torch.Tensor | None = None
+        if start > a:  # steps before the window: no recurrent gradient, read-out term only
+            total = self._chain(a, start, a, start, u, grad=False)
+        loss = self._chain(start, b, max(a, start), b, u, grad=True)
+        return loss if total is None else total + loss
+
+    def _chain(self, start: int, end: int, la: int, lb: int, u: Update, grad: bool) -> torch.Tensor:
+        """Forward from the state at ``start`` to ``end``; return Σ ℓ_t for t in ``[la, lb)``."""
+        state = self._state_at(start)
+        cuts = {start, end}
+        cuts.update(p for p in self._splits if start < p < end)
+        scales = dict(u.scales)
+        cuts.update(p for p in scales if start < p < end)
+        if self.checkpoint and grad:
+            cuts.update(range(start - start % self.checkpoint + self.checkpoint, end, self.checkpoint))
+        points = sorted(cuts)
+        total = torch.zeros((), device=self.device, dtype=self.dtype)
+        for x, y in zip(points[:-1], points[1:]):
+            if grad and x in scales and x != start:
+                state = scale_grad(state, scales[x])
+            data = self._source.slice(x, y).to(self.device, self.dtype, self.non_blocking)
+            lo, hi = max(la, x) - x, max(min(lb, y) - x, 0)
+            if grad and self.checkpoint:
+                loss, state = self._checkpointed(data, state, lo, hi)
+            else:
+                with torch.set_grad_enabled(grad):
+                    features, state = self._core(data.inputs, state)
+                loss = self._loss(features, data, lo, hi)
+            total = total + loss
+            if y in self._splits:
+                self._bank[y] = detach_state(state)
+        return total
+
+    def _checkpointed(self, data: Batch, state: State, lo: int, hi: int) -> tuple[torch.Tensor, State]:
+        """One chunk whose activations are recomputed in the backward pass."""
+        is_tuple = isinstance(state, tuple)
+        parts = state if isinstance(state, tuple) else (state,)
+
+        def run(*parts_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            s = tuple(parts_in) if is_tuple else parts_in[0]
+            features, s = self._core(data.inputs, s)
+            out = s if isinstance(s, tuple) else (s,)
+            return (self._loss(features, data, lo, hi), *out)
+
+        result = activation_checkpoint(run, *parts, use_reentrant=False)
+        new = tuple(result[1:]) if is_tuple else result[1]
+        return result[0], new
+
+    def _stacked_windows(self, a: int, b: int, k: int) -> torch.Tensor:
+        """Losses ``[a, b)``, loss t reaching exactly steps ``t-k+1..t``: windows stacked in the batch."""
+        self._ensure_dense(a - k + 1, b - k + 1)
+        total = torch.zeros((), device=self.device, dtype=self.dtype)
+        for lo in range(a, b, WINDOW_BLOCK):
+            ts = range(lo, min(b, lo + WINDOW_BLOCK))
+            states = [self._dense[t - k + 1] for t in ts]
+            if isinstance(states[0], tuple):
+                state: State = tuple(torch.cat([s[j] for s in states], dim=1) for j in range(len(states[0])))
+            else:
+                state = torch.cat(states, dim=1)  # type: ignore[arg-type]
+            pieces = [self._source.slice(t - k + 1, t + 1) for t in ts]
+            data = Batch(*(torch.cat([getattr(p, f) for p in pieces], dim=0) for f in ("inputs", "targets", "weights")))
+            data = data.to(self.device, self.dtype, self.non_blocking)
+            features, _ = self._core(data.inputs, state)
+            total = total + self._loss(features, data, k - 1, k)
+        return total
+
+    # -- states ----------------------------------------------------------------------------------
+    def _state_at(self, p: int) -> State:
+        if p not in self._bank:
+            self._ensure_state(p)
+        return self._bank[p]
+
+    def _ensure_state(self, p: int) -> None:
+        """Make the state at position ``p`` available, stepping forward without gradient if needed."""
+        if p in self._bank:
+            return
+        q = max(k for k in self._bank if k <= p)
+        state = self._bank[q]
+        with torch.no_grad():
+            data = self._source.slice(q, p).to(self.device, self.dtype, self.non_blocking)
+            _, state = self._core(data.inputs, state)
+        self._bank[p] = detach_state(state)
+
+    def _ensure_dense(self, a: int, b: int) -> None:
+        """States at every position in ``[a, b)`` (for per-loss windows), computed step by step."""
+        dense = getattr(self, "_dense", {})
+        self._dense = {p: s for p, s in dense.items() if p >= a}
+        missing = [p for p in range(a, b) if p not in self._dense]
+        if not missing:
+            return
+        self._ensure_state(missing[0])
+        state = self._bank[missing[0]]
+        self._dense[missing[0]] = state
+        with torch.no_grad():
+            for p in range(missing[0] + 1, b):
+                data = self._source.slice(p - 1, p).to(self.device, self.dtype, self.non_blocking)
+                _, state = self._core(data.inputs, state)
+                self._dense[p] = detach_state(state)
+
+    def _earliest_needed(self, u: Update) -> int:
+        if u.max_lag is None:
+            return min(u.window_start, u.loss_start)
+        return min(u.window_start, max(u.window_start, u.loss_start - u.max_lag + 1), u.loss_start)
+
+    # -- model and loss --------------------------------------------------------------------------
+    def _core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Features (or outputs, for models without a read-out split) and the new state."""
+        if self.split_readout:
+            return self.model.core(inputs, state)  # type: ignore[operator]
+        return self.model(inputs, state)
+
+    def _loss(self, features: torch.Tensor, data: Batch, lo: int, hi: int) -> torch.Tensor:
+        """``Σ ℓ_t`` over positions ``lo..hi-1`` of a segment; the read-out runs with gradient."""
+        if hi <= lo:
+            return torch.zeros((), device=self.device, dtype=self.dtype)
+        feats = features[:, lo:hi]
+        outputs = self.model.readout(feats) if self.split_readout else feats  # type: ignore[operator]
+        return step_loss_sum(outputs, data.slice(lo, hi), self.loss_kind, self._batch_size)

@@ -1,0 +1,222 @@
+"""Gradient methods as specs: a small string grammar mapped onto the truncation mask.
+
+Grammar: ``FAMILY[:KEY=VALUE[,KEY=VALUE]...]``, e.g. ``full``, ``full:checkpoint=64``,
+``tbptt:k1=8,k2=16``, ``chunked:k=16``, ``sliding:k=16``. Values are integers or floats. Every family
+turns a sequence length into a list of :class:`~tbptt_bench.mask.Update` (DESIGN.md §2); the engine
+runs those updates and knows nothing else about methods.
+
+Families (T = sequence or stream-segment length, positions 0-based):
+
+* ``full`` — one update over all T losses, every lag kept. ``checkpoint=C`` recomputes activations
+  per chunk of C steps in the backward pass (same gradient, memory ~ T/C + C).
+* ``tbptt:k1,k2`` — updates at u = k1, 2k1, …; losses in ``[u-k1, u)`` may reach steps ``s ≥ u-k2``.
+  A trailing segment shorter than k1 is an update of its own ending at T (see ``segment_updates``).
+  k2 > k1 overlaps windows (Williams & Peng's BPTT(h; h') with h = k2, h' = k1); k2 = k1 is chunked;
+  k2 < k1 gives recurrent gradient only to the last k2 steps of each segment.
+* ``chunked:k`` — ``tbptt:k1=k,k2=k`` ("detach every k").
+* ``sliding:k[,k1]`` — every loss reaches exactly its last k steps (ĝ_K of Aicher et al. 2019);
+  updates every k1 steps (default k).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from tbptt_bench.errors import UsageError
+from tbptt_bench.mask import Update
+from tbptt_bench.registry import Registry
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its type, default (``None`` = required) and what it must satisfy."""
+
+    kind: type
+    default: Any = None
+    check: Callable[[Any], bool] = lambda v: True
+    rule: str = ""
+    required: bool = True
+
+
+def positive_int(default: int | None = None, required: bool = True) -> Param:
+    return Param(int, default, lambda v: v >= 1, "an integer ≥ 1", required)
+
+
+class Method(ABC):
+    """A gradient method: named parameters and the updates it makes over a sequence."""
+
+    family: ClassVar[str]
+    summary: ClassVar[str]
+    schema: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        self.params = validate(self.family, self.schema, params)
+
+    def __getattr__(self, name: str) -> Any:
+        params = self.__dict__.get("params", {})
+        if name in params:
+            return params[name]
+        raise AttributeError(name)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (parameters in schema order, defaults included)."""
+        items = [f"{k}={self.params[k]}" for k in self.schema if self.params.get(k) is not None]
+        return self.family + (":" + ",".join(items) if items else "")
+
+    @property
+    def checkpoint(self) -> int | None:
+        """Chunk length for activation checkpointing in the backward pass, or None."""
+        return None
+
+    @abstractmethod
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
+        """The updates over a sequence of ``length`` steps; ``first_update`` counts earlier updates."""
+
+    def __repr__(self) -> str:
+        return f"Method({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Method) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method family available in specs under ``cls.family``."""
+    METHODS.register(cls.family, cls)
+    return cls
+
+
+def validate(family: str, schema: dict[str, Param], params: dict[str, Any]) -> dict[str, Any]:
+    """Check names, types and rules of method parameters; fill defaults."""
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        accepted = ", ".join(schema) or "none"
+        raise UsageError(f"method {family!r} has no parameter {unknown[0]!r}; accepted: {accepted}")
+    out: dict[str, Any] = {}
+    for name, p in schema.items():
+        if name not in params or params[name] is None:
+            if p.required and p.default is None:
+                raise UsageError(f"method {family!r} needs {name}= ({p.rule}), e.g. {family}:{name}=16")
+            out[name] = p.default
+            continue
+        value = params[name]
+        try:
+            value = p.kind(value)
+            if p.kind is int and float(params[name]) != value:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise UsageError(f"method {family!r}: {name}={params[name]!r} must be {p.rule}") from None
+        if not p.check(value):
+            raise UsageError(f"method {family!r}: {name}={value} must be {p.rule}")
+        out[name] = value
+    return out
+
+
+_SPEC = re.compile(r"^\s*([a-z][a-z0-9_\-]*)\s*(?::(.*))?$")
+
+
+def parse_method(spec: str | Method) -> Method:
+    """Parse ``FAMILY[:KEY=VALUE,...]`` into a :class:`Method`; a UsageError says what is accepted."""
+    if isinstance(spec, Method):
+        return spec
+    match = _SPEC.match(spec or "")
+    if not match:
+        raise UsageError(
+            f"malformed method spec {spec!r}; expected FAMILY[:KEY=VALUE,...], e.g. tbptt:k1=8,k2=16"
+        )
+    family, rest = match.group(1), match.group(2)
+    cls = METHODS.get(family)
+    params: dict[str, Any] = {}
+    if rest is not None and rest.strip():
+        for item in rest.split(","):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise UsageError(f"malformed parameter {item!r} in method spec {spec!r}; expected KEY=VALUE")
+            if key in params:
+                raise UsageError(f"parameter {key!r} given twice in method spec {spec!r}")
+            params[key] = _number(value, spec)
+    return cls(**params)
+
+
+def _number(text: str, spec: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def segment_updates(
+    length: int, k1: int, k2: int, first_update: int = 0, max_lag: int | None = None
+) -> list[Update]:
+    """Updates every k1 steps; the trailing remainder (if any) is an update of its own.
+
+    The losses of segment ``[a, e)`` (``e = a + k1``, or T for a trailing segment) reach steps
+    ``s ≥ a + k1 - k2`` when k2 ≥ k1 — the window of the nominal update, so a loss's lags never depend
+    on T and ``chunked:k`` detaches at multiples of k — and ``s ≥ e - k2`` when k2 < k1 (the last k2
+    steps of the segment receive recurrent gradient).
+    """
+    out = []
+    for a in range(0, length, k1):
+        e = min(a + k1, length)
+        start = a + k1 - k2 if k2 >= k1 else e - k2
+        out.append(Update(a, e, max(0, start), max_lag))
+    return out
+
+
+@register_method
+class Full(Method):
+    family = "full"
+    summary = "full BPTT: one update per sequence, every lag kept (checkpoint=C: recompute per C steps)"
+    schema = {"checkpoint": positive_int(required=False)}
+
+    @property
+    def checkpoint(self) -> int | None:
+        return self.params["checkpoint"]
+
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
+        return [Update(0, length, 0)]
+
+
+@register_method
+class TBPTT(Method):
+    family = "tbptt"
+    summary = "TBPTT(k1, k2): update every k1 steps, each loss reaches back to u - k2 (Williams & Peng)"
+    schema = {"k1": positive_int(), "k2": positive_int()}
+
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
+        return segment_updates(length, self.params["k1"], self.params["k2"])
+
+
+@register_method
+class Chunked(Method):
+    family = "chunked"
+    summary = "chunked TBPTT = tbptt:k1=k,k2=k (detach every k steps)"
+    schema = {"k": positive_int()}
+
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
+        return segment_updates(length, self.params["k"], self.params["k"])
+
+
+@register_method
+class Sliding(Method):
+    family = "sliding"
+    summary = "sliding(k): every loss reaches exactly its last k steps; updates every k1 (default k)"
+    schema = {"k": positive_int(), "k1": positive_int(required=False)}
+
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
+        k1 = self.params["k1"] or self.params["k"]
+        return segment_updates(length, k1, length, max_lag=self.params["k"])

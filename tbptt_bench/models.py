@@ -1,0 +1,202 @@
+"""Recurrent models: the public protocol and the built-in ``rnn``, ``lstm`` and ``gru``.
+
+**Protocol.** A model is an ``nn.Module`` with
+
+* ``initial_state(batch_size) -> State`` — a tensor or a tuple of tensors whose dimension 1 is the
+  batch (``[layers, B, H]`` as in ``nn.LSTM``); and
+* ``forward(inputs[B, L, ...], state) -> (outputs[B, L, ...], new_state)``.
+
+Optionally it splits ``forward`` into ``core(inputs, state) -> (features, new_state)`` and
+``readout(features) -> outputs``. Parameters used only in ``readout`` act outside the recurrence:
+every method keeps their direct gradient term (DESIGN.md §2). Without the split every parameter is
+treated as part of the recurrence.
+
+**Built-in models** (math in docs/models.md): an input encoder (``encoder``: ``nn.Embedding`` for
+token inputs, ``nn.Linear`` for real-valued inputs), a stacked recurrent core (``core``: ``nn.RNN``
+with tanh, ``nn.LSTM`` or ``nn.GRU``, batch-first) and a linear read-out (``readout``). Two execution
+paths share the same parameters: ``fused`` (one ``nn.RNN/LSTM/GRU`` call per chunk: cuDNN/oneDNN
+kernels) and ``cell`` (an explicit per-step loop written from the equations, used as an independent
+check and by methods that need every step's state).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, Union, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tbptt_bench.errors import UsageError
+from tbptt_bench.registry import register_model
+
+State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+Path = Literal["fused", "cell"]
+CELL_TYPES = ("rnn", "lstm", "gru")
+
+
+@runtime_checkable
+class RecurrentModel(Protocol):
+    """The protocol every model follows (built-in or user-defined)."""
+
+    def initial_state(self, batch_size: int) -> State: ...
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
+
+
+def check_protocol(model: object) -> None:
+    """Raise UsageError if ``model`` does not follow the recurrent-model protocol."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name in ("initial_state", "forward"):
+        if not callable(getattr(model, name, None)):
+            raise UsageError(f"model {type(model).__name__} lacks {name}(); see the RecurrentModel protocol")
+
+
+def check_state(state: object) -> None:
+    """Raise UsageError unless ``state`` is a tensor or a tuple of tensors with a batch dimension 1."""
+    parts = state if isinstance(state, tuple) else (state,)
+    if not parts or not all(isinstance(p, torch.Tensor) and p.dim() >= 2 for p in parts):
+        raise UsageError(
+            "a model state must be a tensor or a tuple of tensors shaped [..., B, ...] with the batch in "
+            f"dimension 1; got {type(state).__name__}"
+        )
+
+
+def has_readout(model: nn.Module) -> bool:
+    """Whether the model splits its forward into ``core`` and ``readout``."""
+    return callable(getattr(model, "core", None)) and callable(getattr(model, "readout", None))
+
+
+def map_state(fn, state: State) -> State:  # type: ignore[no-untyped-def]
+    """Apply ``fn`` to every tensor of a state."""
+    if isinstance(state, tuple):
+        return tuple(fn(s) for s in state)
+    return fn(state)
+
+
+def detach_state(state: State) -> State:
+    return map_state(lambda s: s.detach(), state)
+
+
+
+class RecurrentNet(nn.Module):
+    """Encoder → stacked rnn/lstm/gru → linear read-out, with fused and per-step cell paths."""
+
+    def __init__(
+        self,
+        cell: str,
+        input_kind: str,
+        input_size: int,
+        output_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        path: Path = "fused",
+    ) -> None:
+        super().__init__()
+        if cell not in CELL_TYPES:
+            raise UsageError(f"unknown cell {cell!r}; accepted: {', '.join(CELL_TYPES)}")
+        if hidden_size < 1 or num_layers < 1:
+            raise UsageError(f"hidden size and layers must be ≥ 1, got {hidden_size} and {num_layers}")
+        self.cell = cell
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.path: Path = path
+        self.encoder: nn.Module
+        if input_kind == "tokens":
+            self.encoder = nn.Embedding(input_size, hidden_size)
+        elif input_kind == "real":
+            self.encoder = nn.Linear(input_size, hidden_size)
+        else:
+            raise UsageError(f"unknown input kind {input_kind!r}; accepted: tokens, real")
+        rnn_cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn_cls(hidden_size, hidden_size, num_layers=num_layers, batch_first=True)
+        self.readout = nn.Linear(hidden_size, output_size)
+
+    # -- protocol -------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int) -> State:
+        p = self.readout.weight
+        h = torch.zeros(self.num_layers, batch_size, self.hidden_size, dtype=p.dtype, device=p.device)
+        return (h, torch.zeros_like(h)) if self.cell == "lstm" else h
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        features, state = self.core(inputs, state)
+        return self.readout(features), state
+
+    def core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Encoder and recurrence: top-layer hidden states ``[B, L, H]`` and the new state."""
+        x = self.encoder(inputs)
+        if self.path == "fused":
+            return self.rnn(x, state)
+        if self.path == "cell":
+            return self._cell_forward(x, state)
+        raise UsageError(f"unknown execution path {self.path!r}; accepted: fused, cell")
+
+    # -- per-step cell path ---------------------------------------------------------------------
+    def _cell_forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The equations of docs/models.md, one step at a time, with the fused module's parameters."""
+        if self.cell == "lstm":
+            assert isinstance(state, tuple)
+            hs, cs = list(state[0].unbind(0)), list(state[1].unbind(0))
+        else:
+            assert isinstance(state, torch.Tensor)
+            hs, cs = list(state.unbind(0)), []
+        outputs = []
+        for t in range(x.shape[1]):
+            inp = x[:, t]
+            for layer in range(self.num_layers):
+                w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
+                w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
+                b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
+                b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+                h = hs[layer]
+                if self.cell == "rnn":
+                    h = torch.tanh(F.linear(inp, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
+                elif self.cell == "lstm":
+                    gates = F.linear(inp, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+                    i, f, g, o = gates.chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    cs[layer] = c
+                else:
+                    gi = F.linear(inp, w_ih, b_ih).chunk(3, dim=-1)
+                    gh = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
+                    r = torch.sigmoid(gi[0] + gh[0])
+                    z = torch.sigmoid(gi[1] + gh[1])
+                    n = torch.tanh(gi[2] + r * gh[2])
+                    h = (1 - z) * n + z * h
+                hs[layer] = h
+                inp = h
+            outputs.append(inp)
+        out = torch.stack(outputs, dim=1)
+        h_new = torch.stack(hs, 0)
+        return out, ((h_new, torch.stack(cs, 0)) if self.cell == "lstm" else h_new)
+
+
+def parameter_group(name: str) -> str:
+    """The parameter group of a built-in parameter name: input, recurrent, bias or readout.
+
+    ``encoder.*`` and ``*weight_ih*`` are input weights; ``*weight_hh*`` recurrent; ``*bias*`` of the
+    core and encoder are biases; ``readout.*`` the read-out. Unknown names of user models: ``other``.
+    """
+    if name.startswith("readout."):
+        return "readout"
+    if "bias" in name:
+        return "bias"
+    if "weight_hh" in name:
+        return "recurrent"
+    if name.startswith("encoder.") or "weight_ih" in name:
+        return "input"
+    return "other"
+
+
+def _factory(cell: str):  # type: ignore[no-untyped-def]
+    def build(task, hidden_size: int, num_layers: int = 1, path: Path = "fused") -> RecurrentNet:  # type: ignore[no-untyped-def]
+        return RecurrentNet(cell, task.input_kind, task.input_size, task.output_size, hidden_size, num_layers, path)
+
+    build.__doc__ = f"Built-in {cell} model: encoder → {cell} core → linear read-out."
+    return build
+
+
+for _cell in CELL_TYPES:
+    register_model(_cell)(_factory(_cell))

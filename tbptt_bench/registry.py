@@ -1,0 +1,123 @@
+"""Registries of tasks and models, and discovery of user plugins.
+
+Built-ins register themselves on import. Users add a task or a model without editing the package:
+
+* a Python file (or several) in a folder they name with ``--plugins DIR`` or the environment variable
+  ``TBPTT_BENCH_PLUGINS`` (``os.pathsep``-separated folders); every ``*.py`` file there is imported and
+  may call :func:`register_task` / :func:`register_model`;
+* an installed distribution that declares an entry point in the group ``tbptt_bench.plugins``; the
+  entry point's target is imported (and called if it is a function).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Generic, Iterable, TypeVar
+
+from tbptt_bench.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ENTRY_POINT_GROUP = "tbptt_bench.plugins"
+PLUGIN_ENV = "TBPTT_BENCH_PLUGINS"
+
+
+class Registry(Generic[T]):
+    """A name → object table with errors that list what is accepted."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T, *, replace: bool = False) -> T:
+        if not replace and name in self._items and self._items[name] is not item:
+            raise UsageError(f"{self.kind} {name!r} is already registered; pass replace=True to override it")
+        self._items[name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        load_plugins()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UsageError(f"unknown {self.kind} {name!r}; accepted: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._items
+
+
+TASKS: Registry[type] = Registry("task")
+MODELS: Registry[Callable[..., object]] = Registry("model")
+
+
+def register_task(cls: type) -> type:
+    """Class decorator: register a :class:`tbptt_bench.tasks.base.Task` subclass under ``cls.name``."""
+    TASKS.register(cls.name, cls)
+    return cls
+
+
+def register_model(name: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Decorator: register a model factory ``f(task, hidden_size, num_layers) -> module``."""
+
+    def wrap(factory: Callable[..., object]) -> Callable[..., object]:
+        MODELS.register(name, factory)
+        return factory
+
+    return wrap
+
+
+_loaded_dirs: set[Path] = set()
+_entry_points_loaded = False
+
+
+def add_plugin_dirs(dirs: Iterable[str | os.PathLike[str]]) -> None:
+    """Import every ``*.py`` file in each folder (once per folder)."""
+    for d in dirs:
+        path = Path(d).expanduser().resolve()
+        if path in _loaded_dirs:
+            continue
+        if not path.is_dir():
+            raise UsageError(f"plugin folder {str(d)!r} does not exist or is not a folder")
+        _loaded_dirs.add(path)
+        for file in sorted(path.glob("*.py")):
+            module_name = f"tbptt_bench_plugin_{abs(hash(str(file)))}_{file.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except UsageError:
+                raise
+            except Exception as exc:  # a broken plugin is the user's bug: say which file
+                raise UsageError(f"plugin {file} failed to import: {type(exc).__name__}: {exc}") from exc
+            log.debug("loaded plugin %s", file)
+
+
+def load_plugins() -> None:
+    """Load built-ins, entry-point plugins, and folders named in ``TBPTT_BENCH_PLUGINS``."""
+    global _entry_points_loaded
+    import tbptt_bench.models  # noqa: F401  (built-in models register on import)
+    import tbptt_bench.tasks  # noqa: F401  (built-in tasks register on import)
+
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            target = ep.load()
+            if callable(target) and not isinstance(target, type):
+                target()
+    env = os.environ.get(PLUGIN_ENV)
+    if env:
+        add_plugin_dirs(p for p in env.split(os.pathsep) if p)

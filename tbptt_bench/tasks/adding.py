@@ -1,0 +1,77 @@
+"""The adding problem (Hochreiter & Schmidhuber 1997, in the form of Le, Jaitly & Hinton 2015).
+
+Two input channels: values drawn uniformly from [0, 1), and markers, exactly one 1 among the first
+``⌊T/2⌋`` steps and one among the rest. The target is the sum of the two marked values, scored only at
+the last step with the squared error.
+
+Baseline: a memoryless predictor sees nothing about the marked values, so its best constant prediction
+is E[U₁ + U₂] = 1, with mean squared error Var(U₁ + U₂) = 1/12 + 1/12 = 1/6.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tbptt_bench.errors import UsageError
+from tbptt_bench.registry import register_task
+from tbptt_bench.tasks.base import Batch, Task
+
+
+@register_task
+class AddingTask(Task):
+    """Sum the two marked values of a sequence; MSE at the last step."""
+
+    name = "adding"
+    description = "adding problem (Hochreiter & Schmidhuber 1997): sum of two marked uniform values"
+    input_kind = "real"
+    loss_kind = "mse"
+    metric_name = "mse"
+    metric_higher_is_better = False
+    tiny = {"seq_len": 12, "batch_size": 4, "hidden_size": 8}
+
+    @property
+    def input_size(self) -> int:
+        return 2
+
+    @property
+    def output_size(self) -> int:
+        return 1
+
+    def sample(self, batch_size: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
+        """Fresh random sequences; the split name is checked but all splits draw from the same distribution.
+
+        ``inputs[..., 0]`` are the values, ``inputs[..., 1]`` the markers; the target (the sum) is placed at
+        every step but weighted only at the last.
+        """
+        if batch_size < 1:
+            raise UsageError(f"adding: batch_size must be at least 1, found {batch_size}")
+        if split not in ("train", "valid", "test"):
+            raise UsageError(f"adding: unknown split {split!r}; accepted: train, valid, test")
+        if seq_len < 2:
+            raise UsageError(f"adding: seq_len must be at least 2 (one marker in each half), found {seq_len}")
+        half = seq_len // 2
+        values = torch.rand(batch_size, seq_len, generator=generator)
+        first = torch.randint(0, half, (batch_size,), generator=generator)
+        second = torch.randint(half, seq_len, (batch_size,), generator=generator)
+        rows = torch.arange(batch_size)
+        markers = torch.zeros(batch_size, seq_len)
+        markers[rows, first] = 1.0
+        markers[rows, second] = 1.0
+        total = values[rows, first] + values[rows, second]
+        inputs = torch.stack([values, markers], dim=-1)
+        targets = total[:, None, None].expand(batch_size, seq_len, 1).contiguous()
+        weights = torch.zeros(batch_size, seq_len)
+        weights[:, -1] = 1.0
+        return Batch(inputs, targets, weights)
+
+    def metric(self, outputs: torch.Tensor, batch: Batch) -> float:
+        """Mean squared error over the scored steps (the last step), summed over output channels."""
+        squared = (outputs.double() - batch.targets.double()).pow(2).sum(dim=-1)
+        w = batch.weights.double()
+        return float((w * squared).sum() / w.sum())
+
+    def baseline(self, seq_len: int) -> float:
+        """MSE of the best constant prediction, 1: Var(U₁ + U₂) = 2 · 1/12 = 1/6."""
+        if seq_len < 2:
+            raise UsageError(f"adding: seq_len must be at least 2 (one marker in each half), found {seq_len}")
+        return 1.0 / 6.0
