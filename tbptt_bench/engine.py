@@ -8,16 +8,24 @@ fused calls as the mask allows:
   the stored boundary state, split only where a later update needs the state or a gradient scale
   applies; chunked TBPTT is one call per chunk, full BPTT one call per sequence (or per checkpoint
   chunk, recomputed in the backward pass), tbptt(k1 < k2) recomputes its window from the stored
-  state at ``u - k2`` — no chains of per-step ``backward`` calls, no graph kept across updates;
+  state at ``u - k2`` — no chains of per-step ``backward`` calls;
+* while θ does not change between updates (gradient estimates: no optimiser step), segments that a
+  later, overlapping window covers are forwarded once and their graphs kept; a later update chains
+  the state gradient back through them (one ``backward`` per segment). The first parameter change
+  (seen in the parameters' version counters) drops the kept graphs and the run recomputes from then
+  on, so the gradients are the same either way;
 * steps before the window (k2 < k1) run without gradient and give only the read-out's direct term;
 * per-loss windows (``sliding``) are stacked along the batch dimension and run as one call.
 
-Data come from the source one segment at a time, so a long stream is never on the device whole.
+Data come from the source one segment at a time, so a long stream is never on the device whole; on
+CUDA each chunk goes through page-locked memory with a non-blocking copy, and nothing in an update
+waits for the device.
 The loss is ``L = Σ_t (1/B) Σ_b w[b,t] · loss(b,t)`` (summed over time, mean over the batch).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -82,6 +90,41 @@ def scale_grad(state: State, factor: float) -> State:
     return map_state(scale, state)
 
 
+@dataclass
+class _Segment:
+    """A forward run over steps ``[x, y)`` from a leaf copy of its input state, kept for reuse."""
+
+    state_in: State
+    state_out: State
+    features: torch.Tensor
+    data: Batch
+    versions: tuple[int, ...]
+
+
+def _parts(state: State) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _later_minimum(values: list[int]) -> list[int]:
+    """``out[i] = min(values[i+1:])`` (a large number when empty), in one pass."""
+    out = [10**18] * len(values)
+    for i in range(len(values) - 2, -1, -1):
+        out[i] = min(values[i + 1], out[i + 1])
+    return out
+
+
+def _pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A page-locked CPU copy of ``t`` (floating tensors in ``dtype``), from torch's caching host allocator.
+
+    The allocator keeps a block until the asynchronous copy that reads it has finished, so reusing
+    blocks across chunks is safe without waiting on the host.
+    """
+    if t.device.type != "cpu" or t.is_pinned():
+        return t
+    out = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, pin_memory=True)
+    return out.copy_(t)
+
+
 class Engine:
     """Runs updates of a gradient method for one model on one device.
 
@@ -97,6 +140,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         checkpoint: int | None = None,
         non_blocking: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         self.model = model
         self.loss_kind = loss_kind
@@ -105,7 +149,9 @@ class Engine:
         self.dtype = dtype if dtype is not None else (first.dtype if first is not None else torch.get_default_dtype())
         self.checkpoint = checkpoint
         self.non_blocking = non_blocking
+        self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
         self.split_readout = has_readout(model)
+        self._params = list(model.parameters())
 
     # -- public ----------------------------------------------------------------------------------
     def run(
@@ -122,23 +168,33 @@ class Engine:
         check_state(state)
         self._source = source
         self._batch_size = source.batch_size
-        self._splits = {0}
+        splits = {0}
         for u in updates:
-            self._splits.update((u.window_start, u.loss_start, u.loss_end))
-        needs = [self._earliest_needed(u) for u in updates]
-        keep_from = [min(needs[i + 1 :], default=10**18) for i in range(len(updates))]
+            splits.update((u.window_start, u.loss_start, u.loss_end))
+        self._splits = splits
+        self._split_list = sorted(splits)
+        keep_from = _later_minimum([self._earliest_needed(u) for u in updates])
         self._bank: dict[int, State] = {0: detach_state(state)}
+        self._kept: dict[tuple[int, int], _Segment] = {}
+        self._retain = True
         losses = []
         for i, u in enumerate(updates):
+            self._keep_from = keep_from[i]
+            self._drop_stale_segments()
+            self._links: list[tuple[State, State]] = []
+            self._leaves: list[State] = []
             loss = self._update_loss(u)
             if loss.requires_grad:
-                loss.backward()
+                loss.backward(retain_graph=bool(self._leaves))
+            self._chain_adjoints()
             loss = loss.detach()
             losses.append(loss)
             if on_update is not None:
                 on_update(i, u, loss)
             frontier = max(self._bank)
             self._bank = {p: s for p, s in self._bank.items() if p >= keep_from[i] or p == frontier}
+            self._kept = {k: g for k, g in self._kept.items() if k[0] >= keep_from[i]}
+        self._kept = {}
         end = updates[-1].loss_end if updates else 0
         final = self._bank[end] if end in self._bank else self._bank[max(self._bank)]
         zero = torch.zeros((), device=self.device, dtype=self.dtype)
@@ -172,29 +228,81 @@ class Engine:
     def _chain(self, start: int, end: int, la: int, lb: int, u: Update, grad: bool) -> torch.Tensor:
         """Forward from the state at ``start`` to ``end``; return Σ ℓ_t for t in ``[la, lb)``."""
         state = self._state_at(start)
-        cuts = {start, end}
-        cuts.update(p for p in self._splits if start < p < end)
+        inner = self._split_list[bisect.bisect_right(self._split_list, start) : bisect.bisect_left(self._split_list, end)]
+        cuts = {start, end, *inner}
         scales = dict(u.scales)
         cuts.update(p for p in scales if start < p < end)
         if self.checkpoint and grad:
             cuts.update(range(start - start % self.checkpoint + self.checkpoint, end, self.checkpoint))
         points = sorted(cuts)
-        total = torch.zeros((), device=self.device, dtype=self.dtype)
+        retain = grad and not scales and not self.checkpoint and self._worth_retaining(points)
+        total: torch.Tensor | None = None
+        previous_out: State | None = None
         for x, y in zip(points[:-1], points[1:]):
             if grad and x in scales and x != start:
                 state = scale_grad(state, scales[x])
-            data = self._source.slice(x, y).to(self.device, self.dtype, self.non_blocking)
             lo, hi = max(la, x) - x, max(min(lb, y) - x, 0)
-            if grad and self.checkpoint:
-                loss, state = self._checkpointed(data, state, lo, hi)
+            if retain:
+                segment = self._segment(x, y, state)
+                if previous_out is not None:
+                    self._links.append((segment.state_in, previous_out))
+                data, features, state = segment.data, segment.features, segment.state_out
+                previous_out = state
+                loss = self._loss(features, data, lo, hi)
+            elif grad and self.checkpoint:
+                loss, state = self._checkpointed(self._fetch(x, y), state, lo, hi)
             else:
+                data = self._fetch(x, y)
                 with torch.set_grad_enabled(grad):
                     features, state = self._core(data.inputs, state)
                 loss = self._loss(features, data, lo, hi)
-            total = total + loss
+            total = loss if total is None else total + loss
             if y in self._splits:
                 self._bank[y] = detach_state(state)
-        return total
+        return total if total is not None else torch.zeros((), device=self.device, dtype=self.dtype)
+
+    # -- frozen θ: reuse the graphs of overlapping windows ---------------------------------------
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self._params)
+
+    def _worth_retaining(self, points: list[int]) -> bool:
+        """Whether a later window will run over one of these segments (or one is already kept)."""
+        if not self._retain:
+            return False
+        return any(x >= self._keep_from or (x, y) in self._kept for x, y in zip(points[:-1], points[1:]))
+
+    def _segment(self, x: int, y: int, state: State) -> _Segment:
+        """Steps ``[x, y)`` with gradient from a leaf copy of ``state``: reused while θ is unchanged."""
+        kept = self._kept.get((x, y))
+        if kept is not None:
+            self._leaves.append(kept.state_in)
+            return kept
+        leaf = map_state(lambda s: s.detach().requires_grad_(True), state)
+        data = self._fetch(x, y)
+        features, out = self._core(data.inputs, leaf)
+        segment = _Segment(leaf, out, features, data, self._versions())
+        self._leaves.append(leaf)
+        if x >= self._keep_from:
+            self._kept[(x, y)] = segment
+        return segment
+
+    def _drop_stale_segments(self) -> None:
+        """Forget kept graphs once θ has changed (an optimiser step): recompute from now on."""
+        if self._kept and next(iter(self._kept.values())).versions != self._versions():
+            self._kept = {}
+            self._retain = False
+
+    def _chain_adjoints(self) -> None:
+        """Carry ∂L/∂(segment input state) back through the earlier segments of the window."""
+        for leaf, out in reversed(self._links):
+            pairs = [(o, s.grad) for o, s in zip(_parts(out), _parts(leaf)) if s.grad is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=True)
+        for leaf in self._leaves:
+            for s in _parts(leaf):
+                s.grad = None
+        self._links = []
+        self._leaves = []
 
     def _checkpointed(self, data: Batch, state: State, lo: int, hi: int) -> tuple[torch.Tensor, State]:
         """One chunk whose activations are recomputed in the backward pass."""
@@ -224,7 +332,7 @@ class Engine:
                 state = torch.cat(states, dim=1)  # type: ignore[arg-type]
             pieces = [self._source.slice(t - k + 1, t + 1) for t in ts]
             data = Batch(*(torch.cat([getattr(p, f) for p in pieces], dim=0) for f in ("inputs", "targets", "weights")))
-            data = data.to(self.device, self.dtype, self.non_blocking)
+            data = self._to_device(data)
             features, _ = self._core(data.inputs, state)
             total = total + self._loss(features, data, k - 1, k)
         return total
@@ -242,7 +350,7 @@ class Engine:
         q = max(k for k in self._bank if k <= p)
         state = self._bank[q]
         with torch.no_grad():
-            data = self._source.slice(q, p).to(self.device, self.dtype, self.non_blocking)
+            data = self._fetch(q, p)
             _, state = self._core(data.inputs, state)
         self._bank[p] = detach_state(state)
 
@@ -258,7 +366,7 @@ class Engine:
         self._dense[missing[0]] = state
         with torch.no_grad():
             for p in range(missing[0] + 1, b):
-                data = self._source.slice(p - 1, p).to(self.device, self.dtype, self.non_blocking)
+                data = self._fetch(p - 1, p)
                 _, state = self._core(data.inputs, state)
                 self._dense[p] = detach_state(state)
 
@@ -266,6 +374,18 @@ class Engine:
         if u.max_lag is None:
             return min(u.window_start, u.loss_start)
         return min(u.window_start, max(u.window_start, u.loss_start - u.max_lag + 1), u.loss_start)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _fetch(self, a: int, b: int) -> Batch:
+        """Steps ``[a, b)`` of the source on the engine's device (one chunk; the source stays put)."""
+        return self._to_device(self._source.slice(a, b))
+
+    def _to_device(self, data: Batch) -> Batch:
+        """Move a chunk; to CUDA through page-locked memory, asynchronously (no host wait)."""
+        if self.pin_memory and self.device.type == "cuda":
+            data = Batch(*(_pinned(t, self.dtype) for t in (data.inputs, data.targets, data.weights)))
+            return data.to(self.device, self.dtype, non_blocking=True)
+        return data.to(self.device, self.dtype, self.non_blocking)
 
     # -- model and loss --------------------------------------------------------------------------
     def _core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -36,6 +36,7 @@ def method_gradient(
     try:
         engine = Engine(model, loss_kind, checkpoint=method.checkpoint)
         h0 = model.initial_state(source.batch_size) if state is None else state
+        method.observe(0, model, source, h0, loss_kind)  # stateful methods (adaptive K) estimate at this θ
         engine.run(source, method.updates(source.length), h0)
         return {
             name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))

@@ -1,7 +1,7 @@
 """Gradient methods as specs: a small string grammar mapped onto the truncation mask.
 
 Grammar: ``FAMILY[:KEY=VALUE[,KEY=VALUE]...]``, e.g. ``full``, ``full:checkpoint=64``,
-``tbptt:k1=8,k2=16``, ``chunked:k=16``, ``sliding:k=16``. Values are integers or floats. Every family
+``tbptt:k1=8,k2=16``, ``chunked:k=16``, ``sliding:k=16``. Values are integers, floats or words. Every family
 turns a sequence length into a list of :class:`~tbptt_bench.mask.Update` (DESIGN.md §2); the engine
 runs those updates and knows nothing else about methods.
 
@@ -23,13 +23,19 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.mask import Update
 from tbptt_bench.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tbptt_bench.engine import Source
+    from tbptt_bench.models import State
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,14 @@ class Method(ABC):
     @abstractmethod
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         """The updates over a sequence of ``length`` steps; ``first_update`` counts earlier updates."""
+
+    def observe(self, update: int, model: nn.Module, source: Source, state: State, loss_kind: str) -> None:
+        """Called before each sequence or stream segment with the current θ, the segment and its initial
+        state, ``update`` updates into training. Stateful methods (adaptive K) re-estimate here."""
+
+    def k_used(self, update: int) -> int | None:
+        """The truncation length K the method uses at 0-based global update ``update`` (None: no single K)."""
+        return None
 
     def __repr__(self) -> str:
         return f"Method({self.spec!r})"
@@ -219,4 +233,9 @@ class Sliding(Method):
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         k1 = self.params["k1"] or self.params["k"]
-        return segment_updates(length, k1, length, max_lag=self.params["k"])
+        return [Update(u.loss_start, u.loss_end, 0, self.params["k"]) for u in segment_updates(length, k1, k1)]
+
+
+# Families built on the same mask in their own modules (hybrid, randomised, adaptive, schedules) register
+# themselves on import; they import this module, so they come last.
+from tbptt_bench import adaptive, hybrid, randomised, schedules  # noqa: E402,F401

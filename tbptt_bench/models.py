@@ -21,7 +21,7 @@ check and by methods that need every step's state).
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,36 @@ def detach_state(state: State) -> State:
 
 
 
+def rnn_step(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+             b_hh: torch.Tensor) -> torch.Tensor:
+    """One tanh-RNN step of one layer (docs/models.md)."""
+    return torch.tanh(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
+
+
+def lstm_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+              b_ih: torch.Tensor, b_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step of one layer, gate order i, f, g, o: the new ``(h, c)``."""
+    gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_step(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+             b_hh: torch.Tensor) -> torch.Tensor:
+    """One GRU step of one layer, gate order r, z, n."""
+    gi = F.linear(x, w_ih, b_ih).chunk(3, dim=-1)
+    gh = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(gi[0] + gh[0])
+    z = torch.sigmoid(gi[1] + gh[1])
+    n = torch.tanh(gi[2] + r * gh[2])
+    return (1 - z) * n + z * h
+
+
+#: The one-step function of each cell type, used by the cell path (and compiled by ``compile_cell``).
+CELL_STEPS: dict[str, Callable[..., Any]] = {"rnn": rnn_step, "lstm": lstm_step, "gru": gru_step}
+
+
 class RecurrentNet(nn.Module):
     """Encoder → stacked rnn/lstm/gru → linear read-out, with fused and per-step cell paths."""
 
@@ -112,6 +142,7 @@ class RecurrentNet(nn.Module):
         rnn_cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = rnn_cls(hidden_size, hidden_size, num_layers=num_layers, batch_first=True)
         self.readout = nn.Linear(hidden_size, output_size)
+        self._compiled_step: Callable[..., Any] | None = None
 
     # -- protocol -------------------------------------------------------------------------------
     def initial_state(self, batch_size: int) -> State:
@@ -133,6 +164,14 @@ class RecurrentNet(nn.Module):
         raise UsageError(f"unknown execution path {self.path!r}; accepted: fused, cell")
 
     # -- per-step cell path ---------------------------------------------------------------------
+    def compile_cell(self, **options: Any) -> None:
+        """Use ``torch.compile`` for the one-step function of the cell path (``options`` go to it).
+
+        Compilation happens at the first call; time that call to see its cost. The fused path is
+        unaffected.
+        """
+        self._compiled_step = torch.compile(CELL_STEPS[self.cell], dynamic=False, **options)
+
     def _cell_forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The equations of docs/models.md, one step at a time, with the fused module's parameters."""
         if self.cell == "lstm":
@@ -141,6 +180,7 @@ class RecurrentNet(nn.Module):
         else:
             assert isinstance(state, torch.Tensor)
             hs, cs = list(state.unbind(0)), []
+        step = self._compiled_step or CELL_STEPS[self.cell]
         outputs = []
         for t in range(x.shape[1]):
             inp = x[:, t]
@@ -149,22 +189,10 @@ class RecurrentNet(nn.Module):
                 w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
                 b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
                 b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
-                h = hs[layer]
-                if self.cell == "rnn":
-                    h = torch.tanh(F.linear(inp, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
-                elif self.cell == "lstm":
-                    gates = F.linear(inp, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
-                    i, f, g, o = gates.chunk(4, dim=-1)
-                    c = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(c)
-                    cs[layer] = c
+                if self.cell == "lstm":
+                    h, cs[layer] = step(inp, hs[layer], cs[layer], w_ih, w_hh, b_ih, b_hh)
                 else:
-                    gi = F.linear(inp, w_ih, b_ih).chunk(3, dim=-1)
-                    gh = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
-                    r = torch.sigmoid(gi[0] + gh[0])
-                    z = torch.sigmoid(gi[1] + gh[1])
-                    n = torch.tanh(gi[2] + r * gh[2])
-                    h = (1 - z) * n + z * h
+                    h = step(inp, hs[layer], w_ih, w_hh, b_ih, b_hh)
                 hs[layer] = h
                 inp = h
             outputs.append(inp)

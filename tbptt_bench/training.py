@@ -4,6 +4,9 @@ Episodic tasks draw a fresh batch of sequences for each sequence of updates and 
 state. Streaming tasks (char-lm) walk B parallel streams in segments of ``seq_len`` steps with the
 state carried across segments; gradient never crosses a segment boundary, so choose ``seq_len`` ≥ k2.
 Evaluation runs every ``eval_every`` updates on held-out data, outside any timed region.
+Before each sequence or segment the method may observe the model at the current θ
+(``Method.observe``: adaptive K re-estimates there); the K a method uses at each update
+(``Method.k_used``) is recorded in ``TrainResult.k_used`` and in the ``k_used`` column of the curve.
 """
 
 from __future__ import annotations
@@ -53,10 +56,15 @@ class TrainConfig:
     dtype: str = "float32"
     path: str = "fused"
     task_params: dict[str, Any] = field(default_factory=dict)
+    #: Also stop once this many loss positions (summed over the batch: the curve's ``tokens``) have been
+    #: trained on: an equal data budget for methods whose updates cover different numbers of losses.
+    max_tokens: int | None = None
 
     def validate(self) -> None:
         if self.steps < 1 or self.seq_len < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:
             raise UsageError("steps, seq_len, batch_size, eval_every and eval_batches must all be ≥ 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError(f"max_tokens must be ≥ 1 (or none), got {self.max_tokens}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
@@ -81,10 +89,15 @@ class TrainResult:
     final: dict[str, Any]
     baseline: float
     metric_name: str
+    #: The method's truncation length K at each update (``Method.k_used``; None where it has none).
+    k_used: list[int | None] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "curve": self.curve, "final": self.final,
-                "baseline": self.baseline, "metric_name": self.metric_name}
+        out = {"config": asdict(self.config), "curve": self.curve, "final": self.final,
+               "baseline": self.baseline, "metric_name": self.metric_name}
+        if any(k is not None for k in self.k_used):
+            out["k_used"] = self.k_used
+        return out
 
 
 def evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -142,7 +155,8 @@ def train(
     progress: Callable[[int, int], None] | None = None,
     method: Method | None = None,
 ) -> TrainResult:
-    """Train for ``cfg.steps`` updates; evaluate every ``cfg.eval_every`` updates and at the end.
+    """Train for ``cfg.steps`` updates (or ``cfg.max_tokens`` tokens); evaluate every ``cfg.eval_every``
+    updates and at the end.
 
     ``on_eval(update, model)`` may add columns to each learning-curve row (e.g. bias snapshots).
     Raises :class:`Diverged` when the loss becomes non-finite.
@@ -166,6 +180,7 @@ def train(
     t0 = time.perf_counter()
     train_time = 0.0
     tokens = 0
+    k_used: list[int | None] = []
 
     def record(update: int) -> None:
         nonlocal window_loss, window_steps, t0, train_time
@@ -174,6 +189,9 @@ def train(
         if loss is not None and not math.isfinite(loss):
             raise Diverged(update)
         row: dict[str, Any] = {"update": update, "train_loss": loss, "wall_time": train_time, "tokens": tokens}
+        k = k_used[-1] if k_used else method.k_used(0)
+        if k is not None:
+            row["k_used"] = k
         row.update(evaluate(model, task, cfg, device, dtype))
         if on_eval is not None:
             row.update(on_eval(update, model))
@@ -190,15 +208,17 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        k_used.append(method.k_used(count))
         count += 1
         window_loss = window_loss + loss.to(torch.float64)
         window_steps += float(segment.weights[:, u.loss_start : u.loss_end].sum()) / cfg.batch_size
         tokens += (u.loss_end - u.loss_start) * cfg.batch_size
         if progress is not None:
             progress(count, cfg.steps)
-        if count % cfg.eval_every == 0 or count == cfg.steps:
+        done = count >= cfg.steps or (cfg.max_tokens is not None and tokens >= cfg.max_tokens)
+        if count % cfg.eval_every == 0 or done:
             record(count)
-        if count >= cfg.steps:
+        if done:
             raise _Done
 
     record(0)
@@ -206,10 +226,11 @@ def train(
     try:
         for segment, carry in _segments(task, cfg):
             h0 = state if (carry and state is not None) else model.initial_state(cfg.batch_size)
+            method.observe(count, model, segment, h0, task.loss_kind)
             updates = method.updates(segment.length, first_update=count, rng=rng)
             result = engine.run(segment, updates, h0, on_update)
             state = detach_state(result.final_state)
     except _Done:
         pass
     final = dict(curve[-1])
-    return TrainResult(cfg, curve, final, task.baseline(cfg.seq_len), task.metric_name)
+    return TrainResult(cfg, curve, final, task.baseline(cfg.seq_len), task.metric_name, k_used)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from tbptt_bench import registry
 from tbptt_bench.cli import main

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tbptt_bench import __version__
+from tbptt_bench.atomic import atomic_path, check_parent
 from tbptt_bench.commands.common import add_run_args, build, emit_json
-from tbptt_bench.errors import UsageError
 from tbptt_bench.gradients import compare, method_gradient, true_gradient
 from tbptt_bench.methods import parse_method
-from tbptt_bench.models import map_state
 from tbptt_bench.setup import derive_seed, generator
 
 LOSS_NORMALISATION = "L = sum over steps t of l_t; l_t = (1/B) * sum over rows b of w[b,t] * loss(b,t)"
@@ -59,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def save_npz(path: Path, model, state, data, est, true, meta) -> None:  # type: ignore[no-untyped-def]
-    """Write atomically: a temporary file in the same folder, renamed when complete."""
-    if not path.parent.exists():
-        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
+    """Write the .npz atomically (nothing is left behind if anything fails)."""
+    check_parent(path)
     arrays: dict[str, np.ndarray] = {}
     for name, value in model.state_dict().items():
         arrays[f"param/{name}"] = value.detach().cpu().numpy()
@@ -76,11 +72,5 @@ def save_npz(path: Path, model, state, data, est, true, meta) -> None:  # type: 
     for name, g in true.items():
         arrays[f"grad_true/{name}"] = g.cpu().numpy()
     arrays["metadata"] = np.array(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tbptt_bench.atomic import check_parent, write_text
 from tbptt_bench.commands.common import add_run_args, check_sizes, emit_json, parse_task_params
 from tbptt_bench.errors import UsageError
 from tbptt_bench.training import Diverged, TrainConfig, train
@@ -23,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_run_args(p)
     p.add_argument("--method", default="chunked:k=16", help="method spec")
     p.add_argument("--steps", type=int, default=200, help="number of optimiser updates")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="also stop after this many trained loss positions (x batch): equal data budgets")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
@@ -31,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--save", metavar="FILE.json", help="write the learning curve and config as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--bias-at", metavar="N,N,...",
+                   help="measure gradient bias at these update counts (0, multiples of --eval-every, or --steps); "
+                        "the learning-curve rows get the bias columns (docs/bias.md)")
+    p.add_argument("--bias-methods", metavar="SPECS", default=None,
+                   help="methods measured by --bias-at, comma-separated specs (default: --method)")
+    p.add_argument("--bias-batches", type=int, default=4, help="held-out batches per bias snapshot")
     p.set_defaults(run=run)
 
 
@@ -41,43 +48,55 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch, hidden_size=args.hidden, num_layers=args.layers, optimizer=args.optimizer,
         lr=args.lr, clip=args.clip or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, device=args.device, dtype=args.dtype, path=args.path,
-        task_params=parse_task_params(args.task_param),
+        task_params=parse_task_params(args.task_param), max_tokens=args.max_tokens,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
-    if args.save and not Path(args.save).parent.exists():
-        raise UsageError(f"cannot write {args.save}: folder {Path(args.save).parent} does not exist")
+    if args.save:
+        check_parent(Path(args.save))
     show = not (args.quiet or args.json)
     with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), disable=not show, transient=True) as bar:
         job = bar.add_task(f"{cfg.task}/{cfg.model} {cfg.method}", total=cfg.steps)
         try:
-            result = train(cfg, progress=lambda done, total: bar.update(job, completed=done))
+            result = train(cfg, on_eval=bias_hook(args, cfg),
+                           progress=lambda done, total: bar.update(job, completed=done))
         except Diverged as exc:
             raise UsageError(f"training diverged: {exc}; try a smaller --lr or --clip") from None
     out = result.as_dict()
     if args.save:
-        write_json_atomic(Path(args.save), out)
+        write_text(args.save, json.dumps(out, indent=2, default=float))
     if args.json:
         emit_json(out)
     else:
-        print(f"{'update':>7} {'train loss':>11} {'eval loss':>10} {result.metric_name:>10} {'seconds':>8}")
+        show_k = any("k_used" in row for row in result.curve)
+        print(f"{'update':>7} {'train loss':>11} {'eval loss':>10} {result.metric_name:>10} {'seconds':>8}"
+              + (f" {'K':>5}" if show_k else ""))
         for row in result.curve:
             tl = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-            print(f"{row['update']:>7} {tl:>11} {row['eval_loss']:>10.4f} {row['eval_metric']:>10.4f} {row['wall_time']:>8.2f}")
+            k = f" {row.get('k_used', '-')!s:>5}" if show_k else ""
+            print(f"{row['update']:>7} {tl:>11} {row['eval_loss']:>10.4f} {row['eval_metric']:>10.4f} {row['wall_time']:>8.2f}{k}")
         print(f"trivial baseline {result.metric_name}: {result.baseline:.4f}")
     return 0
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def bias_hook(args: argparse.Namespace, cfg: TrainConfig):  # type: ignore[no-untyped-def]
+    """The ``on_eval`` hook for ``--bias-at`` (None without it): bias snapshots at evaluation points."""
+    if not args.bias_at:
+        return None
+    from tbptt_bench.bias import bias_snapshots, parse_update_list, split_specs
+    from tbptt_bench.setup import make_task
+
+    at = parse_update_list(args.bias_at)
+    for n in at:
+        if n > cfg.steps or not (n == 0 or n == cfg.steps or n % cfg.eval_every == 0):
+            raise UsageError(f"--bias-at {n} is not an evaluation point; use 0, multiples of --eval-every "
+                             f"{cfg.eval_every}, or --steps {cfg.steps}")
+    if args.bias_batches < 1:
+        raise UsageError(f"--bias-batches must be ≥ 1, got {args.bias_batches}")
+    specs = split_specs(args.bias_methods) if args.bias_methods else [cfg.method]
+    return bias_snapshots(make_task(cfg.task, **cfg.task_params), specs, at, seq_len=cfg.seq_len,
+                          batch_size=cfg.batch_size, n_batches=args.bias_batches, seed=cfg.seed)

@@ -1,0 +1,64 @@
+"""Gradient bias of each method family, as ``tbptt-bench bias`` measures it: track_ figures.
+
+Each cell is one call of :func:`tbptt_bench.bias.measure_bias` for the cell's representative spec, in
+float64 at the cell's fixed seeds and θ (no optimiser step) over :data:`N_BATCHES` batches, so the
+figures are deterministic — a change in them is a change in what a method computes, never noise — and
+equal to what ``tbptt-bench bias --task T --model lstm --method SPEC --seq-len … --batch … --hidden …
+--seed 0 --batches 4 --dtype float64`` reports for the same cell. Lower is better, as asv assumes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from asv_bench import grid
+
+DTYPE = "float64"
+#: Independent batches (stream positions for streaming tasks) that the bias of the expectation averages.
+N_BATCHES = 4
+
+
+def bias_figures(task: str, method: str) -> dict[str, float]:
+    """The cell's ``relative_bias`` ‖mean(ĝ − g)‖/‖mean g‖ and ``one_minus_cosine`` 1 − mean cos(ĝ, g).
+
+    Both over all parameters (group ``all``) of the bias table; no bootstrap interval or lag profile,
+    which do not enter these figures. Raises NotImplementedError (asv: skipped) for a tbptt-bench
+    version without the bias module, since asv also benchmarks older commits.
+    """
+    try:
+        from tbptt_bench.bias import measure_bias
+    except ModuleNotFoundError as exc:
+        if exc.name != "tbptt_bench.bias":
+            raise
+        raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.bias") from None
+    seq_len, batch_size, _ = grid.tiny_size(task)
+    task_obj, model = grid.task_and_model(task, dtype=DTYPE)
+    spec = grid.representative_spec(method, seq_len)
+    table = measure_bias(task_obj, model, [spec], seq_len=seq_len, batch_size=batch_size, n_batches=N_BATCHES,
+                         seed=grid.SEED, dtype=DTYPE, n_boot=0, max_lag=0, with_provenance=False)
+    row = table[table["group"] == "all"].iloc[0]
+    return {"relative_bias": float(row["relative_bias"]), "one_minus_cosine": 1.0 - float(row["cosine_mean"])}
+
+
+class GradientBias:
+    """track_ relative bias and 1 − cosine of the method's gradient, per (task, method family)."""
+
+    params = grid.grid()
+    param_names = grid.PARAM_NAMES
+
+    def setup(self, task: str, method: str) -> None:
+        self.figures = bias_figures(task, method)
+        if not all(math.isfinite(v) for v in self.figures.values()):
+            raise ValueError(f"non-finite bias figures for {task}/{method}: {self.figures}")
+
+    def track_relative_bias(self, task: str, method: str) -> float:
+        """‖mean(ĝ − g)‖ / ‖mean g‖ over the batches."""
+        return self.figures["relative_bias"]
+
+    track_relative_bias.unit = "relative bias"  # type: ignore[attr-defined]
+
+    def track_one_minus_cosine(self, task: str, method: str) -> float:
+        """1 − mean over batches of cos(ĝ, g)."""
+        return self.figures["one_minus_cosine"]
+
+    track_one_minus_cosine.unit = "1 - cosine"  # type: ignore[attr-defined]

@@ -1,0 +1,386 @@
+"""One cell of a suite = one measurement (train, bias or perf), turned into tidy table rows.
+
+A *measure* says which parameters a cell of its kind accepts (with defaults and types), checks them
+before anything runs, and runs one cell. :func:`run_cell` wraps every measure the same way: it stamps
+each row with the cell's key, parameters, provenance, status and timing, and turns failures into data:
+
+* ``ok``        the measurement finished;
+* ``diverged``  training loss became NaN/inf (``diverged_at`` = the update that showed it);
+* ``oom``       out of memory (CPU allocator, ``MemoryError`` or CUDA);
+* ``failed``    any other exception (``error`` = its type and message), or a worker process that died.
+
+Rows are returned per table: ``results`` (always; one or more rows per cell) and optional side tables
+(``curves``: train learning curves, ``lags``: bias lag profiles). See docs/suites.md for the columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib
+import inspect
+import json
+import logging
+import time
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+import torch
+
+from tbptt_bench.errors import UsageError
+from tbptt_bench.methods import parse_method
+from tbptt_bench.provenance import provenance
+from tbptt_bench.registry import MODELS
+from tbptt_bench.setup import generator, make_task
+from tbptt_bench.training import Diverged, TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("ok", "diverged", "oom", "failed")
+MAIN_TABLE = "results"
+#: Marks a parameter without a default in a measure's schema.
+REQUIRED = object()
+
+#: Parameters from which a cell's seed is derived (besides the suite seed and the replicate index).
+#: Cells that differ only in other parameters (method, optimiser, steps, measurement) share a seed and
+#: hence initial parameters and data: they are paired. See :func:`tbptt_bench.suites.cell_seed`.
+SEED_KEYS = ("task", "task_params", "model", "hidden_size", "num_layers", "seq_len", "batch_size")
+
+Rows = list[dict[str, Any]]
+Tables = dict[str, Rows]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a suite's grid: a measurement kind and its fully resolved parameters."""
+
+    suite: str
+    measure: str
+    params: Mapping[str, Any]
+    key: str
+    replicate: int
+
+    @property
+    def timing(self) -> bool:
+        """Whether the cell times something (and so must run alone)."""
+        return MEASURES[self.measure].timing
+
+    @property
+    def device(self) -> str:
+        return str(self.params.get("device", "cpu"))
+
+    @property
+    def label(self) -> str:
+        """A short human-readable description: measure, task/model, method(s), replicate."""
+        p = self.params
+        method = p.get("method") or ",".join(p.get("methods") or ())
+        return f"{self.measure} {p.get('task', '?')}/{p.get('model', '?')} {method} r{self.replicate}".strip()
+
+
+@dataclass
+class CellResult:
+    """What running a cell produced: its status and its rows per table (``results`` always present)."""
+
+    key: str
+    status: str
+    error: str
+    tables: Tables
+    duration_s: float
+    diverged_at: int | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A kind of measurement that a suite can ask for."""
+
+    name: str
+    #: Bumped when what the measurement means changes; part of every cell key of this kind.
+    version: int
+    #: Timing measurements run one at a time, never beside another cell.
+    timing: bool
+    #: The module that must be importable for this measure (its function lives there).
+    module: str
+    #: The accepted parameters: name → (type hint, default), :data:`REQUIRED` for no default.
+    schema: Callable[[], dict[str, tuple[Any, Any]]]
+    #: Raises UsageError for parameters that cannot be measured (called before anything runs).
+    check: Callable[[dict[str, Any]], None]
+    #: Measures one cell from its parameters (the seed included): rows per table.
+    run: Callable[[dict[str, Any]], Tables]
+    #: Parameter names whose value is itself a list (a list of lists is then a grid axis).
+    list_keys: frozenset[str] = frozenset()
+
+    def available(self) -> str | None:
+        """``None`` when usable, else why not."""
+        try:
+            importlib.import_module(self.module)
+        except ModuleNotFoundError as exc:
+            if exc.name == self.module:
+                return f"measure {self.name!r} needs {self.module}, which this installation lacks"
+            raise
+        return None
+
+
+# --------------------------------------------------------------------------- shared checks
+
+@lru_cache(maxsize=64)
+def _task_cached(name: str, params_json: str) -> Any:
+    return make_task(name, **json.loads(params_json))
+
+
+def check_task_and_model(params: Mapping[str, Any]) -> None:
+    """The task exists, accepts its parameters and the sequence length; the model exists."""
+    task = _task_cached(params["task"], json.dumps(params.get("task_params") or {}, sort_keys=True))
+    MODELS.get(params["model"])
+    seq_len = params.get("seq_len")
+    if seq_len is not None and not task.streaming:
+        task.sample(1, int(seq_len), generator(0), "train")
+
+
+# --------------------------------------------------------------------------- train
+
+def _train_schema() -> dict[str, tuple[Any, Any]]:
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "seed":
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = (hints[f.name], default)
+    return out
+
+
+def _train_check(params: dict[str, Any]) -> None:
+    TrainConfig(**params).validate()
+    check_task_and_model(params)
+
+
+def _train_run(params: dict[str, Any]) -> Tables:
+    cfg = TrainConfig(**params)
+    result = train(cfg)
+    extra = {"metric_name": result.metric_name, "baseline": result.baseline}
+    final = {**result.final, **extra}
+    curves = [{**row, **extra} for row in result.curve]
+    return {MAIN_TABLE: [final], "curves": curves}
+
+
+# --------------------------------------------------------------------------- bias
+
+#: What a bias cell builds before it calls :func:`tbptt_bench.bias.analyse_bias` (the model at its
+#: initial θ, drawn from the cell's seed), with defaults; the other keys are analyse_bias's options.
+BIAS_BUILD: dict[str, tuple[Any, Any]] = {
+    "task": (str, REQUIRED), "task_params": (dict, {}), "model": (str, REQUIRED), "hidden_size": (int, 32),
+    "num_layers": (int, 1), "path": (str, "fused"), "methods": (list[str], REQUIRED),
+    "seq_len": (int, 64), "batch_size": (int, 16), "n_batches": (int, 8), "device": (str, "cpu"),
+    "dtype": (str, "float64"),
+}
+
+
+def _bias_schema() -> dict[str, tuple[Any, Any]]:
+    from tbptt_bench import bias
+
+    options = _signature_schema(bias.analyse_bias, skip={"task", "model", "methods", "seed", "with_provenance",
+                                                         "labels"})
+    return {**options, **BIAS_BUILD}
+
+
+def _bias_check(params: dict[str, Any]) -> None:
+    from tbptt_bench.setup import resolve_dtype
+
+    if not params["methods"]:
+        raise UsageError("methods = [] measures nothing; list at least one method spec")
+    for spec in params["methods"]:
+        parse_method(spec)
+    resolve_dtype(params["dtype"])
+    if params["hidden_size"] < 1 or params["num_layers"] < 1 or params["n_batches"] < 1:
+        raise UsageError("hidden_size, num_layers and n_batches must be ≥ 1")
+    check_task_and_model(params)
+
+
+def _bias_run(params: dict[str, Any]) -> Tables:
+    from tbptt_bench import bias
+    from tbptt_bench.setup import make_model
+
+    build = {k: params.pop(k) for k in ("task", "task_params", "model", "hidden_size", "num_layers", "path", "methods")}
+    task = make_task(build["task"], **build["task_params"])
+    model = make_model(build["model"], task, build["hidden_size"], build["num_layers"], seed=params["seed"],
+                       dtype=params["dtype"], device=params["device"], path=build["path"])
+    report = bias.analyse_bias(task, model, build["methods"], with_provenance=False,
+                               labels={"model": build["model"]}, **params)
+    return {MAIN_TABLE: _records(report.table), "lags": _records(report.lags)}
+
+
+# --------------------------------------------------------------------------- perf
+
+def _perf_schema() -> dict[str, tuple[Any, Any]]:
+    from tbptt_bench import perf
+
+    hints = typing.get_type_hints(perf.PerfConfig)
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(perf.PerfConfig):
+        if f.name == "seed":
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = REQUIRED if f.default is dataclasses.MISSING else f.default
+        out[f.name] = (hints.get(f.name, Any), default)
+    return out
+
+
+def _perf_config(params: dict[str, Any]) -> Any:
+    """The PerfConfig of a cell (the cell's seed is passed only if PerfConfig takes one)."""
+    from tbptt_bench import perf
+
+    names = {f.name for f in dataclasses.fields(perf.PerfConfig)}
+    return perf.PerfConfig(**{k: v for k, v in params.items() if k in names})
+
+
+def _perf_check(params: dict[str, Any]) -> None:
+    if str(params.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+        params = {**params, "device": "cpu"}  # the device is checked where the cell runs
+    _perf_config(params).validate()
+
+
+def _perf_run(params: dict[str, Any]) -> Tables:
+    from tbptt_bench import perf
+
+    row = perf.measure_in_fresh_process(_perf_config(params))
+    return {MAIN_TABLE: [dict(row)]}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _signature_schema(fn: Callable[..., Any], skip: set[str]) -> dict[str, tuple[Any, Any]]:
+    hints = typing.get_type_hints(fn)
+    out: dict[str, tuple[Any, Any]] = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+        out[name] = (hints.get(name, Any), default)
+    return out
+
+
+def _records(frame: Any) -> Rows:
+    if isinstance(frame, pd.DataFrame):
+        return frame.to_dict("records")
+    return [dict(r) for r in frame]
+
+
+MEASURES: dict[str, Measure] = {
+    "train": Measure("train", 1, timing=False, module="tbptt_bench.training",
+                     schema=_train_schema, check=_train_check, run=_train_run),
+    "bias": Measure("bias", 1, timing=False, module="tbptt_bench.bias", list_keys=frozenset({"methods"}),
+                    schema=_bias_schema, check=_bias_check, run=_bias_run),
+    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf",
+                    schema=_perf_schema, check=_perf_check, run=_perf_run),
+}
+
+
+# --------------------------------------------------------------------------- running a cell
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception means the process ran out of memory (CPU or CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    cuda_oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if cuda_oom is not None and isinstance(exc, cuda_oom):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def reported_status(rows: Rows) -> tuple[str, str]:
+    """The cell status when a measurement reports its own (perf rows carry ``status``/``error``).
+
+    The worst status over the rows wins; a status this module does not know (``timeout``) is
+    ``failed`` with the status named in the error.
+    """
+    worst, error = "ok", ""
+    rank = {s: i for i, s in enumerate(STATUSES)}
+    for row in rows:
+        status = row.get("status") or "ok"
+        message = str(row.get("error") or "")
+        if status not in rank:
+            status, message = "failed", f"{row['status']}: {message}".rstrip(": ")
+        if rank[status] > rank[worst]:
+            worst, error = status, message
+    return worst, error
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def param_columns(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Cell parameters as flat columns: dicts and lists become canonical JSON text."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        out[name] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
+    return out
+
+
+def stamp(cell: Cell, tables: Tables, *, status: str, error: str, diverged_at: int | None,
+          started: dt.datetime, finished: dt.datetime, duration_s: float, executor: str,
+          concurrency: int) -> Tables:
+    """Add the cell's bookkeeping, parameter and provenance columns to every row of every table."""
+    common = {
+        "key": cell.key, "suite": cell.suite, "measure": cell.measure, "replicate": cell.replicate,
+        "status": status, "error": error, "diverged_at": diverged_at,
+        "started": started, "finished": finished, "duration_s": duration_s,
+        "executor": executor, "concurrency": concurrency,
+    }
+    base = {**provenance(cell.device), **param_columns(cell.params)}
+    stamped: Tables = {}
+    for name, rows in tables.items():
+        if name == MAIN_TABLE and not rows:
+            rows = [{}]
+        stamped[name] = [{**base, **row, **common} for row in rows]
+    if MAIN_TABLE not in stamped:
+        stamped[MAIN_TABLE] = [{**base, **common}]
+    return stamped
+
+
+def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> CellResult:
+    """Run one cell and return its rows; every outcome but KeyboardInterrupt becomes a status."""
+    measure = MEASURES[cell.measure]
+    started, t0 = _now(), time.perf_counter()
+    diverged_at: int | None = None
+    try:
+        tables = measure.run(dict(cell.params))
+        status, error = reported_status(tables.get(MAIN_TABLE, []))
+    except Diverged as exc:
+        tables, status, error, diverged_at = {}, "diverged", str(exc), exc.update
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # failures are data: the sweep goes on
+        tables = {}
+        status = "oom" if is_oom(exc) else "failed"
+        error = f"{type(exc).__name__}: {exc}".strip()
+        log.debug("cell %s failed", cell.key, exc_info=True)
+        if status == "oom" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    duration = time.perf_counter() - t0
+    stamped = stamp(cell, tables, status=status, error=error, diverged_at=diverged_at, started=started,
+                    finished=_now(), duration_s=duration, executor=executor, concurrency=concurrency)
+    return CellResult(cell.key, status, error, stamped, duration, diverged_at, cell.label)
+
+
+def crashed_result(cell: Cell, message: str, *, executor: str, concurrency: int) -> CellResult:
+    """The result of a cell whose worker process died (or that Ray could not run)."""
+    now = _now()
+    stamped = stamp(cell, {}, status="failed", error=message, diverged_at=None, started=now, finished=now,
+                    duration_s=0.0, executor=executor, concurrency=concurrency)
+    return CellResult(cell.key, "failed", message, stamped, 0.0, None, cell.label)
+
+
+def measure_of(name: str) -> Measure:
+    """The measure called ``name``; a UsageError lists the accepted ones."""
+    try:
+        return MEASURES[name]
+    except KeyError:
+        raise UsageError(f"unknown measurement {name!r}; accepted: {', '.join(MEASURES)}") from None

@@ -1,0 +1,174 @@
+"""``tbptt-bench perf``: throughput, time per update and peak memory over a grid, one process per cell.
+
+Lists are comma-separated: ``--seq-len 256,1024``, ``--method chunked:k=64,full`` (a method's own
+``KEY=VALUE`` parameters stay with it: ``--method tbptt:k1=16,k2=64,full`` is two methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tbptt_bench.commands.common import emit_json, parse_task_params
+from tbptt_bench.errors import UsageError
+from tbptt_bench.perf import OPTIMIZERS, PerfConfig, check_output_path, expand_grid, perf_grid, save_table
+
+log = logging.getLogger(__name__)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perf", help="throughput, ms per update and peak memory of methods (fresh process each)")
+    p.add_argument("--task", default="copy", help="task name (see `tbptt-bench tasks`)")
+    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="task constructor parameter, repeatable")
+    p.add_argument("--model", default="lstm", help="model names, comma-separated (e.g. rnn,lstm,gru)")
+    p.add_argument("--method", action="append", default=[], metavar="SPECS",
+                   help="method specs, comma-separated or repeated (default chunked:k=64)")
+    p.add_argument("--seq-len", default="1024", help="sequence lengths T, comma-separated")
+    p.add_argument("--batch", default="32", help="batch sizes B, comma-separated")
+    p.add_argument("--hidden", default="128", help="hidden sizes H, comma-separated")
+    p.add_argument("--layers", default="1", help="numbers of layers, comma-separated")
+    p.add_argument("--path", default="fused", help="execution paths, comma-separated: fused, cell")
+    p.add_argument("--compile", action="store_true", help="torch.compile the per-step cell (cell path only)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU available)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed sequences before timing")
+    p.add_argument("--repeats", type=int, default=5, help="timed sequences (median and p10/p90 reported)")
+    p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
+                   help="adam, sgd, or none (θ fixed: the cost of gradient estimates)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for parameters and data")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="cap what each run may add, e.g. 2G or 512M; beyond it the cell is recorded as oom")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration before it is abandoned")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (faster; memory columns then depend on what ran before)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--save", metavar="FILE", help="write the table: .csv, .parquet or .json")
+    p.set_defaults(run=run)
+
+
+def split_methods(items: list[str]) -> list[str]:
+    """``["tbptt:k1=16,k2=64,full"]`` → ``["tbptt:k1=16,k2=64", "full"]``.
+
+    A comma-separated piece that is ``KEY=VALUE`` (no ``:`` before its ``=``) belongs to the method
+    before it; any other piece starts a new method.
+    """
+    out: list[str] = []
+    for item in items:
+        for piece in (p.strip() for p in item.split(",")):
+            if not piece:
+                raise UsageError(f"empty method in {item!r}; expected specs like chunked:k=64,full")
+            is_param = "=" in piece and ":" not in piece.split("=", 1)[0]
+            if is_param:
+                if not out:
+                    raise UsageError(f"method list {item!r} starts with a parameter; expected FAMILY[:KEY=VALUE,...]")
+                out[-1] += "," + piece
+            else:
+                out.append(piece)
+    return out
+
+
+def int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--{name} takes integers separated by commas, e.g. 256,1024; got {text!r}") from None
+    return values
+
+
+def parse_size(text: str | None) -> int | None:
+    """``"512M"`` → bytes (binary units: K = 1024); None stays None."""
+    if text is None:
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"--memory-limit {text!r} is not a size; expected e.g. 2G, 512M or a number of bytes")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
+    base = PerfConfig(task=args.task, device=args.device, dtype=args.dtype, threads=args.threads,
+                      warmup=args.warmup, repeats=args.repeats, seed=args.seed, optimizer=args.optimizer,
+                      lr=args.lr, compile=args.compile, task_params=parse_task_params(args.task_param),
+                      memory_limit=parse_size(args.memory_limit))
+    return expand_grid(
+        base,
+        model=[m.strip() for m in args.model.split(",")],
+        path=[p.strip() for p in args.path.split(",")],
+        num_layers=int_list(args.layers, "layers"),
+        hidden_size=int_list(args.hidden, "hidden"),
+        batch_size=int_list(args.batch, "batch"),
+        method=split_methods(args.method or ["chunked:k=64"]),
+        seq_len=int_list(args.seq_len, "seq-len"),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = configs_from_args(args)
+    if args.save:
+        check_output_path(Path(args.save))
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    console = Console(stderr=True)
+
+    def progress(row: dict[str, Any]) -> None:
+        if not args.json:
+            console.print(f"[dim]{row['model']} {row['path']} {row['method']} T={row['seq_len']}: {row['status']}[/]")
+
+    frame = perf_grid(configs, fresh=not args.in_process, timeout=args.timeout, on_row=progress)
+    if args.save:
+        save_table(frame, args.save)
+    if args.json:
+        emit_json(json.loads(frame.to_json(orient="records")))
+    else:
+        out = Console()
+        if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
+            out = Console(width=200)
+        out.print(render_table(frame.to_dict("records")))
+    return 0
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def render_table(rows: list[dict[str, Any]]) -> Table:
+    """The rows as a rich table: throughput, time per update with its spread, peak memory."""
+    first = rows[0] if rows else {}
+    title = (f"{first.get('task', '')} on {first.get('device', '')} ({first.get('cpu_model', '')}"
+             f"{', ' + first['gpu_model'] if first.get('gpu_model') else ''}), {first.get('threads', '')} threads, "
+             f"torch {first.get('torch_version', '')}")
+    table = Table(title=title)
+    for name, justify in [("model", "left"), ("path", "left"), ("method", "left"), ("T", "right"), ("B", "right"),
+                          ("H", "right"), ("status", "left"), ("tokens/s", "right"), ("ms/update", "right"),
+                          ("p10–p90", "right"), ("peak MiB", "right"), ("seq MiB", "right")]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    mib = 2.0**20
+    for r in rows:
+        delta = r.get("mem_delta_bytes")
+        steady = r.get("mem_sequence_bytes")
+        table.add_row(
+            str(r["model"]), str(r["path"]) + ("+compile" if r.get("compile") else ""), str(r["method"]),
+            str(r["seq_len"]), str(r["batch_size"]), str(r["hidden_size"]),
+            str(r["status"]) if r["status"] == "ok" else f"[red]{r['status']}[/]",
+            _num(r.get("tokens_per_s"), ",.0f"), _num(r.get("ms_per_update"), ".3f"),
+            f"{_num(r.get('ms_per_update_p10'), '.3f')}–{_num(r.get('ms_per_update_p90'), '.3f')}",
+            _num(None if delta is None or delta != delta else delta / mib, ".1f"),
+            _num(None if steady is None or steady != steady else steady / mib, ".1f"),
+        )
+    return table

@@ -1,0 +1,135 @@
+"""``tbptt-bench run SUITE``: run a suite's cells into its result store, skipping finished cells."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from tbptt_bench.cells import STATUSES, Cell, CellResult
+from tbptt_bench.executors import EXECUTORS, make_executor
+from tbptt_bench.store import ResultStore, read_results, store_dir
+from tbptt_bench.suites import Suite, check_devices, load_suite, select
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = ("failed", "oom")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a suite (tasks × models × methods × sizes × seeds) into a result store",
+                       description="Run the cells of a suite; finished cells are skipped, so a killed run "
+                                   "resumes where it stopped. Results go to DIR/<suite name>/.")
+    p.add_argument("suite", help="a built-in suite (quick, standard, gpu) or the path of a suite .toml file")
+    p.add_argument("--results", default="results", metavar="DIR",
+                   help="results root; the suite's store is DIR/<suite name>/ (default: ./results)")
+    p.add_argument("--only", action="append", default=[], metavar="KEY",
+                   help="run only the cell with this key (or unique key prefix); repeatable")
+    p.add_argument("--executor", default="local", choices=EXECUTORS, help="where cells run (default: local)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="local: worker processes for cells that time nothing (default 1); "
+                        "ray without --ray-address: CPUs of the local Ray instance (default: all)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="address of an existing Ray cluster (e.g. ray://head:10001); default: a local instance")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads per cell for cells that time nothing (default 1; timing cells set their own)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed or oom")
+    p.add_argument("--rerun", action="store_true",
+                   help="rerun the selected cells even if they are in the store (their rows are replaced)")
+    p.add_argument("--list", action="store_true", help="list the cells, their keys and stored status; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar: one line per finished cell (for CI)")
+    p.set_defaults(run=run)
+
+
+def cell_line(result: CellResult, done: int, total: int) -> str:
+    """One line for a finished cell: counter, status, label, duration, key and any error."""
+    text = f"[{done}/{total}] {result.status:<8} {result.label}  {result.duration_s:.1f}s  {result.key}"
+    if result.status == "diverged" and result.diverged_at is not None:
+        text += f"  (at update {result.diverged_at})"
+    elif result.error:
+        text += f"  {result.error.splitlines()[0][:200]}"
+    return text
+
+
+def list_cells(suite: Suite, cells: list[Cell], root: Path) -> int:
+    statuses: dict[str, str] = {}
+    if root.is_dir():
+        frame = read_results(root)
+        if not frame.empty:
+            statuses = dict(zip(frame["key"], frame["status"]))
+    print(f"suite {suite.name} ({suite.source}): {len(cells)} cells; store {root}")
+    for cell in cells:
+        print(f"{cell.key}  {statuses.get(cell.key, '-'):<8}  seed={cell.params.get('seed')}  {cell.label}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite)
+    cells = select(suite.cells, args.only)
+    root = store_dir(args.results, suite.name)
+    if args.list:
+        return list_cells(suite, cells, root)
+    executor = make_executor(args.executor, jobs=args.jobs, ray_address=args.ray_address,
+                             plugin_dirs=getattr(args, "plugins", []), threads=args.threads)
+    if args.executor == "local":
+        check_devices(cells)
+
+    counts: Counter[str] = Counter()
+    t0 = time.perf_counter()
+    with ResultStore(root) as store:
+        before = store.statuses()
+        wanted = {c.key for c in cells}
+        todo = [c for c in cells if args.rerun or c.key not in before
+                or (args.retry_failed and before[c.key] in RETRY_STATUSES)]
+        skipped = len(cells) - len(todo)
+        stale = len(set(before) - {c.key for c in suite.cells})
+        log.info("suite %s: %d cells, %d to run, %d already in %s", suite.name, len(cells), len(todo), skipped, root)
+        console = Console(stderr=True)
+        show_bar = not args.quiet and console.is_terminal
+        columns = (TextColumn(f"[bold]{suite.name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        try:
+            with Progress(*columns, console=console, disable=not show_bar) as bar:
+                job = bar.add_task("cells", total=len(todo), counts="")
+                for result in executor.run(todo):
+                    store.commit(result.key, result.tables)
+                    counts[result.status] += 1
+                    done = sum(counts.values())
+                    bar.update(job, completed=done, counts=" ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s]))
+                    line = cell_line(result, done, len(todo))
+                    if args.quiet or not show_bar:
+                        print(line, flush=True)
+                    elif result.status != "ok":
+                        bar.console.print(line, markup=False, highlight=False)
+        finally:
+            store.compact()
+        after = store.statuses()
+
+    seconds = time.perf_counter() - t0
+    ran = sum(counts.values())
+    print(f"suite {suite.name}: {len(cells)} cells, store {root}")
+    print(f"  ran {ran} in {seconds:.1f}s: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
+    print(f"  skipped {skipped} (already in the store)")
+    if stale:
+        print(f"  kept {stale} cells in the store that this suite no longer defines")
+    failed = [c for c in cells if after.get(c.key) == "failed"]
+    if failed:
+        ran_now = {c.key for c in todo}
+        earlier = sum(1 for c in failed if c.key not in ran_now)
+        print(f"  {len(failed)} cell{'s' if len(failed) != 1 else ''} failed"
+              + (f" ({earlier} in earlier runs)" if earlier else "")
+              + "; rerun them with --retry-failed; their errors are in the 'error' column")
+        for cell in failed[:10]:
+            print(f"    {cell.key}  {cell.label}")
+    missing = wanted - set(after)
+    if missing:
+        print(f"  {len(missing)} cells have no result", file=sys.stderr)
+    return 1 if failed or missing else 0
+

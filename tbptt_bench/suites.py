@@ -1,0 +1,381 @@
+"""Suite files: a declarative grid of measurements, expanded into cells with stable keys and seeds.
+
+A suite is a TOML file (format in docs/suites.md)::
+
+    [suite]
+    name = "quick"
+    seed = 0
+
+    [defaults]            # applied to every block whose measurement accepts the key
+    device = "cpu"
+
+    [[train]]             # one block per grid; [[bias]] and [[perf]] blocks work the same way
+    task = ["copy", "adding"]        # a list is a grid axis
+    method = ["full", "chunked:k=4"]
+    steps = 20                       # a scalar is fixed
+    replicates = 2
+
+Each block expands to the Cartesian product of its axes times its replicates. Every cell gets
+
+* a **key**: the first 16 hex digits of the SHA-256 of the measurement kind, its semantics version,
+  the package version and the fully resolved parameters (defaults filled in, method specs
+  canonicalised, the seed included, None values left out); not the git commit, so a docs-only commit
+  keeps results valid;
+* a **seed** (:func:`cell_seed`): derived from the suite seed, the replicate index and the cell's
+  pairing parameters (task, task parameters, model, sizes), so that cells differing only in the
+  method (or optimiser, steps, measurement) share initial parameters and data: they are paired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import itertools
+import json
+import logging
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import tbptt_bench
+from tbptt_bench.cells import MEASURES, REQUIRED, SEED_KEYS, Cell, Measure
+from tbptt_bench.errors import UsageError
+from tbptt_bench.methods import parse_method
+from tbptt_bench.setup import derive_seed, resolve_device
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = ("suite", "defaults", *MEASURES)
+SUITE_KEYS = ("name", "description", "seed")
+BLOCK_EXTRA = ("replicates", "task_params")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A parsed suite: its name, seed, source file and the cells of its grid in run order."""
+
+    name: str
+    description: str
+    seed: int
+    source: str
+    cells: tuple[Cell, ...]
+
+
+# --------------------------------------------------------------------------- finding suite files
+
+def builtin_dir() -> Path:
+    """Where the built-in suites live: package data when installed, ``tasks/`` in a source checkout."""
+    packaged = Path(str(importlib.resources.files("tbptt_bench").joinpath("suites")))
+    if packaged.is_dir() and any(packaged.glob("*.toml")):
+        return packaged
+    return Path(tbptt_bench.__file__).resolve().parent.parent / "tasks"
+
+
+def builtin_suites() -> dict[str, Path]:
+    """Built-in suite names and their files."""
+    folder = builtin_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def find_suite(ref: str) -> Path:
+    """A suite file from a built-in name (``quick``) or a path."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    builtins = builtin_suites()
+    if ref in builtins:
+        return builtins[ref]
+    if path.suffix == ".toml" or "/" in ref:
+        raise UsageError(f"suite file {ref} does not exist")
+    raise UsageError(f"unknown suite {ref!r}; accepted: a built-in name ({', '.join(builtins) or 'none found'}) "
+                     "or the path of a .toml suite file")
+
+
+def load_suite(ref: str) -> Suite:
+    """Read, validate and expand a suite given by name or path."""
+    path = find_suite(ref)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"suite file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read suite file {path}: {exc}") from None
+    return parse_suite(data, default_name=path.stem, source=str(path))
+
+
+# --------------------------------------------------------------------------- parsing and expansion
+
+def parse_suite(data: Mapping[str, Any], *, default_name: str = "suite", source: str = "<suite>") -> Suite:
+    """Validate a suite's TOML data and expand its blocks into cells (duplicates removed)."""
+    _no_unknown(data, TOP_KEYS, f"suite file {source}")
+    header = data.get("suite", {})
+    if not isinstance(header, dict):
+        raise UsageError(f"suite file {source}: [suite] must be a table with keys {', '.join(SUITE_KEYS)}")
+    _no_unknown(header, SUITE_KEYS, f"suite file {source}, [suite]")
+    name = header.get("name", default_name)
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
+        raise UsageError(f"suite file {source}: name {name!r} must be a non-empty string of letters, digits, - _ .")
+    seed = header.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"suite file {source}: seed must be an integer ≥ 0, got {seed!r}")
+    description = header.get("description", "")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UsageError(f"suite file {source}: [defaults] must be a table")
+
+    blocks: list[tuple[str, int, dict[str, Any]]] = []
+    for measure_name in MEASURES:
+        raw = data.get(measure_name, [])
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(b, dict) for b in raw):
+            raise UsageError(f"suite file {source}: {measure_name} must be written as [[{measure_name}]] tables")
+        blocks.extend((measure_name, i + 1, b) for i, b in enumerate(raw))
+    if not blocks:
+        raise UsageError(f"suite file {source} defines no cells; add a [[train]], [[bias]] or [[perf]] block")
+
+    schemas: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for measure_name, _, _ in blocks:
+        if measure_name not in schemas:
+            measure = MEASURES[measure_name]
+            reason = measure.available()
+            if reason:
+                raise UsageError(f"suite file {source}: {reason}; remove its [[{measure_name}]] blocks")
+            schemas[measure_name] = measure.schema()
+    accepted_defaults = set(BLOCK_EXTRA).union(*(s.keys() for s in schemas.values()))
+    _no_unknown(defaults, sorted(accepted_defaults), f"suite file {source}, [defaults]")
+
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for measure_name, index, block in blocks:
+        where = f"suite file {source}, [[{measure_name}]] block {index}"
+        schema = schemas[measure_name]
+        merged = {k: v for k, v in defaults.items() if (k in schema or k in BLOCK_EXTRA) and k != "task_params"}
+        merged.update(block)
+        shared = defaults.get("task_params")
+        if isinstance(shared, dict) and "task_params" not in block:  # only for the tasks this block runs
+            tasks = set(map(str, _as_list(merged.get("task"))))
+            merged["task_params"] = {t: v for t, v in shared.items() if t in tasks}
+        elif shared is not None and not isinstance(shared, dict):
+            merged["task_params"] = shared
+        for cell in expand_block(MEASURES[measure_name], schema, merged, suite=name, suite_seed=seed, where=where):
+            if cell.key in seen:
+                log.info("%s: cell %s (%s) is also in an earlier block; kept once", where, cell.key, cell.label)
+                continue
+            seen.add(cell.key)
+            cells.append(cell)
+    return Suite(name, str(description), seed, source, tuple(cells))
+
+
+def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block: Mapping[str, Any], *,
+                 suite: str, suite_seed: int, where: str) -> list[Cell]:
+    """The cells of one block: the product of its list-valued keys (axes) times its replicates."""
+    accepted = sorted(set(schema) | set(BLOCK_EXTRA))
+    _no_unknown(block, accepted, where)
+    replicates = block.get("replicates", 1)
+    if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 1:
+        raise UsageError(f"{where}: replicates must be an integer ≥ 1, got {replicates!r}")
+    task_params = block.get("task_params", {})
+    if not isinstance(task_params, dict) or not all(isinstance(v, dict) for v in task_params.values()):
+        raise UsageError(f"{where}: task_params must be a table of tables keyed by task, "
+                         "e.g. task_params = {{ copy = {{ n_remember = 5 }} }}")
+
+    fixed: dict[str, Any] = {}
+    axes: dict[str, list[Any]] = {}
+    for name, value in block.items():
+        if name in BLOCK_EXTRA:
+            continue
+        is_axis = isinstance(value, list) and (
+            name not in measure.list_keys or (bool(value) and all(isinstance(v, list) for v in value)))
+        if is_axis:
+            if not value:
+                raise UsageError(f"{where}: {name} = [] makes the grid empty; give at least one value")
+            axes[name] = value
+        else:
+            if name in measure.list_keys and isinstance(value, list) and not value:
+                raise UsageError(f"{where}: {name} = [] makes the grid empty; give at least one value")
+            fixed[name] = value
+    missing = [n for n, (_, d) in schema.items() if d is REQUIRED and n not in fixed and n not in axes]
+    if missing:
+        raise UsageError(f"{where}: missing {', '.join(missing)} (required by {measure.name} measurements)")
+    if task_params and "task_params" not in schema:
+        raise UsageError(f"{where}: {measure.name} measurements take no task_params")
+    tasks_named = set(_as_list(axes.get("task", fixed.get("task"))))
+    for task in task_params:
+        if task not in tasks_named:
+            raise UsageError(f"{where}: task_params names task {task!r}, which the block does not run "
+                             f"(its tasks: {', '.join(sorted(map(str, tasks_named))) or 'none'})")
+
+    cells = []
+    names = list(axes)
+    checked: set[str] = set()
+    for replicate in range(replicates):
+        for combo in itertools.product(*(axes[n] for n in names)):
+            raw = {**fixed, **dict(zip(names, combo))}
+            params = resolve_params(measure, schema, raw, where)
+            if "task_params" in schema:
+                params["task_params"] = dict(task_params.get(params.get("task"), {}))
+            params["seed"] = cell_seed(suite_seed, replicate, params)
+            text = canonical_json(params)
+            if text not in checked:
+                checked.add(text)
+                _check(measure, params, where)
+            cells.append(Cell(suite, measure.name, params, cell_key(measure, params), replicate))
+    return cells
+
+
+def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw: Mapping[str, Any],
+                   where: str) -> dict[str, Any]:
+    """Defaults filled in, values checked against their types, method specs canonicalised."""
+    out: dict[str, Any] = {}
+    for name, (hint, default) in schema.items():
+        if name == "task_params":
+            continue
+        value = raw.get(name, default)
+        if value is REQUIRED:
+            raise UsageError(f"{where}: missing {name}")
+        if name in raw:
+            value = coerce(value, hint, f"{where}: {name}")
+        if name == "method" and isinstance(value, str):
+            value = _canonical_method(value, where)
+        if name == "methods" and isinstance(value, list):
+            value = [_canonical_method(v, where) for v in value]
+        out[name] = value
+    return out
+
+
+def coerce(value: Any, hint: Any, what: str) -> Any:
+    """``value`` checked against a type hint; ints widen to floats, ``"none"`` is None where allowed."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value == "none"):
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, what)
+            except UsageError:
+                continue
+        raise UsageError(f"{what} = {value!r} must be {_describe(hint)}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise UsageError(f"{what} = {value!r} must be one of {', '.join(map(repr, args))}")
+    base = origin or hint
+    ok = True
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    elif base in (list, tuple, typing.Sequence):
+        ok = isinstance(value, list)
+        if ok and args:
+            value = [coerce(v, args[0], what) for v in value]
+    elif base is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise UsageError(f"{what} = {value!r} must be {_describe(hint)}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            parts.append('"none"')
+        return " or ".join(parts)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
+             list: "a list"}
+    return names.get(origin or hint, str(hint))
+
+
+def _canonical_method(spec: str, where: str) -> str:
+    try:
+        return parse_method(spec).spec
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _check(measure: Measure, params: dict[str, Any], where: str) -> None:
+    try:
+        measure.check(dict(params))
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: invalid parameters: {exc}") from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _no_unknown(table: Mapping[str, Any], accepted: Any, where: str) -> None:
+    accepted = list(accepted)
+    for name in table:
+        if name not in accepted:
+            raise UsageError(f"{where}: unknown key {name!r}; accepted: {', '.join(accepted)}")
+
+
+# --------------------------------------------------------------------------- keys and seeds
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: the same parameters always give the same text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cell_key(measure: Measure, params: Mapping[str, Any]) -> str:
+    """Stable key: hash of the measure, its semantics version, the package version and the parameters.
+
+    Parameters whose value is None (an optional feature left off) are left out, so that adding an
+    optional parameter to a measurement does not change the keys of results stored before.
+    """
+    payload = {"measure": measure.name, "semantics": measure.version, "package": tbptt_bench.__version__,
+               "params": {k: v for k, v in params.items() if v is not None}}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def cell_seed(suite_seed: int, replicate: int, params: Mapping[str, Any]) -> int:
+    """The seed rule: ``derive_seed("cell", suite seed, replicate, pairing parameters)``.
+
+    The pairing parameters are :data:`tbptt_bench.cells.SEED_KEYS` that the cell has, as
+    ``(name, canonical JSON value)`` pairs in that order.
+    """
+    pairing = [(k, canonical_json(params[k])) for k in SEED_KEYS if k in params]
+    return derive_seed("cell", suite_seed, replicate, pairing)
+
+
+# --------------------------------------------------------------------------- selecting cells
+
+def select(cells: tuple[Cell, ...] | list[Cell], only: list[str] | None) -> list[Cell]:
+    """The cells whose key equals, or uniquely starts with, one of ``only`` (all cells if empty)."""
+    if not only:
+        return list(cells)
+    chosen: dict[str, Cell] = {}
+    for ref in only:
+        matches = [c for c in cells if c.key == ref] or [c for c in cells if c.key.startswith(ref)]
+        if not matches:
+            raise UsageError(f"--only {ref}: no cell of the suite has that key; list the keys with --list")
+        if len(matches) > 1:
+            raise UsageError(f"--only {ref}: the prefix matches {len(matches)} cells; give more digits of the key")
+        chosen[matches[0].key] = matches[0]
+    return [c for c in cells if c.key in chosen]
+
+
+def check_devices(cells: list[Cell]) -> None:
+    """Every device the cells name is available on this machine (used by the local executor)."""
+    for device in sorted({c.device for c in cells}):
+        resolve_device(device)

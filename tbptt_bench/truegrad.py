@@ -1,0 +1,218 @@
+"""The true gradient g at any length: exact, checkpointed, float64, or probed in forward mode.
+
+* exact full BPTT and full BPTT with activation checkpointing run through the engine
+  (:func:`true_gradient`, ``full`` and ``full:checkpoint=C``); memory ~T and ~T/C + C;
+* float64 on demand: :func:`in_dtype` makes a copy of the model in another dtype, so that both ĝ and
+  g can be computed there;
+* where even the checkpointed graph does not fit, forward-mode probes: for a random direction ``v``
+  with ``E[v vᵀ] = I`` (Rademacher by default), ``vᵀg`` is the directional derivative of the total
+  loss, computed with ``torch.func.jvp`` chunk by chunk (state and its tangent carried across chunks,
+  no graph kept: memory independent of T). Then ``E[(vᵀ(ĝ - g))²] = ‖ĝ - g‖²``,
+  ``ĝᵀg`` and ``‖g‖²`` follow without bias from the known ĝ (see :func:`estimate_from_probes`); the
+  relative error and cosine are ratios of these means, with jackknife standard errors over the probes
+  (:func:`probe_compare`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tbptt_bench.engine import Source, step_loss_sum
+from tbptt_bench.errors import UsageError
+from tbptt_bench.gradients import Gradient, flatten, true_gradient
+from tbptt_bench.models import State, check_protocol, check_state, map_state
+
+__all__ = ["ProbeEstimate", "directional_derivatives", "in_dtype", "probe_compare", "probe_directions", "true_gradient"]
+
+PROBE_KINDS = ("rademacher", "gaussian")
+
+
+def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with floating-point parameters and buffers in ``dtype`` (the model itself if equal)."""
+    first = next(model.parameters(), None)
+    if first is not None and first.dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def probe_directions(model: nn.Module, n: int, seed: int, kind: str = "rademacher") -> list[Gradient]:
+    """``n`` random directions in parameter space with ``E[v vᵀ] = I``, drawn from ``seed``."""
+    if kind not in PROBE_KINDS:
+        raise UsageError(f"unknown probe distribution {kind!r}; accepted: {', '.join(PROBE_KINDS)}")
+    if n < 2:
+        raise UsageError(f"at least 2 probes are needed for a standard error, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        v: Gradient = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if kind == "gaussian":
+                r = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            else:
+                r = torch.randint(0, 2, p.shape, generator=gen).to(torch.float64) * 2 - 1
+            v[name] = r.to(device=p.device, dtype=p.dtype)
+        out.append(v)
+    return out
+
+
+def directional_derivatives(
+    model: nn.Module,
+    source: Source,
+    loss_kind: str,
+    directions: Sequence[Gradient],
+    state: State | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """``vᵀg`` for each direction ``v``: forward-mode derivative of the total loss, chunk by chunk.
+
+    Memory does not grow with the sequence length: each chunk of ``chunk`` steps is evaluated with
+    ``torch.func.jvp`` from the state and state tangent left by the previous one.
+    """
+    from torch.func import functional_call, jvp  # imported here: torch.func pulls in sympy (slow start-up)
+
+    check_protocol(model)
+    if chunk < 1:
+        raise UsageError(f"the probe chunk length must be ≥ 1, got {chunk}")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    first = next(iter(params.values()))
+    B, T = source.batch_size, source.length
+    h0 = model.initial_state(B) if state is None else state
+    check_state(h0)
+    out = torch.zeros(len(directions), dtype=torch.float64)
+    for i, v in enumerate(directions):
+        tangent = {n: v[n] for n in names}
+        h = map_state(lambda s: s.detach(), h0)
+        dh = map_state(torch.zeros_like, h)
+        total = torch.zeros((), dtype=torch.float64, device=first.device)
+        for a in range(0, T, chunk):
+            data = source.slice(a, min(T, a + chunk)).to(first.device, first.dtype)
+
+            def run(p: dict[str, torch.Tensor], s: State, data=data) -> tuple[torch.Tensor, State]:
+                outputs, new = functional_call(model, p, (data.inputs, s))
+                return step_loss_sum(outputs, data, loss_kind, B), new
+
+            # oneDNN's fused RNN kernels have no forward-mode derivative; the native ones do.
+            with torch.no_grad(), _without_onednn():
+                (_, h), (dloss, dh) = jvp(run, (params, h), (tangent, dh))
+            total += dloss.to(torch.float64)
+        out[i] = total
+    return out
+
+
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    """oneDNN off (its flag setter warns about TF32 on Intel GPUs, irrelevant here: silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flags = torch.backends.mkldnn.flags(enabled=False)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flags.__exit__(None, None, None)
+
+
+def _jackknife_se(stat, n: int) -> float:  # type: ignore[no-untyped-def]
+    """Jackknife standard error of ``stat(mask)`` over ``n`` probes."""
+    if n < 2:
+        return math.nan
+    keep = np.ones(n, dtype=bool)
+    values = []
+    for i in range(n):
+        keep[i] = False
+        values.append(stat(keep))
+        keep[i] = True
+    values = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(values)):
+        return math.nan
+    return float(np.sqrt((n - 1) / n * ((values - values.mean()) ** 2).sum()))
+
+
+@dataclass(frozen=True)
+class ProbeEstimate:
+    """Probe estimates of ĝ against g, each with its standard error over the probes."""
+
+    n_probes: int
+    sq_error: float
+    sq_error_se: float
+    sq_true_norm: float
+    sq_true_norm_se: float
+    dot: float
+    dot_se: float
+    relative_error: float
+    relative_error_se: float
+    cosine: float
+    cosine_se: float
+    estimate_norm: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def estimate_from_probes(a: np.ndarray, b: np.ndarray, estimate_norm: float) -> ProbeEstimate:
+    """Statistics from ``a_i = vᵢᵀĝ`` and ``b_i = vᵢᵀg`` (``estimate_norm`` = ‖ĝ‖, known exactly).
+
+    ĝ is known, so g is written ``ĝ - e`` with ``e = ĝ - g`` and only terms in ``e`` are probed:
+    ``ĝᵀg = ‖ĝ‖² - ĝᵀe`` and ``‖g‖² = ‖ĝ‖² - 2ĝᵀe + ‖e‖²``, each estimated without bias per probe. Their
+    noise shrinks with ‖e‖ instead of growing with ‖g‖ (a control variate).
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = len(a)
+    est2 = estimate_norm**2
+    e = a - b
+    err2 = e**2
+    dot = est2 - a * e
+    true2 = est2 - 2 * a * e + err2
+
+    def mean_se(x: np.ndarray) -> tuple[float, float]:
+        return float(x.mean()), float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+    def rel(m: np.ndarray) -> float:
+        t = true2[m].mean()
+        return float(math.sqrt(err2[m].mean() / t)) if t > 0 else math.nan
+
+    def cos(m: np.ndarray) -> float:
+        t = true2[m].mean()
+        return float(dot[m].mean() / (estimate_norm * math.sqrt(t))) if t > 0 and estimate_norm > 0 else math.nan
+
+    all_ = np.ones(n, dtype=bool)
+    e2, e2_se = mean_se(err2)
+    t, t_se = mean_se(true2)
+    d, d_se = mean_se(dot)
+    return ProbeEstimate(n, e2, e2_se, t, t_se, d, d_se, rel(all_), _jackknife_se(rel, n), cos(all_),
+                         _jackknife_se(cos, n), estimate_norm)
+
+
+def probe_compare(
+    model: nn.Module,
+    source: Source,
+    loss_kind: str,
+    estimate: Gradient,
+    *,
+    n_probes: int = 32,
+    seed: int = 0,
+    state: State | None = None,
+    kind: str = "rademacher",
+    chunk: int = 256,
+) -> ProbeEstimate:
+    """Compare an estimate ĝ with the true gradient without forming g: forward-mode probes."""
+    directions = probe_directions(model, n_probes, seed, kind)
+    b = directional_derivatives(model, source, loss_kind, directions, state, chunk).numpy()
+    names = list(estimate)
+    flat = flatten(estimate, names)
+    a = np.array([float(torch.dot(flatten(v, names), flat)) for v in directions])
+    return estimate_from_probes(a, b, float(torch.linalg.vector_norm(flat)))

@@ -1,0 +1,55 @@
+"""Each family's mask against its definition in DESIGN.md §2, written out independently (1-based)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tbptt_bench.mask import mask_matrix, update_owner
+from tbptt_bench.methods import parse_method
+
+
+def tbptt_definition(T: int, k1: int, k2: int) -> np.ndarray:
+    """m[t, s] for 1-based t, s: ℓ_t in (u-k1, u] belongs to update u = k1·⌈t/k1⌉ and reaches s ≥ u-k2+1.
+
+    In a trailing segment (u > T) the rule is kept for k2 ≥ k1 (the nominal window) and, for k2 < k1,
+    the last k2 steps before T get recurrent gradient (docs/methods.md).
+    """
+    m = np.zeros((T, T))
+    for t in range(1, T + 1):
+        u = k1 * -(-t // k1)
+        end = u if k2 >= k1 else min(u, T)
+        for s in range(1, t + 1):
+            m[t - 1, s - 1] = 1.0 if s >= end - k2 + 1 else 0.0
+    return m
+
+
+@pytest.mark.parametrize("T", [1, 5, 8, 13])
+@pytest.mark.parametrize("k1,k2", [(1, 1), (2, 2), (3, 5), (4, 2), (5, 1), (3, 20), (20, 3), (7, 7)])
+def test_tbptt_mask_matches_definition(T, k1, k2):
+    updates = parse_method(f"tbptt:k1={k1},k2={k2}").updates(T)
+    np.testing.assert_array_equal(mask_matrix(updates, T), tbptt_definition(T, k1, k2))
+    ends = [u.loss_end for u in updates]
+    assert ends == sorted(set(list(range(k1, T + 1, k1)) + [T]))  # updates at k1, 2k1, …, and T
+
+
+@pytest.mark.parametrize("T", [1, 5, 9])
+@pytest.mark.parametrize("k", [1, 3, 4, 12])
+@pytest.mark.parametrize("k1", [None, 1, 2])
+def test_sliding_gives_every_loss_exactly_k_lags(T, k, k1):
+    spec = f"sliding:k={k}" + (f",k1={k1}" if k1 else "")
+    m = mask_matrix(parse_method(spec).updates(T), T)
+    t, s = np.indices((T, T))
+    np.testing.assert_array_equal(m, ((s <= t) & (t - s < k)).astype(float))
+
+
+@pytest.mark.parametrize("T,k", [(9, 4), (8, 4), (3, 5)])
+def test_chunked_detaches_at_multiples_of_k(T, k):
+    m = mask_matrix(parse_method(f"chunked:k={k}").updates(T), T)
+    t, s = np.indices((T, T))
+    np.testing.assert_array_equal(m, ((s <= t) & (s // k == t // k)).astype(float))
+    np.testing.assert_array_equal(update_owner(parse_method(f"chunked:k={k}").updates(T), T), np.arange(T) // k)
+
+
+def test_full_is_lower_triangle():
+    np.testing.assert_array_equal(mask_matrix(parse_method("full").updates(7), 7), np.tril(np.ones((7, 7))))

@@ -1,0 +1,246 @@
+"""The measurement harness: row schema, units, fresh-process isolation, memory, out-of-memory rows, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tbptt_bench import gpu_check
+from tbptt_bench.cli import main as cli_main
+from tbptt_bench.commands.perf import parse_size, split_methods
+from tbptt_bench.errors import UsageError
+from tbptt_bench.methods import parse_method
+from tbptt_bench.perf import (
+    COLUMNS,
+    PerfConfig,
+    expand_grid,
+    interleaved_times,
+    maxrss_bytes,
+    measure,
+    perf_grid,
+    save_table,
+)
+
+TINY = dict(task="copy", model="lstm", hidden_size=8, batch_size=2, threads=1, warmup=1, repeats=3)
+B, H = 8, 32  # the fresh-process grid: big enough that full BPTT's activations stand out
+HAS_CUDA = torch.cuda.is_available()
+
+
+def statm_resident_bytes() -> int:
+    """Resident set from /proc/self/statm (pages × page size): independent of the harness's reading."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_row_schema_and_time_units_in_process():
+    cfg = PerfConfig(method="tbptt:k1=8,k2=16", seq_len=40, **TINY)
+    t0 = time.perf_counter()
+    row = measure(cfg)
+    wall = time.perf_counter() - t0
+    assert set(row) == set(COLUMNS)
+    assert row["status"] == "ok", row["error"]
+    assert row["method"] == "tbptt:k1=8,k2=16" and row["seq_len"] == 40 and row["threads"] == 1
+    assert row["device"] == "cpu" and row["torch_version"] == torch.__version__ and row["git_commit"]
+    assert row["fresh_process"] is False and row["pid"] == os.getpid()
+    n = len(parse_method(cfg.method).updates(40))
+    assert row["updates_per_sequence"] == n == 5 and row["tokens_per_sequence"] == 2 * 40
+    secs = row["repeat_seconds"]
+    assert len(secs) == 3 and all(s > 0 for s in secs)
+    assert sum(secs) + row["first_sequence_s"] < wall  # seconds, not milliseconds
+    assert row["seconds_per_sequence"] == statistics.median(secs)
+    assert row["tokens_per_s"] == pytest.approx(80 / statistics.median(secs))
+    assert row["ms_per_update"] == pytest.approx(1000 * statistics.median(secs) / n)
+    assert row["ms_per_update_p10"] <= row["ms_per_update"] <= row["ms_per_update_p90"]
+    assert row["tokens_per_s_p10"] <= row["tokens_per_s"] <= row["tokens_per_s_p90"]
+
+
+def test_memory_columns_are_bytes():
+    row = measure(PerfConfig(method="chunked:k=8", seq_len=32, **TINY))
+    for col in ("mem_baseline_bytes", "mem_peak_bytes", "mem_delta_bytes"):
+        assert isinstance(row[col], int) and row[col] >= 0
+    assert row["mem_peak_bytes"] >= row["mem_baseline_bytes"]
+    if Path("/proc/self/statm").exists():  # the baseline is this process's resident set, in bytes
+        assert 0.5 < row["mem_baseline_bytes"] / statm_resident_bytes() < 2.0
+    assert row["mem_source"] in ("rss_hwm_reset", "ru_maxrss")
+
+
+def test_maxrss_units():
+    assert maxrss_bytes(1000, "Linux") == 1024000  # KiB on Linux
+    assert maxrss_bytes(1000, "Darwin") == 1000  # bytes on macOS
+
+
+def test_out_of_memory_in_process_is_a_row_and_the_grid_goes_on():
+    impossible = PerfConfig(method="full", seq_len=32, **{**TINY, "hidden_size": 2**20})  # 2^42 LSTM weights
+    frame = perf_grid([impossible, PerfConfig(method="full", seq_len=32, **TINY)], fresh=False)
+    assert frame["status"].tolist() == ["oom", "ok"]
+    assert "allocate" in frame.loc[0, "error"]
+
+
+def test_bad_configurations_are_usage_errors():
+    with pytest.raises(UsageError, match="at least 21"):
+        measure(PerfConfig(seq_len=10, **TINY))
+    with pytest.raises(UsageError, match="cell path"):
+        PerfConfig(compile=True).validate()
+    with pytest.raises(UsageError, match="optimizer"):
+        PerfConfig(optimizer="lbfgs").validate()
+    with pytest.raises(UsageError, match="fresh process"):
+        measure(PerfConfig(seq_len=32, memory_limit=2**20, **TINY))
+    if not HAS_CUDA:
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            PerfConfig(device="cuda").validate()
+
+
+def test_expand_grid_and_interleaving():
+    configs = expand_grid(PerfConfig(), method=["full", "chunked:k=8"], seq_len=[32, 64])
+    assert [(c.method, c.seq_len) for c in configs] == [("full", 32), ("full", 64), ("chunked:k=8", 32), ("chunked:k=8", 64)]
+    with pytest.raises(UsageError, match="unknown configuration field"):
+        expand_grid(PerfConfig(), colour=["red"])
+    order: list[str] = []
+    times = interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_save_table_round_trip(tmp_path, suffix):
+    frame = perf_grid([PerfConfig(method="chunked:k=8", seq_len=24, **TINY)], fresh=False)
+    path = save_table(frame, tmp_path / f"perf{suffix}")
+    back = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path) if suffix == ".parquet" else pd.read_json(path)
+    assert list(back.columns) == COLUMNS
+    assert back.loc[0, "tokens_per_s"] == pytest.approx(frame.loc[0, "tokens_per_s"])
+    assert json.loads(back.loc[0, "repeat_seconds"]) if suffix != ".json" else back.loc[0, "repeat_seconds"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    with pytest.raises(UsageError, match="accepted: .csv"):
+        save_table(frame, tmp_path / "perf.txt")
+
+
+# ---------------------------------------------------------------------------------- fresh processes
+
+@pytest.fixture(scope="module")
+def fresh_grid():
+    """Five configurations, each in its own process; the second runs out of its memory limit."""
+    base = PerfConfig(task="copy", model="lstm", hidden_size=H, batch_size=B, threads=1, warmup=1, repeats=1)
+    configs = [
+        dataclasses.replace(base, method="full", seq_len=1024),
+        dataclasses.replace(base, method="full", seq_len=1024, memory_limit=8 * 2**20),
+        dataclasses.replace(base, method="chunked:k=16", seq_len=1024),
+        dataclasses.replace(base, method="full", seq_len=64),
+        dataclasses.replace(base, method="chunked:k=16", seq_len=64),
+    ]
+    return perf_grid(configs, fresh=True, timeout=300).to_dict("records")
+
+
+def test_each_configuration_runs_in_its_own_process(fresh_grid):
+    pids = [r["pid"] for r in fresh_grid]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    assert all(r["fresh_process"] for r in fresh_grid)
+
+
+def test_out_of_memory_is_recorded_and_the_grid_goes_on(fresh_grid):
+    assert [r["status"] for r in fresh_grid] == ["ok", "oom", "ok", "ok", "ok"]
+    assert "allocate" in fresh_grid[1]["error"]
+
+
+def test_large_allocation_does_not_leak_into_the_next_configuration(fresh_grid):
+    big, after = fresh_grid[0], fresh_grid[2]
+    assert big["mem_sequence_bytes"] > 4 * after["mem_sequence_bytes"]
+    # the later process's absolute high-water mark does not contain the earlier run's activations
+    assert after["mem_peak_bytes"] < big["mem_peak_bytes"] - 0.5 * big["mem_sequence_bytes"]
+
+
+def test_full_bptt_memory_is_at_least_its_saved_features(fresh_grid):
+    full_long, full_short = fresh_grid[0], fresh_grid[3]
+    features = B * 1024 * H * 4  # float32 [B, T, H] the read-out's backward needs
+    assert features <= full_long["mem_sequence_bytes"] <= 200 * features
+    assert full_long["mem_sequence_bytes"] - full_short["mem_sequence_bytes"] >= B * (1024 - 64) * H * 4
+
+
+def test_truncated_memory_is_flat_in_sequence_length(fresh_grid):
+    full_growth = fresh_grid[0]["mem_sequence_bytes"] - fresh_grid[3]["mem_sequence_bytes"]
+    trunc_growth = fresh_grid[2]["mem_sequence_bytes"] - fresh_grid[4]["mem_sequence_bytes"]
+    assert full_growth > 0
+    assert trunc_growth < 0.1 * full_growth
+
+
+# ---------------------------------------------------------------------------------- command line
+
+def test_method_lists_and_sizes():
+    assert split_methods(["chunked:k=64,full"]) == ["chunked:k=64", "full"]
+    assert split_methods(["tbptt:k1=16,k2=64,full", "sliding:k=4,k1=2"]) == [
+        "tbptt:k1=16,k2=64", "full", "sliding:k=4,k1=2"]
+    with pytest.raises(UsageError):
+        split_methods(["k=3,full"])
+    assert parse_size("512M") == 512 * 2**20 and parse_size("2g") == 2 * 2**30 and parse_size("100") == 100
+    with pytest.raises(UsageError, match="not a size"):
+        parse_size("lots")
+
+
+def test_cli_json_and_save(tmp_path, capsys):
+    out = tmp_path / "perf.csv"
+    rc = cli_main(["perf", "--task", "copy", "--model", "lstm,gru", "--method", "chunked:k=8,full", "--seq-len", "24",
+                   "--hidden", "8", "--batch", "2", "--repeats", "1", "--threads", "1", "--in-process", "--json",
+                   "--save", str(out)])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["method"]) for r in rows] == [("lstm", "chunked:k=8"), ("lstm", "full"),
+                                                          ("gru", "chunked:k=8"), ("gru", "full")]
+    assert all(r["status"] == "ok" for r in rows)
+    assert pd.read_csv(out)["tokens_per_s"].tolist() == pytest.approx([r["tokens_per_s"] for r in rows])
+
+
+def test_cli_table(capsys):
+    assert cli_main(["perf", "--method", "chunked:k=8", "--seq-len", "24", "--hidden", "8", "--batch", "2",
+                     "--repeats", "1", "--threads", "1", "--in-process"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "tbptt:k1=0"], "k1=0"),
+    (["--seq-len", "ten"], "integers"),
+    (["--save", "/no/such/folder/x.csv"], "does not exist"),
+    (["--save", "x.txt"], "unknown suffix"),
+    (["--memory-limit", "lots"], "not a size"),
+] + ([] if HAS_CUDA else [(["--device", "cuda"], "no CUDA GPU")]))
+def test_cli_bad_input_exits_2(capsys, argv, message):
+    assert cli_main(["perf", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------- GPU check (CPU side)
+
+def test_gpu_check_grid():
+    entries = gpu_check.build_grid("cuda")
+    roles = [e.role for e in entries]
+    assert roles.count("fused_vs_cell") == 2 and roles.count("oom_probe") == 1
+    methods = {(e.config.method, e.config.seq_len) for e in entries if e.role == "methods"}
+    assert methods == {(m, t) for m in gpu_check.METHODS for t in gpu_check.SEQ_LENS}
+    assert all(e.config.device == "cuda" and e.config.hidden_size == 128 and e.config.batch_size == 32 for e in entries)
+    assert entries[-1].expect == "oom" and entries[-1].config.memory_limit == gpu_check.PROBE_LIMIT
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU refusal")
+def test_gpu_check_without_gpu_exits_2(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_writes_its_files_on_cpu(tmp_path):
+    target = Path(__file__).resolve().parent / "test_cuda.py"
+    summary = gpu_check.run_check(tmp_path, "cpu", tiny=True, fresh=False, pytest_target=target)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"perf.csv", "perf.json", "summary.json", "pytest_cuda.log", "pytest_cuda.xml"} <= names
+    table = pd.read_csv(tmp_path / "perf.csv")
+    assert len(table) == len(gpu_check.build_grid("cpu", tiny=True)) == summary["rows"]
+    assert table["status"].tolist() == table["expected_status"].tolist()
+    assert json.loads((tmp_path / "summary.json").read_text())["ok"] is True
+    assert summary["pytest_rc"] in (0, 5) and "fused_over_cell_throughput" in summary["ratios"]
