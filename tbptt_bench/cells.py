@@ -354,7 +354,8 @@ def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> Ce
         tables = measure.run(dict(cell.params))
         status, error = reported_status(tables.get(MAIN_TABLE, []))
     except Diverged as exc:
-        tables, status, error, diverged_at = {}, "diverged", str(exc), exc.update
+        tables = {"curves": exc.curve} if exc.curve else {}
+        status, error, diverged_at = "diverged", str(exc), exc.update
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data: the sweep goes on

@@ -72,12 +72,17 @@ def _groups(data: pd.DataFrame, panel: str | None) -> list[tuple[object, pd.Data
 def _finish(fig: Figure, axes: list[plt.Axes], title: str) -> Figure:
     fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=11)
     seen: dict[str, object] = {}
+    width_chars = int(fig.get_figwidth() * 14)  # characters of 8-point text across the figure
     for ax in axes:
+        ax.set_title(textwrap.fill(ax.get_title(), width=max(20, width_chars // max(1, min(len(axes), MAX_COLS)))),
+                     fontsize=9)
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     if seen:
+        longest = max(len(label) for label in seen) + 6
+        ncols = max(1, min(len(seen), 2 * min(len(axes), MAX_COLS), width_chars // longest))
         fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center",
-                   ncols=min(len(seen), 2 * min(len(axes), MAX_COLS)), frameon=False, fontsize=8)
+                   ncols=ncols, frameon=False, fontsize=8)
     return fig
 
 

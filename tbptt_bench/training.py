@@ -77,9 +77,11 @@ class TrainConfig:
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, update: int) -> None:
+    def __init__(self, update: int, curve: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"loss became non-finite by update {update}")
         self.update = update
+        #: The learning curve up to the last finite evaluation.
+        self.curve = list(curve or [])
 
 
 @dataclass
@@ -187,7 +189,7 @@ def train(
         train_time += time.perf_counter() - t0
         loss = float(window_loss) / window_steps if window_steps > 0 else None
         if loss is not None and not math.isfinite(loss):
-            raise Diverged(update)
+            raise Diverged(update, curve)
         row: dict[str, Any] = {"update": update, "train_loss": loss, "wall_time": train_time, "tokens": tokens}
         k = k_used[-1] if k_used else method.k_used(0)
         if k is not None:

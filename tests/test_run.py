@@ -210,6 +210,10 @@ def test_diverged_oom_failed_and_crashed_cells_are_recorded(tmp_path: Path, plug
         train(TrainConfig(**cell.params))
     assert 1 <= diverged["diverged_at"] <= 30 and diverged["diverged_at"] == info.value.update
     assert "non-finite" in diverged["error"]
+    curve = read_results(tmp_path / "res" / "failing", "curves")
+    kept = curve[curve["key"] == cell.key]
+    assert list(kept["update"]) == [r["update"] for r in info.value.curve] and len(kept) >= 1
+    assert kept["update"].max() < diverged["diverged_at"], "the partial curve stops before the divergence"
 
     oom = status["rnn/adding"]
     assert oom["status"] == "oom" and "allocate" in oom["error"]

@@ -212,9 +212,11 @@ def test_builtin_suites_parse_and_cover_the_registry() -> None:
     quick = load_suite("quick")
     assert {c.measure for c in quick.cells} >= {"train", "perf"}
     trained = [c for c in quick.cells if c.measure == "train"]
-    assert {c.params["task"] for c in trained} == {"copy", "adding", "char-lm"} <= set(TASKS.names())
+    builtin_tasks = {"copy", "adding", "char-lm", "copy-stream"}
+    assert {c.params["task"] for c in trained} == builtin_tasks <= set(TASKS.names())
     assert {c.params["model"] for c in trained} == {"rnn", "lstm", "gru"} <= set(MODELS.names())
-    assert {"full", "tbptt", "chunked", "sliding"} <= {c.params["method"].split(":")[0] for c in trained}
+    builtin_families = {"full", "tbptt", "chunked", "sliding", "hybrid", "artbp", "stepped", "curriculum", "adaptive"}
+    assert builtin_families == {c.params["method"].split(":")[0] for c in trained}
     assert {c.params["method"].split(":")[0] for c in trained} <= set(METHODS.names())
     assert len({c.params["seed"] for c in trained}) > 1
     standard = load_suite("standard")

@@ -1,9 +1,10 @@
 """Cost of an update on a CUDA GPU: synchronised time per update and peak allocated memory.
 
 Skipped without a GPU: ``setup`` raises ``NotImplementedError``, which asv records as a skipped
-benchmark (shown as n/a). Both figures are ``track_`` values measured here rather than by asv's timer,
-because GPU work is asynchronous: the time is taken between CUDA events recorded around one sequence,
-read after the stream has finished, so no host-device synchronisation happens inside the region.
+benchmark (shown as n/a). Both figures are ``track_`` values taken with ``tbptt-bench perf``'s own
+instruments rather than asv's timer, because GPU work is asynchronous: ``perf.time_sequence``
+synchronises the device before and after one sequence (and nowhere inside it), and
+``perf.MemoryProbe.sequence_peak`` reads the allocator's peak over one sequence.
 """
 
 from __future__ import annotations
@@ -27,31 +28,29 @@ class GPUUpdate:
     def setup(self, task: str, method: str) -> None:
         if not torch.cuda.is_available():
             raise NotImplementedError("needs a CUDA GPU")
-        self.trainer = grid.build(task, method, device="cuda").trainer()
-        self.trainer.run()
+        self.work, self.updates = grid.workload(task, method, device="cuda")
+        self.work.sequence(self.updates)
         torch.cuda.synchronize()
 
     def track_gpu_time_per_update(self, task: str, method: str) -> float:
-        """Median over sequences of (CUDA-event time of one sequence) / (its number of updates)."""
-        times = []
+        """Median over sequences of (synchronised seconds for one sequence) / (its number of updates)."""
+        from tbptt_bench.perf import time_sequence
+
+        per_update = []
         for _ in range(REPEATS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.trainer.run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0 / len(self.trainer.cell.updates))
-        return statistics.median(times)
+            seconds, updates = time_sequence(self.work, self.work.device)
+            per_update.append(seconds / max(updates, 1))
+        return statistics.median(per_update)
 
     track_gpu_time_per_update.unit = "seconds"  # type: ignore[attr-defined]
 
     def track_gpu_peakmem(self, task: str, method: str) -> float:
-        """Peak allocated GPU memory during one sequence, above what was allocated before it (bytes)."""
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        self.trainer.run()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - baseline)
+        """Peak allocated GPU memory during one sequence above what was allocated before it (bytes)."""
+        from tbptt_bench.perf import MemoryProbe
+
+        peak = MemoryProbe(self.work.device).sequence_peak(lambda: self.work.sequence(self.updates))
+        if peak is None:
+            raise RuntimeError("the CUDA allocator gave no peak")
+        return float(peak)
 
     track_gpu_peakmem.unit = "bytes"  # type: ignore[attr-defined]

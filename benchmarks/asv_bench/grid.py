@@ -4,8 +4,8 @@ A *cell* is one (task, method family) pair, run with the :data:`MODEL` model at 
 ``Task.tiny`` sizes (``seq_len``, ``batch_size``, ``hidden_size``). Its method is the family's
 *representative spec* (:func:`representative_spec`): the first spec of that family in the ``quick``
 suite (``tasks/quick.toml``), or, for a family the suite does not list, one built from the family's
-schema. Parameters and data come from fixed seeds, so every benchmark of a cell sees the same θ and
-the same batch.
+schema. Parameters come from a fixed seed (:data:`SEED`); cost benchmarks use ``tbptt-bench perf``'s
+workload (:func:`workload`), bias benchmarks ``tbptt-bench bias``'s batches, both seeded from it.
 
 The grid is read from the registries and the suite when asv imports the benchmarks, so plugins count:
 a task or method family registered through ``TBPTT_BENCH_PLUGINS`` appears in every benchmark's
@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (the optimiser imports it lazily, ~3 s; asv's forkserver imports it once)
 from torch import nn
 
-from tbptt_bench.engine import Engine
 from tbptt_bench.errors import UsageError
 from tbptt_bench.mask import Update
-from tbptt_bench.methods import METHODS, Method, parse_method
+from tbptt_bench.methods import METHODS, parse_method
 from tbptt_bench.registry import TASKS
-from tbptt_bench.setup import derive_seed, generator, make_model, make_task
-from tbptt_bench.tasks.base import Batch, Task
-from tbptt_bench.training import TrainConfig
+from tbptt_bench.setup import make_model, make_task, resolve_device, resolve_dtype
+from tbptt_bench.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -137,59 +134,24 @@ def task_and_model(task_name: str, *, dtype: str = "float32", device: str = "cpu
     return task, make_model(MODEL, task, tiny_size(task_name)[2], seed=SEED, dtype=dtype, device=device)
 
 
-@dataclass
-class Cell:
-    """A built cell: task, model at the fixed seed, one batch, the method and its updates."""
+def workload(task_name: str, family: str, *, device: str = "cpu") -> tuple[Any, list[Update]]:
+    """``tbptt-bench perf``'s timed unit for the cell, and the updates of one sequence.
 
-    task: Task
-    model: nn.Module
-    batch: Batch
-    method: Method
-    updates: list[Update]
-
-    def trainer(self) -> "SequenceTrainer":
-        """One sequence of this cell's updates, each followed by an optimiser step."""
-        return SequenceTrainer(self)
-
-
-def build(task_name: str, family: str, *, dtype: str = "float32", device: str = "cpu") -> Cell:
-    """Build a cell: :func:`task_and_model`, one batch drawn with ``derive_seed("data", SEED)``, the updates."""
-    seq_len, batch_size, _ = tiny_size(task_name)
-    task, model = task_and_model(task_name, dtype=dtype, device=device)
-    batch = task.sample(batch_size, seq_len, generator(derive_seed("data", SEED)))
-    method = parse_method(representative_spec(family, seq_len))
-    observe = getattr(method, "observe", None)  # adaptive methods estimate K at θ before a sequence
-    if observe is not None:
-        observe(0, model, batch, model.initial_state(batch_size), task.loss_kind)  # type: ignore[operator]
-    updates = method.updates(seq_len, 0, np.random.default_rng(derive_seed("method", SEED)))
-    return Cell(task, model, batch, method, updates)
-
-
-class SequenceTrainer:
-    """Runs one sequence's updates through the engine with the training loop's optimiser step.
-
-    The optimiser, learning rate and gradient clipping are :class:`TrainConfig`'s defaults, so a timed
-    sequence does what ``tbptt-bench train`` does per sequence, without evaluation or logging.
+    A :class:`tbptt_bench.perf.Workload` (model, Adam optimiser, engine, one batch) for the cell's
+    configuration; ``Workload.sequence(updates)`` runs every update over the batch with an optimiser
+    step after each, exactly what ``tbptt-bench perf`` times. ``prepare`` (a method's between-sequence
+    work) has run. Raises NotImplementedError (asv: skipped) for a version without the perf module.
     """
-
-    def __init__(self, cell: Cell) -> None:
-        defaults = TrainConfig()
-        first = next(cell.model.parameters())
-        self.cell = cell
-        self.engine = Engine(cell.model, cell.task.loss_kind, device=first.device, dtype=first.dtype,
-                             checkpoint=cell.method.checkpoint, non_blocking=first.device.type == "cuda")
-        self.params = [p for p in cell.model.parameters() if p.requires_grad]
-        self.clip = defaults.clip
-        optimizer = torch.optim.Adam if defaults.optimizer == "adam" else torch.optim.SGD
-        self.optimizer = optimizer(self.params, lr=defaults.lr)
-
-    def _step(self, index: int, update: Update, loss: torch.Tensor) -> None:
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def run(self) -> None:
-        """One ``Engine.run`` over the cell's batch from the initial state."""
-        state = self.cell.model.initial_state(self.cell.batch.batch_size)  # type: ignore[operator]
-        self.engine.run(self.cell.batch, self.cell.updates, state, self._step)
+    try:
+        from tbptt_bench.perf import PerfConfig, Workload
+    except ModuleNotFoundError as exc:
+        if exc.name != "tbptt_bench.perf":
+            raise
+        raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.perf") from None
+    seq_len, batch_size, hidden = tiny_size(task_name)
+    cfg = PerfConfig(task=task_name, model=MODEL, method=representative_spec(family, seq_len), seq_len=seq_len,
+                     batch_size=batch_size, hidden_size=hidden, device=device, threads=THREADS, seed=SEED)
+    cfg.validate()
+    torch.set_num_threads(THREADS)
+    work = Workload(cfg, resolve_device(device), resolve_dtype(cfg.dtype))
+    return work, work.prepare()
