@@ -69,6 +69,20 @@ def full(model: nn.Module, batch: Batch, step: Step) -> None:
     chunked(model, batch, batch.length, step)
 
 
+def full_split(model: nn.Module, batch: Batch, k: int, step: Step) -> None:
+    """Full BPTT as a chain of k-step fused calls (state not detached between them), one update."""
+    state = model.initial_state(batch.batch_size)
+    total = None
+    for a in range(0, batch.length, k):
+        b = min(a + k, batch.length)
+        features, state = model.rnn(model.encoder(batch.inputs[:, a:b]), state)
+        loss = loss_sum(model, features, batch, a, b)
+        total = loss if total is None else total + loss
+    assert total is not None
+    total.backward()
+    step()
+
+
 def _check(batch: Batch, k1: int, k2: int) -> None:
     if batch.length % k1 or k2 % k1 or k2 < k1:
         raise ValueError("these baselines take T and k2 multiples of k1, k2 ≥ k1")

@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbptt_bench.perf import PerfConfig, Workload, interleaved_times, perf_grid, save_table, write_json_atomic
+from tbptt_bench.perf import (
+    PerfConfig,
+    Workload,
+    interleaved_times,
+    perf_grid,
+    save_table,
+    write_json_atomic,
+)
 from tbptt_bench.provenance import provenance
 
 MiB = 2.0**20
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.time_rounds, warmup=1)
         summary["checkpoint_over_full_time"] = statistics.median(times[spec]) / statistics.median(times["full"])
         summary["time_seconds"] = times
-    print("growth from T={} to T={}: ".format(lo, hi) + "; ".join(
+    print(f"growth from T={lo} to T={hi}: " + "; ".join(
         f"{f} run peak {100 * g['mem_delta_bytes']:+.1f}% sequence {100 * g['mem_sequence_bytes']:+.1f}%"
         for f, g in summary["growth"].items()))
     if "full_linear_fit" in summary:

@@ -9,11 +9,11 @@ fused calls as the mask allows:
   applies; chunked TBPTT is one call per chunk, full BPTT one call per sequence (or per checkpoint
   chunk, recomputed in the backward pass), tbptt(k1 < k2) recomputes its window from the stored
   state at ``u - k2`` — no chains of per-step ``backward`` calls;
-* while θ does not change between updates (gradient estimates: no optimiser step), segments that a
-  later, overlapping window covers are forwarded once and their graphs kept; a later update chains
-  the state gradient back through them (one ``backward`` per segment). The first parameter change
-  (seen in the parameters' version counters) drops the kept graphs and the run recomputes from then
-  on, so the gradients are the same either way;
+* when θ stays fixed between updates (gradient estimates: ``run`` without an update callback, or
+  ``fixed_params=True``), segments that a later, overlapping window covers are forwarded once and
+  their graphs kept; a later update chains the state gradient back through them (one ``backward``
+  per segment). A parameter change seen in the version counters (an optimiser step) drops the kept
+  graphs and the run recomputes from then on, so the gradients are the same either way;
 * steps before the window (k2 < k1) run without gradient and give only the read-out's direct term;
 * per-loss windows (``sliding``) are stacked along the batch dimension and run as one call.
 
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 
 #: Maximum number of per-loss windows stacked into one call for ``sliding`` updates.
 WINDOW_BLOCK = 512
+#: Longest fused call with gradient on the CPU. oneDNN's RNN kernels run faster on chains of 64-step
+#: calls than on one long call (LSTM, batch 32, hidden 128, T = 1024: 0.16 s against 0.27 s for
+#: forward and backward; benchmarks/bench_overhead.py), because a call's workspace then stays in cache.
+#: On CUDA calls are not split (cuDNN keeps long sequences efficient).
+CPU_FUSED_STEPS = 64
 
 
 class Source(Protocol):
@@ -129,6 +134,9 @@ class Engine:
     """Runs updates of a gradient method for one model on one device.
 
     ``checkpoint``: recompute activations per chunk of that many steps in the backward pass.
+    ``max_fused_steps``: split calls with gradient into pieces of at most that many steps, aligned
+    to multiples of it (the same math; default :data:`CPU_FUSED_STEPS` on the CPU, 0 = no limit, the
+    default on CUDA). ``pin_memory`` (default: on CUDA) stages chunks in page-locked memory.
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class Engine:
         checkpoint: int | None = None,
         non_blocking: bool = False,
         pin_memory: bool | None = None,
+        max_fused_steps: int | None = None,
     ) -> None:
         self.model = model
         self.loss_kind = loss_kind
@@ -150,6 +159,9 @@ class Engine:
         self.checkpoint = checkpoint
         self.non_blocking = non_blocking
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else pin_memory
+        if max_fused_steps is None:
+            max_fused_steps = CPU_FUSED_STEPS if self.device.type == "cpu" else 0
+        self.max_fused_steps = max_fused_steps
         self.split_readout = has_readout(model)
         self._params = list(model.parameters())
 
@@ -160,10 +172,17 @@ class Engine:
         updates: Sequence[Update],
         state: State,
         on_update: Callable[[int, Update, torch.Tensor], None] | None = None,
+        *,
+        fixed_params: bool | None = None,
     ) -> RunResult:
         """Run ``updates`` over ``source`` from ``state``; call ``on_update`` after each backward.
 
         Gradients accumulate in ``.grad`` unless ``on_update`` steps an optimiser and zeroes them.
+        ``fixed_params``: whether θ stays the same between updates, so that overlapping windows may
+        reuse kept graphs. Default: only when there is no ``on_update`` (nothing can change θ). Pass
+        True if ``on_update`` only reads gradients. Either way an in-place change that bumps a
+        parameter's version counter (any ``torch.optim`` step) is noticed and ends the reuse; a change
+        through ``p.data`` is not, so do not pass True with such a callback.
         """
         check_state(state)
         self._source = source
@@ -176,8 +195,9 @@ class Engine:
         keep_from = _later_minimum([self._earliest_needed(u) for u in updates])
         self._bank: dict[int, State] = {0: detach_state(state)}
         self._kept: dict[tuple[int, int], _Segment] = {}
-        self._retain = True
-        losses = []
+        self._retain = on_update is None if fixed_params is None else fixed_params
+        # one preallocated vector, not a tensor object per update: memory stays flat in the length
+        losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
         for i, u in enumerate(updates):
             self._keep_from = keep_from[i]
             self._drop_stale_segments()
@@ -188,7 +208,7 @@ class Engine:
                 loss.backward(retain_graph=bool(self._leaves))
             self._chain_adjoints()
             loss = loss.detach()
-            losses.append(loss)
+            losses[i] = loss
             if on_update is not None:
                 on_update(i, u, loss)
             frontier = max(self._bank)
@@ -197,8 +217,7 @@ class Engine:
         self._kept = {}
         end = updates[-1].loss_end if updates else 0
         final = self._bank[end] if end in self._bank else self._bank[max(self._bank)]
-        zero = torch.zeros((), device=self.device, dtype=self.dtype)
-        return RunResult(final, torch.stack(losses) if losses else zero[None][:0])
+        return RunResult(final, losses)
 
     # -- one update ------------------------------------------------------------------------------
     def _update_loss(self, u: Update) -> torch.Tensor:
@@ -234,6 +253,9 @@ class Engine:
         cuts.update(p for p in scales if start < p < end)
         if self.checkpoint and grad:
             cuts.update(range(start - start % self.checkpoint + self.checkpoint, end, self.checkpoint))
+        elif self.max_fused_steps and grad and end - start > self.max_fused_steps:
+            n = self.max_fused_steps
+            cuts.update(range(start - start % n + n, end, n))
         points = sorted(cuts)
         retain = grad and not scales and not self.checkpoint and self._worth_retaining(points)
         total: torch.Tensor | None = None

@@ -19,8 +19,8 @@ device. The thread count is set with ``torch.set_num_threads`` and recorded.
 exist: what training adds, optimiser state included. ``mem_sequence_bytes`` is the peak of one more
 sequence above the memory in use just before it: what one sequence of updates needs (activations,
 gradients, workspaces), the number that scales with the method. On CPU both are resident-set
-high-water marks (``ru_maxrss``: KiB on Linux, bytes on macOS; reset with ``/proc/self/clear_refs``
-where Linux allows) minus the resident set at the baseline, less the growth of file-backed pages
+high-water marks (Linux ``VmHWM``, reset with ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``: KiB
+on Linux, bytes on macOS) minus the resident set at the baseline, less the growth of file-backed pages
 (library code paged in when a kernel first runs is not memory the run allocates). In a fresh process
 (:func:`measure_in_fresh_process`) the sequence pass first makes glibc serve large allocations by
 ``mmap``, so freed tensors leave the resident set and the high-water mark follows live memory rather
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -61,11 +62,18 @@ from tbptt_bench.mask import Update
 from tbptt_bench.methods import parse_method
 from tbptt_bench.provenance import provenance
 from tbptt_bench.registry import MODELS
-from tbptt_bench.setup import derive_seed, generator, make_model, make_task, resolve_device, resolve_dtype
+from tbptt_bench.setup import (
+    derive_seed,
+    generator,
+    make_model,
+    make_task,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
-#: ``none`` computes each update's gradient and clears it, θ fixed: the cost of gradient estimates.
+#: ``none``: θ fixed, update gradients summed over the sequence: the cost of a gradient estimate ĝ.
 OPTIMIZERS = ("adam", "sgd", "none")
 PATHS = ("fused", "cell")
 #: ``ok`` measured; ``oom`` out of memory (CPU allocator, CUDA, or the process killed by SIGKILL, as
@@ -175,8 +183,13 @@ def maxrss_bytes(raw: int, system: str | None = None) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (since start, or since the last reset), bytes."""
-    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """This process's resident-set high-water mark (since start, or since the last reset), bytes.
+
+    Linux: ``VmHWM``, the mark :func:`reset_peak_rss` resets (``ru_maxrss`` also keeps the peak of
+    exited threads, which a reset does not clear). Elsewhere: ``ru_maxrss``.
+    """
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _proc_status_bytes(key: str) -> int | None:
@@ -315,12 +328,20 @@ class MemoryProbe:
         return None if before is None else int(max(self._peak() - before - paged_in, 0))
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether an exception says the allocator ran out of memory (CPU, CUDA or Python)."""
+def is_out_of_memory(exc: BaseException, limited: bool = False) -> bool:
+    """Whether an exception says the allocator ran out of memory (CPU, CUDA or Python).
+
+    ``limited``: a memory limit is in force; oneDNN then reports a failed workspace allocation only
+    as a primitive it could not create or execute, which counts as out of memory too.
+    """
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    if not isinstance(exc, RuntimeError):
+        return False
+    if "out of memory" in text or "can't allocate memory" in text:
+        return True
+    return limited and ("could not execute a primitive" in text or "could not create a primitive" in text)
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -375,14 +396,23 @@ class Workload:
         return self.method.updates(self.cfg.seq_len, first_update=self.updates_done, rng=self.rng)
 
     def sequence(self, updates: Sequence[Update]) -> None:
-        """Every update of the method over the batch, an optimiser step after each (the timed unit)."""
-        self.engine.run(self.batch, updates, self.model.initial_state(self.cfg.batch_size), self._step)
+        """Every update of the method over the batch, an optimiser step after each (the timed unit).
+
+        Without an optimiser (``none``) the update gradients accumulate over the sequence, θ fixed —
+        the gradient estimate ĝ of bias analysis — and are cleared at the start of the next sequence.
+        """
+        state = self.model.initial_state(self.cfg.batch_size)
+        if self.optimizer is None:
+            self.model.zero_grad(set_to_none=True)
+            self.engine.run(self.batch, updates, state)
+        else:
+            self.engine.run(self.batch, updates, state, self._step)
         self.updates_done += len(updates)
 
     def _step(self, i: int, u: Update, loss: torch.Tensor) -> None:
-        if self.optimizer is not None:
-            self.optimizer.step()
-        self.model.zero_grad(set_to_none=True)
+        assert self.optimizer is not None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -450,8 +480,8 @@ def summarise(seconds: list[float], updates: list[int], tokens_per_sequence: int
 
 def _empty_row(cfg: PerfConfig, device: torch.device) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in COLUMNS}
-    row.update(cfg.columns())
     row.update(provenance(device))
+    row.update(cfg.columns())  # the configured thread count, also where this process runs another
     row.update({"status": "failed", "error": "", "fresh_process": False, "pid": os.getpid()})
     return row
 
@@ -490,7 +520,7 @@ def measure(cfg: PerfConfig, *, limit_memory: Callable[[], None] | None = None, 
             if i == 0:
                 row["first_sequence_s"] = seconds
         updates = run.prepare()
-        row["mem_sequence_bytes"] = probe.sequence_peak(lambda: run.sequence(updates))  # type: ignore[union-attr]
+        row["mem_sequence_bytes"] = probe.sequence_peak(functools.partial(run.sequence, updates))
         row.update(probe.run_peak())
         if exact_heap:
             row["mem_source"] += "+mmap"
@@ -507,7 +537,7 @@ def measure(cfg: PerfConfig, *, limit_memory: Callable[[], None] | None = None, 
     except UsageError:
         raise
     except Exception as exc:  # recorded as data so that a grid goes on
-        row["status"] = "oom" if is_out_of_memory(exc) else "failed"
+        row["status"] = "oom" if is_out_of_memory(exc, limited=cfg.memory_limit is not None) else "failed"
         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         log.warning("perf %s %s T=%d: %s", cfg.model, cfg.method, cfg.seq_len, row["error"])
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import masked_reference
 
 from tbptt_bench.engine import Engine, _later_minimum
 from tbptt_bench.gradients import method_gradient, true_gradient
@@ -22,10 +23,8 @@ from tbptt_bench.methods import parse_method
 from tbptt_bench.models import RecurrentNet
 from tbptt_bench.tasks.base import Batch
 
-from reference import masked_reference
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import baselines  # noqa: E402  (hand-written comparison loops)
+import baselines
 
 V = 5
 
@@ -44,8 +43,11 @@ def make_model(cell="lstm", H=4, path="fused", seed=0):
     return model
 
 
-def recorder(model, lr):
-    """A step() that records each update's gradient, then (lr > 0) takes an SGD step and clears."""
+def recorder(model, lr, through_data=False):
+    """A step() that records each update's gradient, then (lr > 0) takes an SGD step and clears.
+
+    ``through_data``: update ``p.data`` in place, which does not bump the version counter.
+    """
     grads = []
 
     def step():
@@ -53,17 +55,18 @@ def recorder(model, lr):
         if lr:
             with torch.no_grad():
                 for p in model.parameters():
-                    p.sub_(lr * p.grad)
+                    (p.data if through_data else p).sub_(lr * p.grad)
         model.zero_grad(set_to_none=True)
 
     return grads, step
 
 
-def engine_updates(model, batch, spec, lr, checkpoint=None):
-    grads, step = recorder(model, lr)
+def engine_updates(model, batch, spec, lr, fixed_params=None, through_data=False):
+    grads, step = recorder(model, lr, through_data)
     method = parse_method(spec)
-    Engine(model, "cross_entropy", checkpoint=checkpoint or method.checkpoint).run(
-        batch, method.updates(batch.length), model.initial_state(batch.batch_size), lambda i, u, loss: step())
+    Engine(model, "cross_entropy", checkpoint=method.checkpoint).run(
+        batch, method.updates(batch.length), model.initial_state(batch.batch_size), lambda i, u, loss: step(),
+        fixed_params=fixed_params)
     return grads
 
 
@@ -100,13 +103,36 @@ def test_fixed_theta_forwards_each_segment_once_and_is_exact():
         torch.testing.assert_close(est[k], ref[k], rtol=1e-10, atol=1e-12)
 
 
-def test_moving_theta_recomputes_windows():
+@pytest.mark.parametrize("fixed_params", [None, True])
+def test_moving_theta_recomputes_windows(fixed_params):
     model, batch = make_model("lstm"), token_batch(T=32)
     calls = count_core_calls(model)
-    engine_updates(model, batch, "tbptt:k1=4,k2=16", lr=0.1)
-    # update u recomputes [max(0, u-16), u) as 4-step calls: 1+2+3+4 for the first four, then 4 each;
-    # the first update keeps its segment (θ not yet known to move) and the second finds it stale
+    engine_updates(model, batch, "tbptt:k1=4,k2=16", lr=0.1, fixed_params=fixed_params)
+    # update u recomputes [max(0, u-16), u) as 4-step calls: 1+2+3+4 for the first four, then 4 each
+    # (with fixed_params=True the first update keeps its segment, the second finds it stale)
     assert sum(calls) == 4 * (1 + 2 + 3 + 4 + 4 * 4)
+
+
+def test_callback_with_fixed_params_reuses_graphs_and_gives_per_update_gradients():
+    batch = token_batch(T=24)
+    model = make_model()
+    calls = count_core_calls(model)
+    fast = engine_updates(model, batch, "tbptt:k1=4,k2=12", lr=0.0, fixed_params=True)
+    assert calls == [4] * 6
+    slow = engine_updates(make_model(), batch, "tbptt:k1=4,k2=12", lr=0.0, fixed_params=False)
+    assert max_diff(fast, slow) < 1e-12
+
+
+@pytest.mark.parametrize("fixed_params, through_data", [(True, False), (None, True)])
+def test_parameter_changes_are_never_missed(fixed_params, through_data):
+    """An optimiser step under fixed_params=True is seen (version counter); p.data steps are safe by default."""
+    batch = token_batch(T=24)
+    engine = engine_updates(make_model(), batch, "tbptt:k1=4,k2=12", lr=0.1, fixed_params=fixed_params,
+                            through_data=through_data)
+    model = make_model()
+    hand, step = recorder(model, 0.1)
+    baselines.tbptt_recompute(model, batch, 4, 12, step)
+    assert max_diff(engine, hand) < 1e-12
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
@@ -143,7 +169,8 @@ def test_only_recompute_keeps_the_engines_gradient_once_theta_moves():
 
 
 @pytest.mark.parametrize("spec, hand", [("chunked:k=8", lambda m, b, s: baselines.chunked(m, b, 8, s)),
-                                        ("full", baselines.full)])
+                                        ("full", baselines.full),
+                                        ("full", lambda m, b, s: baselines.full_split(m, b, 5, s))])
 def test_overhead_baselines_compute_the_engines_updates(spec, hand):
     batch = token_batch(T=24)
     engine = engine_updates(make_model(), batch, spec, lr=0.1)
@@ -151,6 +178,27 @@ def test_overhead_baselines_compute_the_engines_updates(spec, hand):
     grads, step = recorder(model, 0.1)
     hand(model, batch, step)
     assert max_diff(engine, grads) < 1e-12
+
+
+@pytest.mark.parametrize("spec", ["full", "chunked:k=7", "tbptt:k1=4,k2=10", "tbptt:k1=6,k2=3", "sliding:k=5"])
+def test_split_fused_calls_are_the_same_math(spec):
+    """Calls cut into pieces of at most 3 steps (the CPU default is 64) against the brute-force reference."""
+    model, batch = make_model("gru"), token_batch(T=13)
+    method = parse_method(spec)
+    Engine(model, "cross_entropy", max_fused_steps=3).run(batch, method.updates(13), model.initial_state(3))
+    est = {n: p.grad for n, p in model.named_parameters()}
+    ref = masked_reference(model, batch, mask_matrix(method.updates(13), 13), "cross_entropy")
+    for k in ref:
+        torch.testing.assert_close(est[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_call_length_defaults():
+    model = make_model()
+    assert Engine(model, "cross_entropy").max_fused_steps == 64
+    calls = count_core_calls(model)
+    batch = token_batch(T=150)
+    Engine(model, "cross_entropy").run(batch, parse_method("full").updates(150), model.initial_state(3))
+    assert calls == [64, 64, 22]
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -185,6 +186,7 @@ WRITER = """
         for i in range({n}):
             if key_of(i) not in done:
                 store.commit(key_of(i), cell_tables(i))
+                print("committed", flush=True)
             if i % 4 == 3:
                 store.compact()
     print("finished", flush=True)
@@ -195,17 +197,22 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) 
     n = 24
     rng = random.Random(1234)
     code = WRITER.format(tests=str(Path(__file__).parent), root=str(tmp_path), n=n)
-    kills = 0
+    kills, done = 0, 0
     for _ in range(8):
+        remaining = n - done
+        if remaining < 2:
+            break
         proc = _python(code)
         assert proc.stdout.readline().strip() == "ready"
-        try:
-            proc.wait(timeout=rng.uniform(0.05, 0.6))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
+        # let a random number of cells commit, then kill at a random moment of the next commit or compaction
+        for _ in range(rng.randrange(0, remaining - 1)):
+            assert proc.stdout.readline().strip() == "committed"
+        time.sleep(rng.uniform(0.0, 0.03))
+        os.killpg(proc.pid, signal.SIGKILL)
+        kills += 1
         proc.wait()
         present = read_results(tmp_path)
+        done = len(present)
         assert not present["key"].duplicated().any()
         counts = read_results(tmp_path, "curves").groupby("key").size() if len(present) else pd.Series(dtype=int)
         assert set(counts.index) == set(present["key"]) and (counts == 3).all(), "tables agree after a kill"

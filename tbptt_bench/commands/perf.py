@@ -19,7 +19,14 @@ from rich.table import Table
 
 from tbptt_bench.commands.common import emit_json, parse_task_params
 from tbptt_bench.errors import UsageError
-from tbptt_bench.perf import OPTIMIZERS, PerfConfig, check_output_path, expand_grid, perf_grid, save_table
+from tbptt_bench.perf import (
+    OPTIMIZERS,
+    PerfConfig,
+    check_output_path,
+    expand_grid,
+    perf_grid,
+    save_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,7 @@ def render_table(rows: list[dict[str, Any]]) -> Table:
             str(r["status"]) if r["status"] == "ok" else f"[red]{r['status']}[/]",
             _num(r.get("tokens_per_s"), ",.0f"), _num(r.get("ms_per_update"), ".3f"),
             f"{_num(r.get('ms_per_update_p10'), '.3f')}–{_num(r.get('ms_per_update_p90'), '.3f')}",
-            _num(None if delta is None or delta != delta else delta / mib, ".1f"),
-            _num(None if steady is None or steady != steady else steady / mib, ".1f"),
+            _num(None if delta is None or math.isnan(delta) else delta / mib, ".1f"),
+            _num(None if steady is None or math.isnan(steady) else steady / mib, ".1f"),
         )
     return table
