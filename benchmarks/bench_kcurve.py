@@ -226,7 +226,7 @@ def main() -> int:
             write_json_atomic(args.out, results)
         return 0
     model, data = setup(128, 16, 4)
-    print(f"\n[small: chunked K = 1..32, T=128, LSTM hidden 16, batch 4]", flush=True)
+    print("\n[small: chunked K = 1..32, T=128, LSTM hidden 16, batch 4]", flush=True)
     summary = grid_section(model, data, [f"chunked:k={k}" for k in small_ks], max(3, args.rounds // 2),
                            per_loss=True, sliding=[f"sliding:k={k}" for k in small_ks])
     show("small: chunked and sliding curves, T=128, hidden 16, batch 4", summary, "full")
