@@ -44,9 +44,11 @@ from torch import nn
 
 from tbptt_bench.engine import Source, step_loss_sum
 from tbptt_bench.methods import Method, parse_method
-from tbptt_bench.models import State, check_protocol, check_state
+from tbptt_bench.models import State, check_protocol
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.trajectory import blocked, cat_states, core_fn, leaf, like, parts, readout_fn, shift_rows, states_every
+from tbptt_bench.trajectory import (
+    blocked, cat_states, core_fn, leaf, like, parts, prepare, readout_fn, shift_rows, states_every,
+)
 
 log = logging.getLogger(__name__)
 
@@ -314,18 +316,11 @@ def kcurve_gradients(
     of each method up to floating-point rounding.
     """
     check_protocol(model)
-    T, B = source.length, source.batch_size
+    T = source.length
     ladders, _ = plan(methods, T)
     if not ladders:
         return {}
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    first = params[0] if params else None
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None else torch.get_default_dtype()
-    data = source.slice(0, T).to(device, dtype)
-    h0 = model.initial_state(B) if state is None else state
-    check_state(h0)
+    names, params, data, h0 = prepare(model, source, state)
     out: dict[Method, Gradient] = {}
     for ladder in ladders:
         log.debug("k-curve ladder %s (base %d) for %s", ladder.levels, ladder.base, [m.spec for m, _ in ladder.methods])

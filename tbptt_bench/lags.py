@@ -49,9 +49,9 @@ from tbptt_bench.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
 from tbptt_bench.mask import update_owner
 from tbptt_bench.methods import Method, parse_method
-from tbptt_bench.models import State, check_protocol, check_state
+from tbptt_bench.models import State, check_protocol
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.trajectory import core_fn, dense_states, leaf, parts, readout_fn, rows
+from tbptt_bench.trajectory import core_fn, dense_states, leaf, parts, prepare, readout_fn, rows
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,7 @@ def lag_decomposition(
     T, B = source.length, source.batch_size
     if not 1 <= max_lag <= T:
         raise UsageError(f"the maximum lag D must be between 1 and the sequence length T={T}, got {max_lag}")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    first = params[0] if params else None
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None else torch.get_default_dtype()
-    data = source.slice(0, T).to(device, dtype)
-    h0 = model.initial_state(B) if state is None else state
-    check_state(h0)
+    names, params, data, h0 = prepare(model, source, state)
     core, readout = core_fn(model), readout_fn(model)
     dense = dense_states(model, data, h0)
     weights = data.weights.to(torch.float64)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tbptt_bench.models import State, has_readout, map_state
+from tbptt_bench.models import State, check_state, has_readout, map_state
 from tbptt_bench.tasks.base import Batch
 
 
@@ -132,3 +132,17 @@ def dense_states(model: nn.Module, data: Batch, state: State) -> State:
         t = t.reshape(t.shape[0], width, blocks, B, *rest).transpose(1, 2)
         pieces.append(t.reshape(t.shape[0], blocks * width * B, *rest)[:, : T * B])
     return like(state, pieces)
+
+
+def prepare(model: nn.Module, source, state: State | None):  # type: ignore[no-untyped-def]
+    """What a whole-sequence analysis starts from: trainable parameter names and tensors, the whole
+    source on the parameters' device and dtype, and the (checked) initial state."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    first = params[0] if params else None
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.get_default_dtype()
+    data = source.slice(0, source.length).to(device, dtype)
+    h0 = model.initial_state(source.batch_size) if state is None else state
+    check_state(h0)
+    return names, params, data, h0
