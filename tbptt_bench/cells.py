@@ -35,6 +35,7 @@ from tbptt_bench.methods import parse_method
 from tbptt_bench.provenance import provenance
 from tbptt_bench.registry import MODELS
 from tbptt_bench.setup import generator, make_task
+from tbptt_bench.perf import is_out_of_memory
 from tbptt_bench.training import Diverged, TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -283,17 +284,6 @@ MEASURES: dict[str, Measure] = {
 
 # --------------------------------------------------------------------------- running a cell
 
-def is_oom(exc: BaseException) -> bool:
-    """Whether an exception means the process ran out of memory (CPU or CUDA)."""
-    if isinstance(exc, MemoryError):
-        return True
-    cuda_oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if cuda_oom is not None and isinstance(exc, cuda_oom):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def reported_status(rows: Rows) -> tuple[str, str]:
     """The cell status when a measurement reports its own (perf rows carry ``status``/``error``).
 
@@ -360,7 +350,7 @@ def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> Ce
         raise
     except BaseException as exc:  # failures are data: the sweep goes on
         tables = {}
-        status = "oom" if is_oom(exc) else "failed"
+        status = "oom" if is_out_of_memory(exc) else "failed"
         error = f"{type(exc).__name__}: {exc}".strip()
         log.debug("cell %s failed", cell.key, exc_info=True)
         if status == "oom" and torch.cuda.is_available():
