@@ -56,6 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tbptt_bench.atomic import atomic_path, write_text
 from tbptt_bench.engine import Engine
 from tbptt_bench.errors import UsageError
 from tbptt_bench.mask import Update
@@ -697,19 +698,13 @@ def save_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     out = frame.copy()
     if "repeat_seconds" in out.columns and path.suffix != ".json":
         out["repeat_seconds"] = out["repeat_seconds"].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".csv":
             out.to_csv(tmp, index=False)
         elif path.suffix == ".parquet":
             out.to_parquet(tmp, index=False)
         else:
-            Path(tmp).write_text(json.dumps(out.to_dict("records"), indent=2, default=_json_default))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            tmp.write_text(json.dumps(out.to_dict("records"), indent=2, default=_json_default))
     return path
 
 
@@ -723,14 +718,7 @@ def _json_default(value: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """JSON to ``path`` through a temporary file in the same folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(obj, default=_json_default))
 
 
 def main(argv: list[str] | None = None) -> int:
