@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from tbptt_bench.models import lstm_step
+from tbptt_bench.models.recurrent import lstm_step
 from tbptt_bench.tasks.base import Batch
 
 Step = Callable[[], None]

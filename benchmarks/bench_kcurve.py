@@ -8,7 +8,7 @@ Sections (each variant timed in turn, A B C … then … C B A, medians over rou
 
 * ``large`` — copy data, LSTM hidden 64, batch 16, T = 1024, float32: ``full`` (one full forward +
   backward through the engine), ``kcurve`` (chunked K = 1, 2, …, 128 through
-  :mod:`tbptt_bench.kcurve`), ``naive`` (one engine run per K), both with and without the true
+  :mod:`tbptt_bench.analysis.kcurve`), ``naive`` (one engine run per K), both with and without the true
   gradient; and the TBPTT grid ``tbptt:k1=K,k2=2K-1`` the same way;
 * ``small`` — T = 128, hidden 16, batch 4, K = 1, …, 32: the same plus ``per_loss`` (every loss
   backpropagated on its own through its window, from stored states) and the sliding curve from one
@@ -35,18 +35,18 @@ from typing import Any, Callable
 
 import torch
 
-from tbptt_bench.gradients import Gradient, method_gradient, true_gradient
-from tbptt_bench.kcurve import kcurve_gradients
-from tbptt_bench.lags import lag_decomposition
-from tbptt_bench.methods import parse_method
-from tbptt_bench.models import map_state
-from tbptt_bench.mask import update_owner
-from tbptt_bench.perf import interleaved_times, write_json_atomic
+from tbptt_bench.analysis.gradients import Gradient, method_gradient, true_gradient
+from tbptt_bench.analysis.kcurve import kcurve_gradients
+from tbptt_bench.analysis.lags import lag_decomposition
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.models.recurrent import map_state
+from tbptt_bench.core.mask import update_owner
+from tbptt_bench.perf.harness import interleaved_times, write_json_atomic
 from tbptt_bench.provenance import provenance
-from tbptt_bench.setup import derive_seed, generator, make_model, make_task
+from tbptt_bench.core.build import derive_seed, generator, make_model, make_task
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.trajectory import core_fn, dense_states, readout_fn, rows
-from tbptt_bench.engine import step_loss_sum
+from tbptt_bench.core.trajectory import core_fn, dense_states, readout_fn, rows
+from tbptt_bench.core.engine import step_loss_sum
 
 LOSS = "cross_entropy"
 
@@ -149,7 +149,7 @@ def memory_child(kind: str, seq_len: int, hidden: int, batch: int, checkpoint: i
     elif kind == "checkpoint":
         true_gradient(model, data, LOSS, checkpoint=checkpoint)
     elif kind == "probes":
-        from tbptt_bench.truegrad import directional_derivatives, probe_directions
+        from tbptt_bench.analysis.truegrad import directional_derivatives, probe_directions
 
         directional_derivatives(model, data, LOSS, probe_directions(model, 2, 0), chunk=checkpoint)
     else:

@@ -3,7 +3,7 @@
     python benchmarks/bench_overhead.py --threads 1 --out overhead.json
 
 1. **Overhead**: the project's chunked TBPTT (``chunked:k=K``) and full BPTT, timed as the harness
-   times them (:class:`tbptt_bench.perf.Workload`: the engine, an optimiser step after each update),
+   times them (:class:`tbptt_bench.perf.harness.Workload`: the engine, an optimiser step after each update),
    against the hand-written loops of ``benchmarks/baselines.py`` (fused ``nn.LSTM`` per chunk, detach at
    chunk edges, the same loss and the same Adam; for full BPTT both the minimal one-call loop and a
    chain of 64-step calls, which is what the engine does on the CPU). Target: engine throughput
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # the hand-written comparison loops, beside this file
 
-from tbptt_bench.perf import PerfConfig, Workload, interleaved_times, write_json_atomic
+from tbptt_bench.perf.harness import PerfConfig, Workload, interleaved_times, write_json_atomic
 from tbptt_bench.provenance import provenance
-from tbptt_bench.setup import make_model
+from tbptt_bench.core.build import make_model
 
 
 def engine_runner(cfg: PerfConfig) -> tuple[Workload, Callable[[], None]]:

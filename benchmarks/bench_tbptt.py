@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # the hand-written comparison loops, beside this file
 
-from tbptt_bench.perf import PerfConfig, Workload, interleaved_times, write_json_atomic
+from tbptt_bench.perf.harness import PerfConfig, Workload, interleaved_times, write_json_atomic
 from tbptt_bench.provenance import provenance
-from tbptt_bench.setup import make_model
+from tbptt_bench.core.build import make_model
 
 HAND = {
     "recompute": baselines.tbptt_recompute,

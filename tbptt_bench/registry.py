@@ -109,7 +109,7 @@ def add_plugin_dirs(dirs: Iterable[str | os.PathLike[str]]) -> None:
 def load_plugins() -> None:
     """Load built-ins, entry-point plugins, and folders named in ``TBPTT_BENCH_PLUGINS``."""
     global _entry_points_loaded
-    import tbptt_bench.models  # noqa: F401  (built-in models register on import)
+    import tbptt_bench.models.recurrent  # noqa: F401  (built-in models register on import)
     import tbptt_bench.tasks  # noqa: F401  (built-in tasks register on import)
 
     if not _entry_points_loaded:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from tbptt_bench.adaptive import Adaptive
+from tbptt_bench.methods.adaptive import Adaptive
 from tbptt_bench.cli import main
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods import parse_method
+from tbptt_bench.methods.base import parse_method
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.training import TrainConfig, train
+from tbptt_bench.training.loop import TrainConfig, train
 
 
 class LinearRecurrence(nn.Module):
@@ -52,7 +52,7 @@ def geometric_case(rho: float, T: int = 30, B: int = 4) -> tuple[LinearRecurrenc
 
 
 def closed_form_k(rho: float, T: int, D: int, delta: float, kmin: int, kmax: int) -> int:
-    """The K the rule must pick, from the bound of tbptt_bench.lags written out for φ_d = ρ^d‖a‖.
+    """The K the rule must pick, from the bound of tbptt_bench.analysis.lags written out for φ_d = ρ^d‖a‖.
 
     With every step scored, a fraction (T-d)/T of the losses has a lag d, so the mass sliding(K) drops is
     ‖a‖·S(K), S(K) = Σ_{d=K}^{T-1} ρ^d (T-d)/T; the kept state-space gradient over lags 1..K-1 has norm

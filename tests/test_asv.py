@@ -25,7 +25,7 @@ import torch
 
 from tbptt_bench import asv_compare
 from tbptt_bench.cli import main as cli_main
-from tbptt_bench.methods import METHODS, parse_method
+from tbptt_bench.methods.base import METHODS, parse_method
 from tbptt_bench.registry import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from tbptt_bench.bias import (analyse_bias, bias_batches, bootstrap_relative_bias, grid, group_metrics,
+from tbptt_bench.analysis.bias import (analyse_bias, bias_batches, bootstrap_relative_bias, grid, group_metrics,
                               measure_bias, split_specs)
 from tbptt_bench.errors import UsageError
-from tbptt_bench.setup import make_model, make_task
+from tbptt_bench.core.build import make_model, make_task
 
 DOCUMENTED_COLUMNS = [
     "family", "spec", "k", "k1", "k2", "group", "relative_error_mean", "relative_error_se", "cosine_mean",

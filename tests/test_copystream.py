@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from tbptt_bench.cli import main
 from tbptt_bench.errors import UsageError
-from tbptt_bench.setup import make_task
-from tbptt_bench.training import TrainConfig, train
+from tbptt_bench.core.build import make_task
+from tbptt_bench.training.loop import TrainConfig, train
 
 
 def test_delay_targets_are_the_input_lag_steps_earlier():

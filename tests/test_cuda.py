@@ -1,6 +1,6 @@
 """CUDA paths: same numbers as the CPU, no host-device sync in the update loop, memory and OOM rows.
 
-Marked ``cuda`` (deselected by default; run with ``pytest -m cuda`` or ``python -m tbptt_bench.gpu_check``)
+Marked ``cuda`` (deselected by default; run with ``pytest -m cuda`` or ``python -m tbptt_bench.perf.gpu_check``)
 and skipped without a GPU.
 """
 
@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from tbptt_bench.engine import Engine, _pinned
-from tbptt_bench.gradients import method_gradient
-from tbptt_bench.models import RecurrentNet
-from tbptt_bench.perf import PerfConfig, Workload, measure, measure_in_fresh_process
+from tbptt_bench.core.engine import Engine, _pinned
+from tbptt_bench.analysis.gradients import method_gradient
+from tbptt_bench.models.recurrent import RecurrentNet
+from tbptt_bench.perf.harness import PerfConfig, Workload, measure, measure_in_fresh_process
 from tbptt_bench.tasks.base import Batch
 
 pytestmark = [pytest.mark.cuda,

@@ -9,20 +9,20 @@ import pytest
 import torch
 
 from tbptt_bench.cli import main
-from tbptt_bench.custom_methods import define_method, updates_from_mask
+from tbptt_bench.methods.custom import define_method, updates_from_mask
 from tbptt_bench.errors import UsageError
-from tbptt_bench.gradients import method_gradient
-from tbptt_bench.mask import Update, mask_matrix
-from tbptt_bench.methods import parse_method
-from tbptt_bench.models import RecurrentNet
+from tbptt_bench.analysis.gradients import method_gradient
+from tbptt_bench.core.mask import Update, mask_matrix
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.models.recurrent import RecurrentNet
 from tbptt_bench.registry import add_plugin_dirs
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.training import TrainConfig, train
+from tbptt_bench.training.loop import TrainConfig, train
 
 from reference import masked_reference
 
 PLUGIN = '''
-from tbptt_bench.custom_methods import (Window, define_mask_method, define_method, per_update_windows,
+from tbptt_bench.methods.custom import (Window, define_mask_method, define_method, per_update_windows,
                                         positive_int, real)
 
 

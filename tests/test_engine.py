@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tbptt_bench.gradients import method_gradient, true_gradient
-from tbptt_bench.mask import mask_matrix
-from tbptt_bench.methods import parse_method
-from tbptt_bench.models import RecurrentNet
+from tbptt_bench.analysis.gradients import method_gradient, true_gradient
+from tbptt_bench.core.mask import mask_matrix
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.models.recurrent import RecurrentNet
 from tbptt_bench.tasks.base import Batch
 
 from reference import finite_difference, masked_reference
@@ -131,7 +131,7 @@ def test_bit_identical_twice():
 
 
 def test_forward_trajectory_identical_under_every_method():
-    from tbptt_bench.engine import Engine
+    from tbptt_bench.core.engine import Engine
 
     model = make_model("gru")
     batch = token_batch(T=9)
@@ -146,7 +146,7 @@ def test_forward_trajectory_identical_under_every_method():
 
 
 def test_update_losses_sum_to_total_loss():
-    from tbptt_bench.engine import Engine
+    from tbptt_bench.core.engine import Engine
 
     model = make_model("lstm")
     batch = token_batch(T=9)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from reference import masked_reference
 
-from tbptt_bench.engine import Engine, _later_minimum
-from tbptt_bench.gradients import method_gradient, true_gradient
-from tbptt_bench.mask import mask_matrix
-from tbptt_bench.methods import parse_method
-from tbptt_bench.models import RecurrentNet
+from tbptt_bench.core.engine import Engine, _later_minimum
+from tbptt_bench.analysis.gradients import method_gradient, true_gradient
+from tbptt_bench.core.mask import mask_matrix
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.models.recurrent import RecurrentNet
 from tbptt_bench.tasks.base import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

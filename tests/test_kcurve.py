@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tbptt_bench.gradients import method_gradient
-from tbptt_bench.kcurve import ChunkShape, _split_level, chunk_shape, kcurve_gradients, plan
-from tbptt_bench.mask import mask_matrix
+from tbptt_bench.analysis.gradients import method_gradient
+from tbptt_bench.analysis.kcurve import ChunkShape, _split_level, chunk_shape, kcurve_gradients, plan
+from tbptt_bench.core.mask import mask_matrix
 
 from reference import masked_reference
 from test_engine import assert_close, make_model, real_batch, token_batch

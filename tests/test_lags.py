@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.gradients import method_gradient, true_gradient
-from tbptt_bench.lags import build_profile, fit_decay, kept_lags, lag_decomposition, lag_profile
-from tbptt_bench.mask import mask_matrix
-from tbptt_bench.methods import parse_method
+from tbptt_bench.analysis.gradients import method_gradient, true_gradient
+from tbptt_bench.analysis.lags import build_profile, fit_decay, kept_lags, lag_decomposition, lag_profile
+from tbptt_bench.core.mask import mask_matrix
+from tbptt_bench.methods.base import parse_method
 
 from reference import masked_reference
 from test_engine import assert_close, make_model, real_batch, token_batch

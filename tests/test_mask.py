@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tbptt_bench.mask import mask_matrix, update_owner
-from tbptt_bench.methods import parse_method
+from tbptt_bench.core.mask import mask_matrix, update_owner
+from tbptt_bench.methods.base import parse_method
 
 
 def tbptt_definition(T: int, k1: int, k2: int) -> np.ndarray:

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tbptt_bench import gpu_check
+from tbptt_bench.perf import gpu_check
 from tbptt_bench.cli import main as cli_main
 from tbptt_bench.commands.perf import parse_size, split_methods
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods import parse_method
-from tbptt_bench.perf import (
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.perf.harness import (
     COLUMNS,
     PerfConfig,
     expand_grid,

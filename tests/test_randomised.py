@@ -10,13 +10,13 @@ import torch
 from scipy import stats
 
 from tbptt_bench.cli import main
-from tbptt_bench.engine import Engine
+from tbptt_bench.core.engine import Engine
 from tbptt_bench.errors import UsageError
-from tbptt_bench.gradients import flatten, true_gradient
-from tbptt_bench.mask import Update, mask_matrix
-from tbptt_bench.methods import parse_method
-from tbptt_bench.models import RecurrentNet
-from tbptt_bench.randomised import artbp_updates, cuts_probability, sample_cuts
+from tbptt_bench.analysis.gradients import flatten, true_gradient
+from tbptt_bench.core.mask import Update, mask_matrix
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.models.recurrent import RecurrentNet
+from tbptt_bench.methods.randomised import artbp_updates, cuts_probability, sample_cuts
 from tbptt_bench.tasks.base import Batch
 
 from reference import masked_reference

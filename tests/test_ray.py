@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from tbptt_bench.cli import main
-from tbptt_bench.store import read_results
-from tbptt_bench.suites import load_suite
+from tbptt_bench.suites.store import read_results
+from tbptt_bench.suites.suite import load_suite
 
 ray = pytest.importorskip("ray")
 

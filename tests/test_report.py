@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tbptt_bench import stats
+from tbptt_bench.report import stats
 from tbptt_bench.cli import main
 from tbptt_bench.provenance import provenance
-from tbptt_bench.report import (Options, build_report, load_tables, method_axes, order_methods, time_to_target,
+from tbptt_bench.report.report import (Options, build_report, load_tables, method_axes, order_methods, time_to_target,
                                 training_bias)
-from tbptt_bench.store import ResultStore
+from tbptt_bench.suites.store import ResultStore
 
 TASKS = {"copy": ("accuracy", 0.125, True), "adding": ("mse", 1 / 6, False), "char-lm": ("bpc", 4.77, False)}
 MODELS = ("rnn", "lstm", "gru")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tbptt_bench.cli import main
-from tbptt_bench.store import ResultStore, read_results
-from tbptt_bench.suites import load_suite
-from tbptt_bench.training import Diverged, TrainConfig, train
+from tbptt_bench.suites.store import ResultStore, read_results
+from tbptt_bench.suites.suite import load_suite
+from tbptt_bench.training.loop import Diverged, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,7 +242,7 @@ def test_lock_stops_a_second_run_on_the_same_results(tmp_path: Path, capsys: pyt
     suite_file = write(tmp_path / "tiny.toml", TINY)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from tbptt_bench.store import ResultStore
+        from tbptt_bench.suites.store import ResultStore
         ResultStore({str(tmp_path / 'res' / 'tiny')!r}).acquire()
         print("locked", flush=True)
         time.sleep(120)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from tbptt_bench.cli import main
-from tbptt_bench.engine import Engine
+from tbptt_bench.core.engine import Engine
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import mask_matrix
-from tbptt_bench.methods import parse_method, segment_updates
-from tbptt_bench.models import RecurrentNet
-from tbptt_bench.schedules import Window, per_update_windows, window_update
+from tbptt_bench.core.mask import mask_matrix
+from tbptt_bench.methods.base import parse_method, segment_updates
+from tbptt_bench.models.recurrent import RecurrentNet
+from tbptt_bench.methods.schedules import Window, per_update_windows, window_update
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.training import TrainConfig, train
+from tbptt_bench.training.loop import TrainConfig, train
 
 from reference import masked_reference
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from tbptt_bench import stats
+from tbptt_bench.report import stats
 
 
 def test_bootstrap_ci_is_scipys_bca_interval() -> None:

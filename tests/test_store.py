@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.store import SCHEMA_VERSION, ResultStore, read_results, table_names
+from tbptt_bench.suites.store import SCHEMA_VERSION, ResultStore, read_results, table_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,7 +155,7 @@ def _python(code: str) -> subprocess.Popen:
 def test_lock_held_by_another_process_fails_fast_and_dies_with_it(tmp_path: Path) -> None:
     holder = _python(f"""
         import time
-        from tbptt_bench.store import ResultStore
+        from tbptt_bench.suites.store import ResultStore
         store = ResultStore({str(tmp_path)!r})
         store.acquire()
         print("locked", flush=True)
@@ -177,7 +177,7 @@ def test_lock_held_by_another_process_fails_fast_and_dies_with_it(tmp_path: Path
 
 WRITER = """
     import sys
-    from tbptt_bench.store import ResultStore
+    from tbptt_bench.suites.store import ResultStore
     sys.path.insert(0, {tests!r})
     from test_store import cell_tables, key_of
     print("ready", flush=True)

@@ -9,11 +9,11 @@ import tomllib
 
 import pytest
 
-from tbptt_bench.cells import MEASURES
+from tbptt_bench.suites.cells import MEASURES
 from tbptt_bench.errors import UsageError
-from tbptt_bench.setup import derive_seed
-from tbptt_bench.suites import builtin_suites, cell_key, check_devices, find_suite, load_suite, parse_suite, select
-from tbptt_bench.training import TrainConfig
+from tbptt_bench.core.build import derive_seed
+from tbptt_bench.suites.suite import builtin_suites, cell_key, check_devices, find_suite, load_suite, parse_suite, select
+from tbptt_bench.training.loop import TrainConfig
 
 BASE = """
 [suite]
@@ -203,7 +203,7 @@ def test_select_by_key_and_prefix() -> None:
 
 
 def test_builtin_suites_parse_and_cover_the_registry() -> None:
-    from tbptt_bench.methods import METHODS
+    from tbptt_bench.methods.base import METHODS
     from tbptt_bench.registry import MODELS, TASKS
 
     names = builtin_suites()

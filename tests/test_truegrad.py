@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.gradients import flatten, method_gradient, true_gradient
-from tbptt_bench.truegrad import directional_derivatives, estimate_from_probes, in_dtype, probe_compare, probe_directions
+from tbptt_bench.analysis.gradients import flatten, method_gradient, true_gradient
+from tbptt_bench.analysis.truegrad import directional_derivatives, estimate_from_probes, in_dtype, probe_compare, probe_directions
 
 from test_engine import assert_close, make_model, token_batch
 from test_protocol import LeakyTwoState

@@ -34,7 +34,7 @@ class GPUUpdate:
 
     def track_gpu_time_per_update(self, task: str, method: str) -> float:
         """Median over sequences of (synchronised seconds for one sequence) / (its number of updates)."""
-        from tbptt_bench.perf import time_sequence
+        from tbptt_bench.perf.harness import time_sequence
 
         per_update = []
         for _ in range(REPEATS):
@@ -46,7 +46,7 @@ class GPUUpdate:
 
     def track_gpu_peakmem(self, task: str, method: str) -> float:
         """Peak allocated GPU memory during one sequence above what was allocated before it (bytes)."""
-        from tbptt_bench.perf import MemoryProbe
+        from tbptt_bench.perf.harness import MemoryProbe
 
         peak = MemoryProbe(self.work.device).sequence_peak(lambda: self.work.sequence(self.updates))
         if peak is None:

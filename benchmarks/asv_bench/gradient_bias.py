@@ -1,6 +1,6 @@
 """Gradient bias of each method family, as ``tbptt-bench bias`` measures it: track_ figures.
 
-Each cell is one call of :func:`tbptt_bench.bias.measure_bias` for the cell's representative spec, in
+Each cell is one call of :func:`tbptt_bench.analysis.bias.measure_bias` for the cell's representative spec, in
 float64 at the cell's fixed seeds and θ (no optimiser step) over :data:`N_BATCHES` batches, so the
 figures are deterministic — a change in them is a change in what a method computes, never noise — and
 equal to what ``tbptt-bench bias --task T --model lstm --method SPEC --seq-len … --batch … --hidden …
@@ -26,11 +26,11 @@ def bias_figures(task: str, method: str) -> dict[str, float]:
     version without the bias module, since asv also benchmarks older commits.
     """
     try:
-        from tbptt_bench.bias import measure_bias
+        from tbptt_bench.analysis.bias import measure_bias
     except ModuleNotFoundError as exc:
-        if exc.name != "tbptt_bench.bias":
+        if exc.name != "tbptt_bench.analysis.bias":
             raise
-        raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.bias") from None
+        raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.analysis.bias") from None
     seq_len, batch_size, _ = grid.tiny_size(task)
     task_obj, model = grid.task_and_model(task, dtype=DTYPE)
     spec = grid.representative_spec(method, seq_len)

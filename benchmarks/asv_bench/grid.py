@@ -23,10 +23,10 @@ import torch._dynamo  # noqa: F401  (the optimiser imports it lazily, ~3 s; asv'
 from torch import nn
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import METHODS, parse_method
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import METHODS, parse_method
 from tbptt_bench.registry import TASKS
-from tbptt_bench.setup import make_model, make_task, resolve_device, resolve_dtype
+from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,11 @@ def suite_specs() -> dict[str, str]:
     asv also benchmarks older commits.
     """
     try:
-        from tbptt_bench.suites import load_suite
+        from tbptt_bench.suites.suite import load_suite
     except ModuleNotFoundError as exc:
-        if exc.name != "tbptt_bench.suites":
+        if exc.name != "tbptt_bench.suites.suite":
             raise
-        log.warning("tbptt_bench.suites is missing; method specs come from the registry alone")
+        log.warning("tbptt_bench.suites.suite is missing; method specs come from the registry alone")
         return {}
     try:
         cells = load_suite(SUITE).cells
@@ -137,17 +137,17 @@ def task_and_model(task_name: str, *, dtype: str = "float32", device: str = "cpu
 def workload(task_name: str, family: str, *, device: str = "cpu") -> tuple[Any, list[Update]]:
     """``tbptt-bench perf``'s timed unit for the cell, and the updates of one sequence.
 
-    A :class:`tbptt_bench.perf.Workload` (model, Adam optimiser, engine, one batch) for the cell's
+    A :class:`tbptt_bench.perf.harness.Workload` (model, Adam optimiser, engine, one batch) for the cell's
     configuration; ``Workload.sequence(updates)`` runs every update over the batch with an optimiser
     step after each, exactly what ``tbptt-bench perf`` times. ``prepare`` (a method's between-sequence
     work) has run. Raises NotImplementedError (asv: skipped) for a version without the perf module.
     """
     try:
-        from tbptt_bench.perf import PerfConfig, Workload
+        from tbptt_bench.perf.harness import PerfConfig, Workload
     except ModuleNotFoundError as exc:
-        if exc.name != "tbptt_bench.perf":
+        if exc.name != "tbptt_bench.perf.harness":
             raise
-        raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.perf") from None
+        raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.perf.harness") from None
     seq_len, batch_size, hidden = tiny_size(task_name)
     cfg = PerfConfig(task=task_name, model=MODEL, method=representative_spec(family, seq_len), seq_len=seq_len,
                      batch_size=batch_size, hidden_size=hidden, device=device, threads=THREADS, seed=SEED)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tbptt_bench.bias import analyse_bias, grid, split_specs
+from tbptt_bench.analysis.bias import analyse_bias, grid, split_specs
 from tbptt_bench.commands.common import add_run_args, build, emit_json
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods import Method
+from tbptt_bench.methods.base import Method
 
 TABLE_FORMATS = (".csv", ".parquet")
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         write_table(report.table, Path(args.save))
         write_table(report.lags, lags_path(Path(args.save)))
     if args.figure:
-        from tbptt_bench.bias_plots import bias_figure, save_figure
+        from tbptt_bench.report.bias_plots import bias_figure, save_figure
 
         title = f"{args.task} / {args.model} (H={args.hidden}), T={args.seq_len}, B={args.batch}, N={args.batches}"
         save_figure(bias_figure(report.table, report.lags, title), args.figure)

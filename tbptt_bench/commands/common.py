@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.setup import make_model, make_task
+from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.tasks.base import Task
 
 

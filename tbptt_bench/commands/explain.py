@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import explain, render_mask
-from tbptt_bench.methods import parse_method
+from tbptt_bench.core.mask import explain, render_mask
+from tbptt_bench.methods.base import parse_method
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tbptt_bench.commands.common import emit_json, parse_task_params
 from tbptt_bench.errors import UsageError
-from tbptt_bench.perf import (
+from tbptt_bench.perf.harness import (
     OPTIMIZERS,
     PerfConfig,
     check_output_path,

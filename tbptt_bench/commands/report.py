@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.figures import FORMATS
-from tbptt_bench.report import Options, build_report, load_tables, parse_comparison, parse_target
-from tbptt_bench.stats import TESTS
+from tbptt_bench.report.figures import FORMATS
+from tbptt_bench.report.report import Options, build_report, load_tables, parse_comparison, parse_target
+from tbptt_bench.report.stats import TESTS
 
 
 

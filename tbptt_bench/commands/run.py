@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from tbptt_bench.cells import STATUSES, Cell, CellResult
-from tbptt_bench.executors import EXECUTORS, make_executor
-from tbptt_bench.store import ResultStore, read_results, store_dir
-from tbptt_bench.suites import Suite, check_devices, load_suite, select
+from tbptt_bench.suites.cells import STATUSES, Cell, CellResult
+from tbptt_bench.suites.executors import EXECUTORS, make_executor
+from tbptt_bench.suites.store import ResultStore, read_results, store_dir
+from tbptt_bench.suites.suite import Suite, check_devices, load_suite, select
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tbptt_bench.commands.common import emit_json
-from tbptt_bench.methods import METHODS
+from tbptt_bench.methods.base import METHODS
 from tbptt_bench.registry import MODELS, TASKS
 
 

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from tbptt_bench.atomic import check_parent, write_text
 from tbptt_bench.commands.common import add_run_args, check_sizes, emit_json, parse_task_params
 from tbptt_bench.errors import UsageError
-from tbptt_bench.training import Diverged, TrainConfig, train
+from tbptt_bench.training.loop import Diverged, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def bias_hook(args: argparse.Namespace, cfg: TrainConfig):  # type: ignore[no-un
     """The ``on_eval`` hook for ``--bias-at`` (None without it): bias snapshots at evaluation points."""
     if not args.bias_at:
         return None
-    from tbptt_bench.bias import bias_snapshots, parse_update_list, split_specs
-    from tbptt_bench.setup import make_task
+    from tbptt_bench.analysis.bias import bias_snapshots, parse_update_list, split_specs
+    from tbptt_bench.core.build import make_task
 
     at = parse_update_list(args.bias_at)
     for n in at:

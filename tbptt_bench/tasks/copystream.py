@@ -93,7 +93,7 @@ class CopyStreamTask(Task):
 
     def stream(self, batch_size: int, split: str = "train") -> Batch:
         """The split's fixed B streams (``length`` steps for train, ``valid_length`` otherwise)."""
-        from tbptt_bench.setup import derive_seed, generator  # setup imports the task package
+        from tbptt_bench.core.build import derive_seed, generator  # setup imports the task package
 
         _check(batch_size, split)
         n = self.length if split == "train" else self.valid_length

@@ -1,6 +1,6 @@
 """Where cells run: worker processes on this machine (``local``) or tasks on a Ray cluster (``ray``).
 
-Both executors take a list of cells and yield one :class:`~tbptt_bench.cells.CellResult` per cell as
+Both executors take a list of cells and yield one :class:`~tbptt_bench.suites.cells.CellResult` per cell as
 cells finish; the caller (the driver) alone writes them into the store. Both run every cell that
 does not time anything first, in parallel, and then the timing cells (``perf``) strictly one at a
 time, so that no timing shares the machine with another cell of the sweep.
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import tbptt_bench
-from tbptt_bench.cells import Cell, CellResult, crashed_result, run_cell
+from tbptt_bench.suites.cells import Cell, CellResult, crashed_result, run_cell
 from tbptt_bench.errors import UsageError
 from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 
@@ -59,7 +59,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["tbptt_bench.cells"])
+        ctx.set_forkserver_preload(["tbptt_bench.suites.cells"])
         return ctx
     return multiprocessing.get_context("spawn")
 

@@ -1,9 +1,9 @@
 """The GPU check: on a machine with one CUDA GPU, run the CUDA tests and a small cost grid, write files.
 
-    python -m tbptt_bench.gpu_check --out DIR            # needs a CUDA GPU; about 3 minutes
+    python -m tbptt_bench.perf.gpu_check --out DIR            # needs a CUDA GPU; about 3 minutes
 
 It runs ``pytest -m cuda`` (log and JUnit XML), then a grid measured by the harness in
-:mod:`tbptt_bench.perf`, one fresh process per configuration: LSTM, hidden 128, batch 32; the fused
+:mod:`tbptt_bench.perf.harness`, one fresh process per configuration: LSTM, hidden 128, batch 32; the fused
 against the per-step cell path; ``chunked:k=64``, ``full``, ``tbptt:k1=16,k2=64`` and
 ``full:checkpoint=64`` at T = 256, 1024, 4096; and an out-of-memory probe (``full`` at T = 4096 with a
 16 MiB memory limit) that must come back as status ``oom`` while the grid goes on. Files in DIR:
@@ -34,7 +34,7 @@ import torch
 
 import tbptt_bench
 from tbptt_bench.errors import UsageError
-from tbptt_bench.perf import (
+from tbptt_bench.perf.harness import (
     PerfConfig,
     measure,
     measure_in_fresh_process,
@@ -43,7 +43,7 @@ from tbptt_bench.perf import (
     write_json_atomic,
 )
 from tbptt_bench.provenance import provenance
-from tbptt_bench.setup import resolve_device
+from tbptt_bench.core.build import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run_check(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tbptt_bench.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tbptt_bench.perf.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the result files (created if missing)")
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu only to test this script")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no new configuration starts")

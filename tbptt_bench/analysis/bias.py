@@ -11,12 +11,12 @@ state (DESIGN.md §3):
   ``tr Cov(D)/N``);
 * noise: ``variance_trace = tr Cov(ĝ)`` over batches and ``snr = ‖mean ĝ‖ / √tr Cov(ĝ)``;
 * all of it overall (group ``all``) and per parameter group (input, recurrent, bias, readout);
-* the lag profile and, for each method, the Aicher et al. bound built from it (:mod:`tbptt_bench.lags`).
+* the lag profile and, for each method, the Aicher et al. bound built from it (:mod:`tbptt_bench.analysis.lags`).
 
 Estimates come from the fastest exact route (``fast=True``): sliding methods from one lag
-decomposition, chunk-shaped grids from a K-curve ladder (:mod:`tbptt_bench.kcurve`), everything else
+decomposition, chunk-shaped grids from a K-curve ladder (:mod:`tbptt_bench.analysis.kcurve`), everything else
 from the engine; ``fast=False`` runs every method through the engine. Where the true gradient does
-not fit, ``probes=N`` compares through forward-mode probes instead (:mod:`tbptt_bench.truegrad`).
+not fit, ``probes=N`` compares through forward-mode probes instead (:mod:`tbptt_bench.analysis.truegrad`).
 Column names: docs/bias.md.
 """
 
@@ -37,16 +37,16 @@ from scipy import stats
 from torch import nn
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.gradients import Gradient, flatten, method_gradient, true_gradient
-from tbptt_bench.kcurve import kcurve_gradients, plan
-from tbptt_bench.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
-from tbptt_bench.methods import METHODS, Full, Method, parse_method
-from tbptt_bench.models import State, check_protocol, check_state, parameter_group
+from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
+from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
+from tbptt_bench.analysis.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
+from tbptt_bench.methods.base import METHODS, Full, Method, parse_method
+from tbptt_bench.models.recurrent import State, check_protocol, check_state, parameter_group
 from tbptt_bench.provenance import provenance
-from tbptt_bench.setup import derive_seed, generator, resolve_device, resolve_dtype
+from tbptt_bench.core.build import derive_seed, generator, resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Batch, Task
-from tbptt_bench.trajectory import core_fn
-from tbptt_bench.truegrad import directional_derivatives, estimate_from_probes, in_dtype, probe_directions
+from tbptt_bench.core.trajectory import core_fn
+from tbptt_bench.analysis.truegrad import directional_derivatives, estimate_from_probes, in_dtype, probe_directions
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def probe_metrics(est: np.ndarray, directions: np.ndarray, probed: np.ndarray, *
     """Bias columns from forward-mode probes: ``est`` [N, P] estimates, ``directions`` [n, P] probes,
     ``probed`` [N, n] directional derivatives ``vᵀg_b`` (the same probes for every batch).
 
-    Per batch, :func:`~tbptt_bench.truegrad.estimate_from_probes` gives the relative error, cosine and
+    Per batch, :func:`~tbptt_bench.analysis.truegrad.estimate_from_probes` gives the relative error, cosine and
     ‖g‖²; their mean and standard error over batches include the probe noise. For the bias of the
     mean, ``vᵀ mean(ĝ - g) = mean_b (vᵀĝ_b - vᵀg_b)`` is probed the same way, with ``mean ĝ`` known;
     its interval is ``value ± z·SE`` with the jackknife SE over probes.
@@ -393,7 +393,7 @@ def analyse_bias(
     ``max_lag``: lags of the profile (0: none); the profile pools the first ``profile_batches``.
     ``labels``: extra constant columns (e.g. ``{"model": "lstm", "hidden": 64}``).
     ``probes > 0``: no true gradient is formed; g enters only through that many forward-mode
-    directional derivatives per batch (:mod:`tbptt_bench.truegrad`), for sequences whose BPTT graph
+    directional derivatives per batch (:mod:`tbptt_bench.analysis.truegrad`), for sequences whose BPTT graph
     does not fit. Only group ``all``; the interval is ±z·SE over probes (see :func:`probe_metrics`).
     """
     check_protocol(model)
@@ -563,7 +563,7 @@ def bias_snapshots(
     seed: int = 0,
     n_boot: int = 1000,
 ) -> Callable[[int, nn.Module], dict[str, Any]]:
-    """An ``on_eval(update, model)`` hook for :func:`tbptt_bench.training.train` that measures bias.
+    """An ``on_eval(update, model)`` hook for :func:`tbptt_bench.training.loop.train` that measures bias.
 
     At the update counts in ``at`` it measures the methods at the current θ on ``n_batches`` held-out
     (``valid``) batches — the same batches at every snapshot — and returns learning-curve columns: for

@@ -1,7 +1,7 @@
 """The one engine: runs a method's updates over a time-sliced source with any recurrent model.
 
 Every task, model and method goes through :class:`Engine.run`. It knows the truncation mask only as
-the :class:`~tbptt_bench.mask.Update` list a method produces, and implements each update with as few
+the :class:`~tbptt_bench.core.mask.Update` list a method produces, and implements each update with as few
 fused calls as the mask allows:
 
 * a *window* (all losses of the update reach back to the same step) is one chain of fused calls from
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from tbptt_bench.mask import Update
-from tbptt_bench.models import State, check_state, detach_state, has_readout, map_state
+from tbptt_bench.core.mask import Update
+from tbptt_bench.models.recurrent import State, check_state, detach_state, has_readout, map_state
 from tbptt_bench.tasks.base import Batch
 
 log = logging.getLogger(__name__)

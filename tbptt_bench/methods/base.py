@@ -2,7 +2,7 @@
 
 Grammar: ``FAMILY[:KEY=VALUE[,KEY=VALUE]...]``, e.g. ``full``, ``full:checkpoint=64``,
 ``tbptt:k1=8,k2=16``, ``chunked:k=16``, ``sliding:k=16``. Values are integers, floats or words. Every family
-turns a sequence length into a list of :class:`~tbptt_bench.mask.Update` (DESIGN.md §2); the engine
+turns a sequence length into a list of :class:`~tbptt_bench.core.mask.Update` (DESIGN.md §2); the engine
 runs those updates and knows nothing else about methods.
 
 Families (T = sequence or stream-segment length, positions 0-based):
@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import numpy as np
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
+from tbptt_bench.core.mask import Update
 from tbptt_bench.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from tbptt_bench.engine import Source
-    from tbptt_bench.models import State
+    from tbptt_bench.core.engine import Source
+    from tbptt_bench.models.recurrent import State
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,3 @@ class Sliding(Method):
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         k1 = self.params["k1"] or self.params["k"]
         return [Update(u.loss_start, u.loss_end, 0, self.params["k"]) for u in segment_updates(length, k1, k1)]
-
-
-# Families built on the same mask in their own modules (hybrid, randomised, adaptive, schedules) register
-# themselves on import; they import this module, so they come last.
-from tbptt_bench import adaptive, hybrid, randomised, schedules  # noqa: E402,F401

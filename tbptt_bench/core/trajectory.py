@@ -1,7 +1,7 @@
 """States along a forward trajectory, and the model's recurrent core called on stacked rows.
 
-The gradient analyses (the lag decomposition in :mod:`tbptt_bench.lags`, the nested K curve in
-:mod:`tbptt_bench.kcurve`) treat the states of one forward pass as data: they restart the core from
+The gradient analyses (the lag decomposition in :mod:`tbptt_bench.analysis.lags`, the nested K curve in
+:mod:`tbptt_bench.analysis.kcurve`) treat the states of one forward pass as data: they restart the core from
 the stored state at many positions at once, stacking those restarts along the batch dimension so
 that one fused call covers them all. This module holds the pieces they share: the core/read-out split
 of the model protocol, stacking of tensor-or-tuple states, and the stored states themselves.
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tbptt_bench.models import State, check_state, has_readout, map_state
+from tbptt_bench.models.recurrent import State, check_state, has_readout, map_state
 from tbptt_bench.tasks.base import Batch
 
 

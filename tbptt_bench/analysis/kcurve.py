@@ -1,6 +1,6 @@
 """Whole K curves in one pass: chunked and TBPTT gradients for a grid of K that share their work.
 
-A method is *chunk-shaped* when its updates (its mask, :mod:`tbptt_bench.mask`) are consecutive
+A method is *chunk-shaped* when its updates (its mask, :mod:`tbptt_bench.core.mask`) are consecutive
 segments of ``k1`` losses whose window reaches ``ext ≥ 0`` steps before the segment's first loss
 (clipped at the sequence start): ``chunked:k`` is ``(k1 = k, ext = 0)``, ``tbptt:k1,k2`` with
 ``k2 ≥ k1`` is ``(k1, ext = k2 - k1)``. The shape is read from the method's update list, so the
@@ -42,11 +42,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tbptt_bench.engine import Source, step_loss_sum
-from tbptt_bench.methods import Method, parse_method
-from tbptt_bench.models import State, check_protocol
+from tbptt_bench.core.engine import Source, step_loss_sum
+from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.models.recurrent import State, check_protocol
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.trajectory import (
+from tbptt_bench.core.trajectory import (
     blocked, cat_states, core_fn, leaf, like, parts, prepare, readout_fn, shift_rows, states_every,
 )
 
@@ -312,7 +312,7 @@ def kcurve_gradients(
 ) -> dict[Method, Gradient]:
     """ĝ of every chunk-shaped method in ``methods`` (others are left out), sharing work along ladders.
 
-    Returns ``{method: {parameter name: gradient}}``, equal to :func:`~tbptt_bench.gradients.method_gradient`
+    Returns ``{method: {parameter name: gradient}}``, equal to :func:`~tbptt_bench.analysis.gradients.method_gradient`
     of each method up to floating-point rounding.
     """
     check_protocol(model)

@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods import parse_method
+from tbptt_bench.methods.base import parse_method
 from tbptt_bench.provenance import provenance
 from tbptt_bench.registry import MODELS
-from tbptt_bench.setup import generator, make_task
-from tbptt_bench.perf import is_out_of_memory
-from tbptt_bench.training import Diverged, TrainConfig, train
+from tbptt_bench.core.build import generator, make_task
+from tbptt_bench.perf.harness import is_out_of_memory
+from tbptt_bench.training.loop import Diverged, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ REQUIRED = object()
 
 #: Parameters from which a cell's seed is derived (besides the suite seed and the replicate index).
 #: Cells that differ only in other parameters (method, optimiser, steps, measurement) share a seed and
-#: hence initial parameters and data: they are paired. See :func:`tbptt_bench.suites.cell_seed`.
+#: hence initial parameters and data: they are paired. See :func:`tbptt_bench.suites.suite.cell_seed`.
 SEED_KEYS = ("task", "task_params", "model", "hidden_size", "num_layers", "seq_len", "batch_size")
 
 Rows = list[dict[str, Any]]
@@ -170,7 +170,7 @@ def _train_run(params: dict[str, Any]) -> Tables:
 
 # --------------------------------------------------------------------------- bias
 
-#: What a bias cell builds before it calls :func:`tbptt_bench.bias.analyse_bias` (the model at its
+#: What a bias cell builds before it calls :func:`tbptt_bench.analysis.bias.analyse_bias` (the model at its
 #: initial θ, drawn from the cell's seed), with defaults; the other keys are analyse_bias's options.
 BIAS_BUILD: dict[str, tuple[Any, Any]] = {
     "task": (str, REQUIRED), "task_params": (dict, {}), "model": (str, REQUIRED), "hidden_size": (int, 32),
@@ -181,7 +181,7 @@ BIAS_BUILD: dict[str, tuple[Any, Any]] = {
 
 
 def _bias_schema() -> dict[str, tuple[Any, Any]]:
-    from tbptt_bench import bias
+    from tbptt_bench.analysis import bias
 
     options = _signature_schema(bias.analyse_bias, skip={"task", "model", "methods", "seed", "with_provenance",
                                                          "labels"})
@@ -189,7 +189,7 @@ def _bias_schema() -> dict[str, tuple[Any, Any]]:
 
 
 def _bias_check(params: dict[str, Any]) -> None:
-    from tbptt_bench.setup import resolve_dtype
+    from tbptt_bench.core.build import resolve_dtype
 
     if not params["methods"]:
         raise UsageError("methods = [] measures nothing; list at least one method spec")
@@ -202,8 +202,8 @@ def _bias_check(params: dict[str, Any]) -> None:
 
 
 def _bias_run(params: dict[str, Any]) -> Tables:
-    from tbptt_bench import bias
-    from tbptt_bench.setup import make_model
+    from tbptt_bench.analysis import bias
+    from tbptt_bench.core.build import make_model
 
     build = {k: params.pop(k) for k in ("task", "task_params", "model", "hidden_size", "num_layers", "path", "methods")}
     task = make_task(build["task"], **build["task_params"])
@@ -217,7 +217,7 @@ def _bias_run(params: dict[str, Any]) -> Tables:
 # --------------------------------------------------------------------------- perf
 
 def _perf_schema() -> dict[str, tuple[Any, Any]]:
-    from tbptt_bench import perf
+    from tbptt_bench.perf import harness as perf
 
     hints = typing.get_type_hints(perf.PerfConfig)
     out: dict[str, tuple[Any, Any]] = {}
@@ -234,7 +234,7 @@ def _perf_schema() -> dict[str, tuple[Any, Any]]:
 
 def _perf_config(params: dict[str, Any]) -> Any:
     """The PerfConfig of a cell (the cell's seed is passed only if PerfConfig takes one)."""
-    from tbptt_bench import perf
+    from tbptt_bench.perf import harness as perf
 
     names = {f.name for f in dataclasses.fields(perf.PerfConfig)}
     return perf.PerfConfig(**{k: v for k, v in params.items() if k in names})
@@ -247,7 +247,7 @@ def _perf_check(params: dict[str, Any]) -> None:
 
 
 def _perf_run(params: dict[str, Any]) -> Tables:
-    from tbptt_bench import perf
+    from tbptt_bench.perf import harness as perf
 
     row = perf.measure_in_fresh_process(_perf_config(params))
     return {MAIN_TABLE: [dict(row)]}
@@ -273,11 +273,11 @@ def _records(frame: Any) -> Rows:
 
 
 MEASURES: dict[str, Measure] = {
-    "train": Measure("train", 1, timing=False, module="tbptt_bench.training",
+    "train": Measure("train", 1, timing=False, module="tbptt_bench.training.loop",
                      schema=_train_schema, check=_train_check, run=_train_run),
-    "bias": Measure("bias", 1, timing=False, module="tbptt_bench.bias", list_keys=frozenset({"methods"}),
+    "bias": Measure("bias", 1, timing=False, module="tbptt_bench.analysis.bias", list_keys=frozenset({"methods"}),
                     schema=_bias_schema, check=_bias_check, run=_bias_run),
-    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf",
+    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.harness",
                     schema=_perf_schema, check=_perf_check, run=_perf_run),
 }
 

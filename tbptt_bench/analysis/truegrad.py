@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbptt_bench.engine import Source, step_loss_sum
+from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
-from tbptt_bench.gradients import Gradient, flatten, true_gradient
-from tbptt_bench.models import State, check_protocol, check_state, map_state
+from tbptt_bench.analysis.gradients import Gradient, flatten, true_gradient
+from tbptt_bench.models.recurrent import State, check_protocol, check_state, map_state
 
 __all__ = ["ProbeEstimate", "directional_derivatives", "in_dtype", "probe_compare", "probe_directions", "true_gradient"]
 

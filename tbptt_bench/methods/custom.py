@@ -4,7 +4,7 @@ Two decorators register a new method family (usable in every spec, in ``train``,
 and suites). Put them in a plugin file (a ``*.py`` in a folder passed with ``--plugins DIR`` or
 ``TBPTT_BENCH_PLUGINS``) and the family is available without editing the package.
 
-``define_method`` — the function returns the :class:`~tbptt_bench.mask.Update` list over a sequence;
+``define_method`` — the function returns the :class:`~tbptt_bench.core.mask.Update` list over a sequence;
 ``first_update`` (the number of updates made before this sequence) makes any schedule over training
 possible, e.g. with :func:`per_update_windows`::
 
@@ -31,9 +31,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import METHODS, Method, Param, positive_int
-from tbptt_bench.schedules import Window, per_update_windows
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import METHODS, Method, Param, positive_int
+from tbptt_bench.methods.schedules import Window, per_update_windows
 
 __all__ = [
     "Param", "Update", "Window", "choice", "define_mask_method", "define_method", "per_update_windows",
@@ -75,7 +75,7 @@ def check_partition(family: str, updates: Sequence[Update], length: int) -> list
     pos = 0
     for i, u in enumerate(out):
         if not isinstance(u, Update):
-            raise UsageError(f"method {family!r}: update {i} is a {type(u).__name__}, expected tbptt_bench.mask.Update")
+            raise UsageError(f"method {family!r}: update {i} is a {type(u).__name__}, expected tbptt_bench.core.mask.Update")
         if u.loss_start != pos or u.loss_end > length:
             raise UsageError(f"method {family!r}: update {i} covers losses [{u.loss_start}, {u.loss_end}); "
                              f"expected consecutive ranges from {pos} covering [0, {length})")

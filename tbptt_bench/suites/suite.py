@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import tbptt_bench
-from tbptt_bench.cells import MEASURES, REQUIRED, SEED_KEYS, Cell, Measure
+from tbptt_bench.suites.cells import MEASURES, REQUIRED, SEED_KEYS, Cell, Measure
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods import parse_method
-from tbptt_bench.setup import derive_seed, resolve_device
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.core.build import derive_seed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Suite:
 
 def builtin_dir() -> Path:
     """Where the built-in suites live: package data when installed, ``tasks/`` in a source checkout."""
-    packaged = Path(str(importlib.resources.files("tbptt_bench").joinpath("suites")))
+    packaged = Path(str(importlib.resources.files("tbptt_bench").joinpath("data", "suites")))
     if packaged.is_dir() and any(packaged.glob("*.toml")):
         return packaged
     return Path(tbptt_bench.__file__).resolve().parent.parent / "tasks"
@@ -351,7 +351,7 @@ def cell_key(measure: Measure, params: Mapping[str, Any]) -> str:
 def cell_seed(suite_seed: int, replicate: int, params: Mapping[str, Any]) -> int:
     """The seed rule: ``derive_seed("cell", suite seed, replicate, pairing parameters)``.
 
-    The pairing parameters are :data:`tbptt_bench.cells.SEED_KEYS` that the cell has, as
+    The pairing parameters are :data:`tbptt_bench.suites.cells.SEED_KEYS` that the cell has, as
     ``(name, canonical JSON value)`` pairs in that order.
     """
     pairing = [(k, canonical_json(params[k])) for k in SEED_KEYS if k in params]

@@ -1,7 +1,7 @@
 """Figures for reports: lines and points with their confidence intervals, drawn with seaborn/matplotlib.
 
 Every function takes a tidy DataFrame whose intervals are already computed (by
-:mod:`tbptt_bench.stats`), so the numbers in a figure are the numbers in the report's tables. One
+:mod:`tbptt_bench.report.stats`), so the numbers in a figure are the numbers in the report's tables. One
 panel per value of ``panel`` (e.g. ``copy · lstm · cpu``); colours follow one palette per report so a
 method keeps its colour from figure to figure. Figures use the non-interactive Agg backend.
 """

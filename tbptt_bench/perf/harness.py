@@ -57,13 +57,13 @@ import pandas as pd
 import torch
 
 from tbptt_bench.atomic import atomic_path, write_text
-from tbptt_bench.engine import Engine
+from tbptt_bench.core.engine import Engine
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import parse_method
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import parse_method
 from tbptt_bench.provenance import provenance
 from tbptt_bench.registry import MODELS
-from tbptt_bench.setup import (
+from tbptt_bench.core.build import (
     derive_seed,
     generator,
     make_model,
@@ -575,7 +575,7 @@ def _child_env(cfg: PerfConfig) -> dict[str, str]:
     from tbptt_bench import registry
 
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     plugin_dirs = [p for p in env.get(registry.PLUGIN_ENV, "").split(os.pathsep) if p]
     plugin_dirs += [str(p) for p in sorted(registry._loaded_dirs)]
@@ -599,7 +599,7 @@ def measure_in_fresh_process(cfg: PerfConfig, timeout: float | None = None) -> d
     with tempfile.TemporaryDirectory(prefix="tbptt-perf-") as tmp:
         cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "row.json"
         cfg_path.write_text(json.dumps(dataclasses.asdict(cfg)))
-        cmd = [sys.executable, "-m", "tbptt_bench.perf", "--child", str(cfg_path), str(out_path)]
+        cmd = [sys.executable, "-m", "tbptt_bench.perf.harness", "--child", str(cfg_path), str(out_path)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(cfg))
         except subprocess.TimeoutExpired:
@@ -722,8 +722,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the measuring child: ``python -m tbptt_bench.perf --child CONFIG.json ROW.json``."""
-    parser = argparse.ArgumentParser(prog="python -m tbptt_bench.perf")
+    """Entry point of the measuring child: ``python -m tbptt_bench.perf.harness --child CONFIG.json ROW.json``."""
+    parser = argparse.ArgumentParser(prog="python -m tbptt_bench.perf.harness")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "ROW"), required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

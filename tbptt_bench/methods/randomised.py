@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import Method, Param, positive_int, register_method
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import Method, Param, positive_int, register_method
 
 #: Seed of a method's own generator, used when no generator is passed (analysis outside training).
 DEFAULT_SEED = 0

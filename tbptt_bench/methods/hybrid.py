@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import Method, Param, positive_int, register_method
-from tbptt_bench.schedules import Window, per_update_windows
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import Method, Param, positive_int, register_method
+from tbptt_bench.methods.schedules import Window, per_update_windows
 
 
 @register_method

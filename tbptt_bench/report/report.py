@@ -2,8 +2,8 @@
 
 Sections follow the product brief: provenance (where and with what every number was measured, and
 which cells failed or diverged), gradient bias, cost, learning, the bias/quality–cost trade-off, and
-the statistics of the declared comparisons. Every interval is computed by :mod:`tbptt_bench.stats`
-(bootstrap over seeds, scipy) and drawn by :mod:`tbptt_bench.figures`, so a figure and its table show
+the statistics of the declared comparisons. Every interval is computed by :mod:`tbptt_bench.report.stats`
+(bootstrap over seeds, scipy) and drawn by :mod:`tbptt_bench.report.figures`, so a figure and its table show
 the same numbers. A section whose measurement kind is absent says so and the report goes on.
 
 Layout of the output directory::
@@ -31,9 +31,10 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 import tbptt_bench
-from tbptt_bench import figures, stats
+from tbptt_bench.report import figures
+from tbptt_bench.report import stats
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods import parse_method
+from tbptt_bench.methods.base import parse_method
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
     Raises UsageError for a path that does not exist, an empty table, or a table that is not a
     tbptt-bench result table (no key/measure/status columns).
     """
-    from tbptt_bench.store import read_results, table_names
+    from tbptt_bench.suites.store import read_results, table_names
 
     root = find_store(path)
     if root.is_file():

@@ -45,13 +45,13 @@ import torch
 from scipy import stats
 from torch import nn
 
-from tbptt_bench.engine import Source, step_loss_sum
+from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import update_owner
-from tbptt_bench.methods import Method, parse_method
-from tbptt_bench.models import State, check_protocol
+from tbptt_bench.core.mask import update_owner
+from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.models.recurrent import State, check_protocol
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.trajectory import core_fn, dense_states, leaf, parts, prepare, readout_fn, rows
+from tbptt_bench.core.trajectory import core_fn, dense_states, leaf, parts, prepare, readout_fn, rows
 
 log = logging.getLogger(__name__)
 

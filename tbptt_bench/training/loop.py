@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbptt_bench.engine import Engine, step_loss_sum
+from tbptt_bench.core.engine import Engine, step_loss_sum
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import Method, parse_method
-from tbptt_bench.models import State, detach_state
-from tbptt_bench.setup import derive_seed, generator, make_model, make_task, resolve_device, resolve_dtype
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.models.recurrent import State, detach_state
+from tbptt_bench.core.build import derive_seed, generator, make_model, make_task, resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tbptt_bench.engine import Engine, Source
-from tbptt_bench.methods import Full, Method, parse_method
-from tbptt_bench.models import State, check_protocol, parameter_group
+from tbptt_bench.core.engine import Engine, Source
+from tbptt_bench.methods.base import Full, Method, parse_method
+from tbptt_bench.models.recurrent import State, check_protocol, parameter_group
 
 Gradient = dict[str, torch.Tensor]
 

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.mask import Update
-from tbptt_bench.methods import Method, Param, positive_int, register_method
+from tbptt_bench.core.mask import Update
+from tbptt_bench.methods.base import Method, Param, positive_int, register_method
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Window:
 def window_update(start: int, length: int, w: Window) -> Update:
     """The update whose losses are ``[start, min(start + k1, length))``, with tbptt's window rule.
 
-    Same rule as :func:`tbptt_bench.methods.segment_updates` for one segment: the losses reach steps
+    Same rule as :func:`tbptt_bench.methods.base.segment_updates` for one segment: the losses reach steps
     ``s ≥ start + k1 - k2`` when k2 ≥ k1 and ``s ≥ end - k2`` when k2 < k1 (never before 0).
     """
     end = min(start + w.k1, length)
