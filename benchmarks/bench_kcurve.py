@@ -37,13 +37,14 @@ import torch
 
 from tbptt_bench.analysis.gradients import Gradient, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients
-from tbptt_bench.analysis.lags import lag_decomposition
+from tbptt_bench.core.lags import lag_decomposition
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.models.recurrent import map_state
+from tbptt_bench.models.protocol import map_state
 from tbptt_bench.core.mask import update_owner
 from tbptt_bench.perf.harness import interleaved_times, write_json_atomic
 from tbptt_bench.provenance import provenance
-from tbptt_bench.core.build import derive_seed, generator, make_model, make_task
+from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import core_fn, dense_states, readout_fn, rows
 from tbptt_bench.core.engine import step_loss_sum

@@ -1,6 +1,6 @@
 """Where a number was measured: machine, devices, software versions, threads and git commit.
 
-Every stored result carries these columns (DESIGN.md §4), so a number always says where it came from.
+Every stored result carries these columns (docs/design.md §4), so a number always says where it came from.
 """
 
 from __future__ import annotations

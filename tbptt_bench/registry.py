@@ -1,6 +1,7 @@
-"""Registries of tasks and models, and discovery of user plugins.
+"""The registry type behind tasks, models and methods, and discovery of user plugins.
 
-Built-ins register themselves on import. Users add a task or a model without editing the package:
+Each sub-package holds its own registry (``tasks.TASKS``, ``models.MODELS``, ``methods.METHODS``) and
+its built-ins register when the sub-package is imported. Users add a task or a model without editing the package:
 
 * a Python file (or several) in a folder they name with ``--plugins DIR`` or the environment variable
   ``TBPTT_BENCH_PLUGINS`` (``os.pathsep``-separated folders); every ``*.py`` file there is imported and
@@ -58,26 +59,6 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-TASKS: Registry[type] = Registry("task")
-MODELS: Registry[Callable[..., object]] = Registry("model")
-
-
-def register_task(cls: type) -> type:
-    """Class decorator: register a :class:`tbptt_bench.tasks.base.Task` subclass under ``cls.name``."""
-    TASKS.register(cls.name, cls)
-    return cls
-
-
-def register_model(name: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
-    """Decorator: register a model factory ``f(task, hidden_size, num_layers) -> module``."""
-
-    def wrap(factory: Callable[..., object]) -> Callable[..., object]:
-        MODELS.register(name, factory)
-        return factory
-
-    return wrap
-
-
 _loaded_dirs: set[Path] = set()
 _entry_points_loaded = False
 
@@ -107,11 +88,9 @@ def add_plugin_dirs(dirs: Iterable[str | os.PathLike[str]]) -> None:
 
 
 def load_plugins() -> None:
-    """Load built-ins, entry-point plugins, and folders named in ``TBPTT_BENCH_PLUGINS``."""
+    """Load entry-point plugins and the folders named in ``TBPTT_BENCH_PLUGINS`` (built-ins register
+    when their sub-package is imported)."""
     global _entry_points_loaded
-    import tbptt_bench.models.recurrent  # noqa: F401  (built-in models register on import)
-    import tbptt_bench.tasks  # noqa: F401  (built-in tasks register on import)
-
     if not _entry_points_loaded:
         _entry_points_loaded = True
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):

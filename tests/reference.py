@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from tbptt_bench.models.recurrent import has_readout
+from tbptt_bench.models.protocol import has_readout
 
 
 def step_losses(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, loss_kind: str) -> torch.Tensor:

@@ -52,7 +52,7 @@ def geometric_case(rho: float, T: int = 30, B: int = 4) -> tuple[LinearRecurrenc
 
 
 def closed_form_k(rho: float, T: int, D: int, delta: float, kmin: int, kmax: int) -> int:
-    """The K the rule must pick, from the bound of tbptt_bench.analysis.lags written out for φ_d = ρ^d‖a‖.
+    """The K the rule must pick, from the bound of tbptt_bench.core.lags written out for φ_d = ρ^d‖a‖.
 
     With every step scored, a fraction (T-d)/T of the losses has a lag d, so the mass sliding(K) drops is
     ‖a‖·S(K), S(K) = Σ_{d=K}^{T-1} ρ^d (T-d)/T; the kept state-space gradient over lags 1..K-1 has norm

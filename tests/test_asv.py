@@ -26,7 +26,7 @@ import torch
 from tbptt_bench import asv_compare
 from tbptt_bench.cli import main as cli_main
 from tbptt_bench.methods.base import METHODS, parse_method
-from tbptt_bench.registry import TASKS
+from tbptt_bench.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -161,7 +161,7 @@ def test_bias_track_equals_the_bias_command(capsys):
 
 PLUGIN = textwrap.dedent(
     '''
-    from tbptt_bench.registry import register_task
+    from tbptt_bench.tasks import register_task
     from tbptt_bench.tasks.adding import AddingTask
 
 

@@ -68,7 +68,7 @@ def test_bias_command_model_state_not_protocol(tmp_path: Path, capsys) -> None: 
     plugin = tmp_path / "plugins"
     plugin.mkdir()
     (plugin / "bad_state.py").write_text(
-        "import torch\nfrom torch import nn\nfrom tbptt_bench.registry import register_model\n\n"
+        "import torch\nfrom torch import nn\nfrom tbptt_bench.models import register_model\n\n"
         "class ListState(nn.Module):\n"
         "    def __init__(self, task):\n        super().__init__()\n"
         "        self.emb = nn.Embedding(task.input_size, task.output_size)\n"

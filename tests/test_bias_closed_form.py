@@ -29,7 +29,7 @@ from torch import nn
 
 from tbptt_bench.analysis.gradients import method_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients
-from tbptt_bench.analysis.lags import bias_bound, build_profile, lag_decomposition, lag_profile
+from tbptt_bench.core.lags import bias_bound, build_profile, lag_decomposition, lag_profile
 from tbptt_bench.tasks.base import Batch
 
 A, B_IN, C = 0.8, 0.7, 1.3

@@ -8,7 +8,7 @@ import torch
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.analysis.gradients import method_gradient, true_gradient
-from tbptt_bench.analysis.lags import build_profile, fit_decay, kept_lags, lag_decomposition, lag_profile
+from tbptt_bench.core.lags import build_profile, fit_decay, kept_lags, lag_decomposition, lag_profile
 from tbptt_bench.core.mask import mask_matrix
 from tbptt_bench.methods.base import parse_method
 
@@ -85,10 +85,10 @@ def test_bad_lags() -> None:
 
 
 def test_kept_lags_follow_the_mask() -> None:
-    assert kept_lags("chunked:k=3", 7).tolist() == [1, 2, 3, 1, 2, 3, 1]
-    assert kept_lags("tbptt:k1=2,k2=3", 6).tolist() == [1, 2, 2, 3, 2, 3]
-    assert kept_lags("sliding:k=3,k1=7", 7).tolist() == [1, 2, 3, 3, 3, 3, 3]
-    assert kept_lags("full", 4).tolist() == [1, 2, 3, 4]
+    assert kept_lags(parse_method("chunked:k=3").updates(7), 7).tolist() == [1, 2, 3, 1, 2, 3, 1]
+    assert kept_lags(parse_method("tbptt:k1=2,k2=3").updates(6), 6).tolist() == [1, 2, 2, 3, 2, 3]
+    assert kept_lags(parse_method("sliding:k=3,k1=7").updates(7), 7).tolist() == [1, 2, 3, 3, 3, 3, 3]
+    assert kept_lags(parse_method("full").updates(4), 4).tolist() == [1, 2, 3, 4]
 
 
 def test_fit_decay_least_squares_and_theil_sen() -> None:
@@ -111,8 +111,8 @@ def test_bound_is_decreasing_and_method_bounds_order() -> None:
     bounds = [prof.bound(k) for k in range(1, 13)]
     assert all(a >= b for a, b in zip(bounds, bounds[1:])) and bounds[-1] == 0.0
     # sliding(K) keeps at least as many lags per loss as chunked(K): its bound is not larger
-    assert prof.method_bound("sliding:k=4,k1=12") <= prof.method_bound("chunked:k=4")
-    assert prof.method_bound("sliding:k=4,k1=12") == pytest.approx(prof.bound(4), rel=1e-12)
+    assert prof.method_bound(parse_method("sliding:k=4,k1=12").updates(prof.horizon)) <= prof.method_bound(parse_method("chunked:k=4").updates(prof.horizon))
+    assert prof.method_bound(parse_method("sliding:k=4,k1=12").updates(prof.horizon)) == pytest.approx(prof.bound(4), rel=1e-12)
     frame = prof.to_frame()
     assert list(frame["lag"]) == list(range(1, 12))
     assert {"mean", "q10", "q50", "q90", "rate", "rate_robust", "bound"} <= set(frame.columns)

@@ -10,13 +10,16 @@ import textwrap
 
 
 from tbptt_bench import registry
+from tbptt_bench.models import MODELS
+from tbptt_bench.tasks import TASKS
 from tbptt_bench.cli import main
 
 PLUGIN = textwrap.dedent(
     '''
     import torch
     from torch import nn
-    from tbptt_bench.registry import register_model, register_task
+    from tbptt_bench.models import register_model
+    from tbptt_bench.tasks import register_task
     from tbptt_bench.tasks.base import Batch, Task
 
 
@@ -97,8 +100,8 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[tbptt_bench.plugins]\nparity = ep_plugin:setup\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    assert "parity-c" in registry.TASKS.names()
-    assert "elman-c" in registry.MODELS.names()
+    assert "parity-c" in TASKS.names()
+    assert "elman-c" in MODELS.names()
 
 
 def test_broken_plugin_is_named(tmp_path, capsys):

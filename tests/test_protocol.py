@@ -10,7 +10,7 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.analysis.gradients import method_gradient
 from tbptt_bench.core.mask import mask_matrix
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.models.recurrent import check_state
+from tbptt_bench.models.protocol import check_state
 from tbptt_bench.tasks.base import Batch
 
 from reference import masked_reference

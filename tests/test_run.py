@@ -88,7 +88,7 @@ SUICIDE_PLUGIN = """
 import os
 import signal
 
-from tbptt_bench.registry import register_model
+from tbptt_bench.models import register_model
 
 
 @register_model("suicide")

@@ -12,7 +12,8 @@ from tbptt_bench.cli import main
 from tbptt_bench.core.engine import Engine
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import mask_matrix
-from tbptt_bench.methods.base import parse_method, segment_updates
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.methods.truncation import segment_updates
 from tbptt_bench.models.recurrent import RecurrentNet
 from tbptt_bench.methods.schedules import Window, per_update_windows, window_update
 from tbptt_bench.tasks.base import Batch

@@ -11,7 +11,7 @@ import pytest
 
 from tbptt_bench.suites.cells import MEASURES
 from tbptt_bench.errors import UsageError
-from tbptt_bench.core.build import derive_seed
+from tbptt_bench.seeding import derive_seed
 from tbptt_bench.suites.suite import builtin_suites, cell_key, check_devices, find_suite, load_suite, parse_suite, select
 from tbptt_bench.training.loop import TrainConfig
 
@@ -204,7 +204,8 @@ def test_select_by_key_and_prefix() -> None:
 
 def test_builtin_suites_parse_and_cover_the_registry() -> None:
     from tbptt_bench.methods.base import METHODS
-    from tbptt_bench.registry import MODELS, TASKS
+    from tbptt_bench.models import MODELS
+    from tbptt_bench.tasks import TASKS
 
     names = builtin_suites()
     assert {"quick", "standard", "gpu"} <= set(names)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import tbptt_bench.tasks as tasks
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import TASKS
+from tbptt_bench.tasks import TASKS
 from tbptt_bench.tasks import AddingTask, Batch, CharLMTask, CopyTask, Task
 
 TASK_NAMES = ["copy", "adding", "char-lm"]

@@ -25,7 +25,7 @@ from torch import nn
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import Update
 from tbptt_bench.methods.base import METHODS, parse_method
-from tbptt_bench.registry import TASKS
+from tbptt_bench.tasks import TASKS
 from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Task
 

@@ -2,7 +2,7 @@
 
 For a fixed θ and N independent batches (episodic tasks) or stream positions (streaming tasks), each
 method's estimate ĝ_n is compared with the true gradient g_n of the same loss from the same initial
-state (DESIGN.md §3):
+state (docs/design.md §3):
 
 * per batch: relative error ‖ĝ - g‖/‖g‖, cosine, norm ratio ‖ĝ‖/‖g‖ — means and standard errors;
 * bias proper: ``relative_bias = ‖mean(ĝ - g)‖ / ‖mean(g)‖`` with a bootstrap confidence interval over
@@ -11,7 +11,7 @@ state (DESIGN.md §3):
   ``tr Cov(D)/N``);
 * noise: ``variance_trace = tr Cov(ĝ)`` over batches and ``snr = ‖mean ĝ‖ / √tr Cov(ĝ)``;
 * all of it overall (group ``all``) and per parameter group (input, recurrent, bias, readout);
-* the lag profile and, for each method, the Aicher et al. bound built from it (:mod:`tbptt_bench.analysis.lags`).
+* the lag profile and, for each method, the Aicher et al. bound built from it (:mod:`tbptt_bench.core.lags`).
 
 Estimates come from the fastest exact route (``fast=True``): sliding methods from one lag
 decomposition, chunk-shaped grids from a K-curve ladder (:mod:`tbptt_bench.analysis.kcurve`), everything else
@@ -39,11 +39,13 @@ from torch import nn
 from tbptt_bench.errors import UsageError
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
-from tbptt_bench.analysis.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
-from tbptt_bench.methods.base import METHODS, Full, Method, parse_method
-from tbptt_bench.models.recurrent import State, check_protocol, check_state, parameter_group
+from tbptt_bench.core.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
+from tbptt_bench.methods.base import METHODS, Method, parse_method
+from tbptt_bench.methods.truncation import Full
+from tbptt_bench.models.protocol import State, check_protocol, check_state, parameter_group
 from tbptt_bench.provenance import provenance
-from tbptt_bench.core.build import derive_seed, generator, resolve_device, resolve_dtype
+from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.core.build import resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Batch, Task
 from tbptt_bench.core.trajectory import core_fn
 from tbptt_bench.analysis.truegrad import directional_derivatives, estimate_from_probes, in_dtype, probe_directions
@@ -469,7 +471,7 @@ def analyse_bias(
         est_mat = np.stack(est_rows[m])
         bound = math.nan
         if profile is not None:
-            bound = 0.0 if isinstance(m, Full) else profile.method_bound(m, seq_len)
+            bound = 0.0 if isinstance(m, Full) else profile.method_bound(m.updates(seq_len), seq_len)
         for group in (("all",) if probes else GROUPS):
             idx = groups.get(group)
             if idx is None:

@@ -1,7 +1,7 @@
 """Gradient estimates: a method's ĝ (sum of its update gradients at frozen θ) and the true g.
 
 Both are computed by the engine over the same batch, from the same initial state, with the same loss
-normalisation (DESIGN.md §3), and returned as ``{parameter name: tensor}`` in ``state_dict`` order.
+normalisation (docs/design.md §3), and returned as ``{parameter name: tensor}`` in ``state_dict`` order.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from tbptt_bench.core.engine import Engine, Source
-from tbptt_bench.methods.base import Full, Method, parse_method
-from tbptt_bench.models.recurrent import State, check_protocol, parameter_group
+from tbptt_bench.methods.truncation import Full
+from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.models.protocol import State, check_protocol, parameter_group
 
 Gradient = dict[str, torch.Tensor]
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.methods.base import Method, parse_method
-from tbptt_bench.models.recurrent import State, check_protocol
+from tbptt_bench.models.protocol import State, check_protocol
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import (
     blocked, cat_states, core_fn, leaf, like, parts, prepare, readout_fn, shift_rows, states_every,

@@ -29,7 +29,7 @@ from torch import nn
 from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
 from tbptt_bench.analysis.gradients import Gradient, flatten, true_gradient
-from tbptt_bench.models.recurrent import State, check_protocol, check_state, map_state
+from tbptt_bench.models.protocol import State, check_protocol, check_state, map_state
 
 __all__ = ["ProbeEstimate", "directional_derivatives", "in_dtype", "probe_compare", "probe_directions", "true_gradient"]
 

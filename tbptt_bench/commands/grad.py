@@ -14,7 +14,7 @@ from tbptt_bench.atomic import atomic_path, check_parent
 from tbptt_bench.commands.common import add_run_args, build, emit_json
 from tbptt_bench.analysis.gradients import compare, method_gradient, true_gradient
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.core.build import derive_seed, generator
+from tbptt_bench.seeding import derive_seed, generator
 
 LOSS_NORMALISATION = "L = sum over steps t of l_t; l_t = (1/B) * sum over rows b of w[b,t] * loss(b,t)"
 

@@ -6,7 +6,8 @@ import argparse
 
 from tbptt_bench.commands.common import emit_json
 from tbptt_bench.methods.base import METHODS
-from tbptt_bench.registry import MODELS, TASKS
+from tbptt_bench.models import MODELS
+from tbptt_bench.tasks import TASKS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,6 @@ suites, benchmarks and the Python API build runs the same way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import MODELS, TASKS
+from tbptt_bench.models import MODELS
+from tbptt_bench.tasks import TASKS
 from tbptt_bench.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,3 @@ def make_model(
             kwargs["path"] = path
         model = factory(task, hidden_size, **kwargs)
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 31-bit seed from any values (stable across processes and Python versions)."""
-    text = "\x1f".join(repr(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from tbptt_bench.core.mask import Update
-from tbptt_bench.models.recurrent import State, check_state, detach_state, has_readout, map_state
+from tbptt_bench.models.protocol import State, check_state, detach_state, has_readout, map_state
 from tbptt_bench.tasks.base import Batch
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The truncation mask: the one definition every gradient method in the project is built on.
 
 A model's full gradient splits into contributions ``c(t, d)`` — the part of ∂ℓ_t/∂θ that flows through
-the use of θ at step ``s = t - d`` (DESIGN.md §2). A gradient method is a schedule of *updates*, and
+the use of θ at step ``s = t - d`` (docs/design.md §2). A gradient method is a schedule of *updates*, and
 each update is a set of losses plus a weight ``m(t, s)`` on each contribution those losses may send.
 
 Positions here are 0-based: step ``t`` is ``0..T-1``, and "state at position p" is the state after

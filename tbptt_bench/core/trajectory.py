@@ -1,6 +1,6 @@
 """States along a forward trajectory, and the model's recurrent core called on stacked rows.
 
-The gradient analyses (the lag decomposition in :mod:`tbptt_bench.analysis.lags`, the nested K curve in
+The gradient analyses (the lag decomposition in :mod:`tbptt_bench.core.lags`, the nested K curve in
 :mod:`tbptt_bench.analysis.kcurve`) treat the states of one forward pass as data: they restart the core from
 the stored state at many positions at once, stacking those restarts along the batch dimension so
 that one fused call covers them all. This module holds the pieces they share: the core/read-out split
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tbptt_bench.models.recurrent import State, check_state, has_readout, map_state
+from tbptt_bench.models.protocol import State, check_state, has_readout, map_state
 from tbptt_bench.tasks.base import Batch
 
 

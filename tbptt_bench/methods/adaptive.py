@@ -4,8 +4,8 @@ Spec ``adaptive:delta=0.1,kmin=2,kmax=100,every=50[,k0=15][,window=100][,family=
 
 Every ``every`` updates, at the current θ, the method measures the lag profile φ_d on recent data — the
 first ``window`` steps of the sequence or stream segment it is about to train on, from that segment's
-true initial state — with :func:`tbptt_bench.analysis.lags.lag_profile`, and sets K to the smallest value in
-``[kmin, kmax]`` whose estimated relative-bias bound :func:`tbptt_bench.analysis.lags.bias_bound` (the bound for
+true initial state — with :func:`tbptt_bench.core.lags.lag_profile`, and sets K to the smallest value in
+``[kmin, kmax]`` whose estimated relative-bias bound :func:`tbptt_bench.core.lags.bias_bound` (the bound for
 ĝ_K = sliding(K), every loss keeping lags 0..K-1) is at most δ; if none is, K = kmax. Training then
 uses the window family's updates for that K: ``overlap`` (default) is tbptt(K, 2K-1), as in the paper's
 experiments, so every loss keeps at least K lags; ``chunked`` and ``sliding`` are also accepted.
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.core.lags import LagProfile, bias_bound, lag_profile
 from tbptt_bench.core.mask import Update
 from tbptt_bench.methods.base import Method, Param, positive_int, register_method
 from tbptt_bench.methods.schedules import family_param, per_update_windows, window_for
@@ -34,16 +35,13 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tbptt_bench.core.engine import Source
-    from tbptt_bench.analysis.lags import LagProfile
-    from tbptt_bench.models.recurrent import State
+    from tbptt_bench.models.protocol import State
 
 log = logging.getLogger(__name__)
 
 
 def smallest_k(profile: LagProfile, delta: float, kmin: int, kmax: int) -> tuple[int, float]:
     """The smallest K in ``[kmin, kmax]`` with ``bias_bound(profile, K) ≤ delta`` (else kmax), and its bound."""
-    from tbptt_bench.analysis.lags import bias_bound
-
     bound = math.nan
     for k in range(kmin, kmax + 1):
         bound = bias_bound(profile, k)
@@ -89,8 +87,6 @@ class Adaptive(Method):
     def observe(self, update: int, model: nn.Module, source: Source, state: State, loss_kind: str) -> None:
         if not self.due(update):
             return
-        from tbptt_bench.analysis.lags import lag_profile
-
         p = self.params
         n = min(p["window"], source.length)
         data = source.slice(0, n)

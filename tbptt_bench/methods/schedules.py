@@ -1,6 +1,6 @@
 """Schedules of the truncation length K over training, and windows built from a K.
 
-A *window family* turns one truncation length K into the window of one update (DESIGN.md §2):
+A *window family* turns one truncation length K into the window of one update (docs/design.md §2):
 
 * ``chunked`` — tbptt(K, K): the losses of a K-step segment reach back to its start;
 * ``overlap`` — tbptt(K, 2K-1): each loss receives at least K lags (Aicher, Foti & Fox 2019 train
@@ -43,7 +43,7 @@ class Window:
 def window_update(start: int, length: int, w: Window) -> Update:
     """The update whose losses are ``[start, min(start + k1, length))``, with tbptt's window rule.
 
-    Same rule as :func:`tbptt_bench.methods.base.segment_updates` for one segment: the losses reach steps
+    Same rule as :func:`tbptt_bench.methods.truncation.segment_updates` for one segment: the losses reach steps
     ``s ≥ start + k1 - k2`` when k2 ≥ k1 and ``s ≥ end - k2`` when k2 < k1 (never before 0).
     """
     end = min(start + w.k1, length)

@@ -1,83 +1,25 @@
-"""Recurrent models: the public protocol and the built-in ``rnn``, ``lstm`` and ``gru``.
+"""The built-in recurrent models ``rnn`` (tanh), ``lstm`` and ``gru``.
 
-**Protocol.** A model is an ``nn.Module`` with
-
-* ``initial_state(batch_size) -> State`` — a tensor or a tuple of tensors whose dimension 1 is the
-  batch (``[layers, B, H]`` as in ``nn.LSTM``); and
-* ``forward(inputs[B, L, ...], state) -> (outputs[B, L, ...], new_state)``.
-
-Optionally it splits ``forward`` into ``core(inputs, state) -> (features, new_state)`` and
-``readout(features) -> outputs``. Parameters used only in ``readout`` act outside the recurrence:
-every method keeps their direct gradient term (DESIGN.md §2). Without the split every parameter is
-treated as part of the recurrence.
-
-**Built-in models** (math in docs/models.md): an input encoder (``encoder``: ``nn.Embedding`` for
-token inputs, ``nn.Linear`` for real-valued inputs), a stacked recurrent core (``core``: ``nn.RNN``
-with tanh, ``nn.LSTM`` or ``nn.GRU``, batch-first) and a linear read-out (``readout``). Two execution
-paths share the same parameters: ``fused`` (one ``nn.RNN/LSTM/GRU`` call per chunk: cuDNN/oneDNN
-kernels) and ``cell`` (an explicit per-step loop written from the equations, used as an independent
-check and by methods that need every step's state).
+An input encoder (``encoder``: ``nn.Embedding`` for token inputs, ``nn.Linear`` for real-valued inputs),
+a stacked recurrent core (``core``: ``nn.RNN`` with tanh, ``nn.LSTM`` or ``nn.GRU``, batch-first) and a
+linear read-out (``readout``); math in docs/models.md. Two execution paths share the same parameters:
+``fused`` (one ``nn.RNN/LSTM/GRU`` call per chunk: cuDNN/oneDNN kernels) and ``cell`` (an explicit
+per-step loop written from the equations, used as an independent check and by methods that need every
+step's state).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import register_model
+from tbptt_bench.models.protocol import ExecutionPath, State, register_model
 
-State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-Path = Literal["fused", "cell"]
 CELL_TYPES = ("rnn", "lstm", "gru")
-
-
-@runtime_checkable
-class RecurrentModel(Protocol):
-    """The protocol every model follows (built-in or user-defined)."""
-
-    def initial_state(self, batch_size: int) -> State: ...
-
-    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
-
-
-def check_protocol(model: object) -> None:
-    """Raise UsageError if ``model`` does not follow the recurrent-model protocol."""
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name in ("initial_state", "forward"):
-        if not callable(getattr(model, name, None)):
-            raise UsageError(f"model {type(model).__name__} lacks {name}(); see the RecurrentModel protocol")
-
-
-def check_state(state: object) -> None:
-    """Raise UsageError unless ``state`` is a tensor or a tuple of tensors with a batch dimension 1."""
-    parts = state if isinstance(state, tuple) else (state,)
-    if not parts or not all(isinstance(p, torch.Tensor) and p.dim() >= 2 for p in parts):
-        raise UsageError(
-            "a model state must be a tensor or a tuple of tensors shaped [..., B, ...] with the batch in "
-            f"dimension 1; got {type(state).__name__}"
-        )
-
-
-def has_readout(model: nn.Module) -> bool:
-    """Whether the model splits its forward into ``core`` and ``readout``."""
-    return callable(getattr(model, "core", None)) and callable(getattr(model, "readout", None))
-
-
-def map_state(fn, state: State) -> State:  # type: ignore[no-untyped-def]
-    """Apply ``fn`` to every tensor of a state."""
-    if isinstance(state, tuple):
-        return tuple(fn(s) for s in state)
-    return fn(state)
-
-
-def detach_state(state: State) -> State:
-    return map_state(lambda s: s.detach(), state)
-
 
 
 def rnn_step(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
@@ -121,7 +63,7 @@ class RecurrentNet(nn.Module):
         output_size: int,
         hidden_size: int,
         num_layers: int = 1,
-        path: Path = "fused",
+        path: ExecutionPath = "fused",
     ) -> None:
         super().__init__()
         if cell not in CELL_TYPES:
@@ -131,7 +73,7 @@ class RecurrentNet(nn.Module):
         self.cell = cell
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.path: Path = path
+        self.path: ExecutionPath = path
         self.encoder: nn.Module
         if input_kind == "tokens":
             self.encoder = nn.Embedding(input_size, hidden_size)
@@ -201,25 +143,8 @@ class RecurrentNet(nn.Module):
         return out, ((h_new, torch.stack(cs, 0)) if self.cell == "lstm" else h_new)
 
 
-def parameter_group(name: str) -> str:
-    """The parameter group of a built-in parameter name: input, recurrent, bias or readout.
-
-    ``encoder.*`` and ``*weight_ih*`` are input weights; ``*weight_hh*`` recurrent; ``*bias*`` of the
-    core and encoder are biases; ``readout.*`` the read-out. Unknown names of user models: ``other``.
-    """
-    if name.startswith("readout."):
-        return "readout"
-    if "bias" in name:
-        return "bias"
-    if "weight_hh" in name:
-        return "recurrent"
-    if name.startswith("encoder.") or "weight_ih" in name:
-        return "input"
-    return "other"
-
-
 def _factory(cell: str):  # type: ignore[no-untyped-def]
-    def build(task, hidden_size: int, num_layers: int = 1, path: Path = "fused") -> RecurrentNet:  # type: ignore[no-untyped-def]
+    def build(task, hidden_size: int, num_layers: int = 1, path: ExecutionPath = "fused") -> RecurrentNet:  # type: ignore[no-untyped-def]
         return RecurrentNet(cell, task.input_kind, task.input_size, task.output_size, hidden_size, num_layers, path)
 
     build.__doc__ = f"Built-in {cell} model: encoder → {cell} core → linear read-out."

@@ -62,15 +62,9 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import Update
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.provenance import provenance
-from tbptt_bench.registry import MODELS
-from tbptt_bench.core.build import (
-    derive_seed,
-    generator,
-    make_model,
-    make_task,
-    resolve_device,
-    resolve_dtype,
-)
+from tbptt_bench.models import MODELS
+from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

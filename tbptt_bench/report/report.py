@@ -280,7 +280,7 @@ def _with_panel(frame: pd.DataFrame, exclude: Sequence[str] = ()) -> tuple[pd.Da
 
 def _higher_is_better(task: str, metric_name: str) -> bool:
     import tbptt_bench.tasks  # noqa: F401  (registers the built-in tasks)
-    from tbptt_bench.registry import TASKS
+    from tbptt_bench.tasks import TASKS
 
     try:
         return bool(getattr(TASKS.get(task), "metric_higher_is_better"))

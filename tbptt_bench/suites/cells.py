@@ -33,8 +33,9 @@ import torch
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.provenance import provenance
-from tbptt_bench.registry import MODELS
-from tbptt_bench.core.build import generator, make_task
+from tbptt_bench.models import MODELS
+from tbptt_bench.seeding import generator
+from tbptt_bench.core.build import make_task
 from tbptt_bench.perf.harness import is_out_of_memory
 from tbptt_bench.training.loop import Diverged, TrainConfig, train
 

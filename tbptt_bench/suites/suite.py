@@ -44,7 +44,8 @@ import tbptt_bench
 from tbptt_bench.suites.cells import MEASURES, REQUIRED, SEED_KEYS, Cell, Measure
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.core.build import derive_seed, resolve_device
+from tbptt_bench.seeding import derive_seed
+from tbptt_bench.core.build import resolve_device
 
 log = logging.getLogger(__name__)
 

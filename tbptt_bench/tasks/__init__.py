@@ -1,10 +1,9 @@
-"""Built-in tasks: importing this package registers copy, adding and char-lm."""
+"""Tasks: the task interface and registry (``base``) and the built-ins, registered on import."""
 
-from tbptt_bench.tasks import adding, base, charlm, copy
-from tbptt_bench.tasks import copystream  # noqa: F401  (registers copy-stream)
+from tbptt_bench.tasks import adding, base, charlm, copy, copystream  # noqa: F401  (register the built-ins)
 from tbptt_bench.tasks.adding import AddingTask
-from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.tasks.base import TASKS, Batch, Task, register_task
 from tbptt_bench.tasks.charlm import CharLMTask
 from tbptt_bench.tasks.copy import CopyTask
 
-__all__ = ["AddingTask", "Batch", "CharLMTask", "CopyTask", "Task", "adding", "base", "charlm", "copy"]
+__all__ = ["TASKS", "AddingTask", "Batch", "CharLMTask", "CopyTask", "Task", "register_task"]

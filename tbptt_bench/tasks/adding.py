@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import register_task
-from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.tasks.base import Batch, Task, register_task
 
 
 @register_task

@@ -17,6 +17,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from tbptt_bench.registry import Registry
+
 InputKind = Literal["tokens", "real"]
 LossKind = Literal["cross_entropy", "mse"]
 
@@ -100,3 +102,12 @@ class Task(ABC):
     @abstractmethod
     def baseline(self, seq_len: int) -> float:
         """The metric of the trivial memoryless predictor, to report beside results."""
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register a :class:`Task` subclass under ``cls.name``."""
+    TASKS.register(cls.name, cls)
+    return cls

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import register_task
-from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.tasks.base import Batch, Task, register_task
 from tbptt_bench.tasks.corpora import Corpus, load_corpus
 
 

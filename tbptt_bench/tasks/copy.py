@@ -13,8 +13,7 @@ import math
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import register_task
-from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.tasks.base import Batch, Task, register_task
 
 BLANK = 0
 

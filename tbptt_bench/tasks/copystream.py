@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.registry import register_task
-from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.tasks.base import Batch, Task, register_task
 
 BLANK, MARKER = 0, 1
 LAYOUTS = ("delay", "blocks")
@@ -93,8 +93,6 @@ class CopyStreamTask(Task):
 
     def stream(self, batch_size: int, split: str = "train") -> Batch:
         """The split's fixed B streams (``length`` steps for train, ``valid_length`` otherwise)."""
-        from tbptt_bench.core.build import derive_seed, generator  # setup imports the task package
-
         _check(batch_size, split)
         n = self.length if split == "train" else self.valid_length
         return self.sample(batch_size, n, generator(derive_seed("copy-stream", self.seed, split)), split)

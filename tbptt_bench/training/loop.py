@@ -25,8 +25,9 @@ from tbptt_bench.core.engine import Engine, step_loss_sum
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import Update
 from tbptt_bench.methods.base import Method, parse_method
-from tbptt_bench.models.recurrent import State, detach_state
-from tbptt_bench.core.build import derive_seed, generator, make_model, make_task, resolve_device, resolve_dtype
+from tbptt_bench.models.protocol import State, detach_state
+from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)

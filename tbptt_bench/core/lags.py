@@ -1,6 +1,6 @@
 """Lag analysis: the exact per-lag decomposition of the gradient, the lag profile, and its bias bound.
 
-**Decomposition.** ``G_d = Σ_t c(t, d)`` (DESIGN.md §2) for ``d < D``, so that
+**Decomposition.** ``G_d = Σ_t c(t, d)`` (docs/design.md §2) for ``d < D``, so that
 ``sliding(K) = Σ_{d<K} G_d`` for every ``K ≤ D`` at once and ``Σ_{d<T} G_d`` is the full gradient.
 ``G_0`` also holds the read-out's direct term (read-out parameters have no other lag).
 
@@ -47,9 +47,8 @@ from torch import nn
 
 from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
-from tbptt_bench.core.mask import update_owner
-from tbptt_bench.methods.base import Method, parse_method
-from tbptt_bench.models.recurrent import State, check_protocol
+from tbptt_bench.core.mask import Update, update_owner
+from tbptt_bench.models.protocol import State, check_protocol
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import core_fn, dense_states, leaf, parts, prepare, readout_fn, rows
 
@@ -338,9 +337,9 @@ class LagProfile:
         """Estimated bound on the relative bias of ``sliding(k)`` (Aicher et al.): tail / lower."""
         return _ratio(self.tail(k), self.lower_norm())
 
-    def method_bound(self, method: Method | str, length: int | None = None) -> float:
-        """The same bound for any method: the mass its mask drops, over the lower norm."""
-        return _ratio(self.dropped_tail(kept_lags(method, length or self.horizon)), self.lower_norm())
+    def method_bound(self, updates: Sequence[Update], length: int | None = None) -> float:
+        """The same bound for any method, given its updates: the mass its mask drops, over the lower norm."""
+        return _ratio(self.dropped_tail(kept_lags(updates, length or self.horizon)), self.lower_norm())
 
     def to_frame(self) -> pd.DataFrame:
         """One row per lag d: statistics, fitted curves and rates, tail and bound of sliding(K = d)."""
@@ -369,13 +368,11 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf
 
 
-def kept_lags(method: Method | str, length: int) -> np.ndarray:
+def kept_lags(updates: Sequence[Update], length: int) -> np.ndarray:
     """For each loss ``t`` of a sequence of ``length``, how many lags it receives (``0..kept-1``).
 
-    Read from the method's updates (the mask): loss ``t`` reaches steps ``start_for(t)..t``.
+    Read from a method's updates over that length (the mask): loss ``t`` reaches steps ``start_for(t)..t``.
     """
-    method = parse_method(method)
-    updates = method.updates(length)
     owner = update_owner(updates, length)
     return np.array([t - updates[owner[t]].start_for(t) + 1 for t in range(length)])
 
