@@ -164,7 +164,7 @@ def test_copy_baseline_by_simulation() -> None:
     T, B = 21, 4000
     task = CopyTask()
     batch = task.sample(B, T, gen(6))
-    guesses = torch.randint(1, 9, (B, 10), generator=gen(99))  # memoryless: ignores the inputs
+    guesses = torch.randint(1, 9, (B, 10), generator=gen(99))  # blind guesses on the recall steps
     logits = torch.zeros(B, T, 9)
     logits[:, :-10, 0] = 1.0
     logits[:, -10:] = F.one_hot(guesses, 9).float()
@@ -242,7 +242,8 @@ def test_adding_baseline_monte_carlo() -> None:
     batch = task.sample(100_000, 4, gen(11))
     constant = torch.ones_like(batch.targets)
     mse = task.metric(constant, batch)
-    assert task.baseline(4) == pytest.approx(1 / 6, rel=1e-15)
+    # the constant 1 scores 1/6; the memoryless optimum (tests/test_baselines.py) 1/6 − 1/(12·⌈T/2⌉)
+    assert task.baseline(4) == pytest.approx(1 / 6 - 1 / 24, rel=1e-15)
     assert abs(mse - 1 / 6) < 0.003  # standard error ≈ 0.0006
     # and no constant does better: the mean of the target is 1
     assert float(batch.targets[:, -1, 0].double().mean()) == pytest.approx(1.0, abs=0.005)
@@ -336,10 +337,16 @@ def test_charlm_metric(charlm: CharLMTask) -> None:
     assert charlm.metric(garbage, masked) == pytest.approx(math.log2(V), rel=1e-6)
 
 
-def test_charlm_baseline_unigram_entropy(charlm: CharLMTask, shakespeare_text: str) -> None:
-    train = shakespeare_text[: int(0.9 * len(shakespeare_text))]
-    counts = list(Counter(train).values())
-    assert charlm.baseline(16) == pytest.approx(float(scipy.stats.entropy(counts, base=2)), rel=1e-12)
+def test_charlm_baseline_bigram_entropy(charlm: CharLMTask, shakespeare_text: str) -> None:
+    """A memoryless predictor sees the current character: its best is the conditional entropy of the next one
+    over the valid pairs (H(pair) − H(current)); ignoring the input too, the unigram entropy of the targets."""
+    valid = shakespeare_text[int(0.9 * len(shakespeare_text)) :]
+    pairs = list(Counter(zip(valid[:-1], valid[1:])).values())
+    current = list(Counter(valid[:-1]).values())
+    conditional = scipy.stats.entropy(pairs, base=2) - scipy.stats.entropy(current, base=2)
+    assert charlm.baseline(16) == pytest.approx(float(conditional), rel=1e-12)
+    targets = list(Counter(valid[1:]).values())
+    assert charlm.baselines(16)[1].metric == pytest.approx(float(scipy.stats.entropy(targets, base=2)), rel=1e-12)
 
 
 def test_charlm_unknown_corpus() -> None:

@@ -4,8 +4,11 @@ Two input channels: values drawn uniformly from [0, 1), and markers, exactly one
 ``⌊T/2⌋`` steps and one among the rest. The target is the sum of the two marked values, scored only at
 the last step with the squared error.
 
-Baseline: a memoryless predictor sees nothing about the marked values, so its best constant prediction
-is E[U₁ + U₂] = 1, with mean squared error Var(U₁ + U₂) = 1/12 + 1/12 = 1/6.
+Baselines (derived in docs/tasks.md, "Baselines"): the classic constant prediction E[U₁ + U₂] = 1 has
+mean squared error Var(U₁ + U₂) = 1/12 + 1/12 = 1/6. It is not the memoryless optimum: the second marker
+falls on the scored last step with probability p = 1/⌈T/2⌉, and then the input there shows one of the two
+summands. The best memoryless prediction, E[S | value v, marker m] = 1 + m·(v − 1/2), has mean squared
+error p/12 + (1 − p)/6 = 1/6 − 1/(12⌈T/2⌉).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.tasks.base import Batch, Task, register_task
+from tbptt_bench.tasks.base import MEMORYLESS_OPTIMUM, Baseline, Batch, Task, best_memoryless_metric, register_task
+
+CONSTANT = "constant (predicts E[sum] = 1)"
 
 
 @register_task
@@ -70,7 +75,19 @@ class AddingTask(Task):
         return float((w * squared).sum() / w.sum())
 
     def baseline(self, seq_len: int) -> float:
-        """MSE of the best constant prediction, 1: Var(U₁ + U₂) = 2 · 1/12 = 1/6."""
+        """MSE of the memoryless optimum, ``1/6 − 1/(12⌈T/2⌉)`` (:meth:`baselines`, docs/tasks.md)."""
+        return best_memoryless_metric(self, self.baselines(seq_len))
+
+    def baselines(self, seq_len: int) -> tuple[Baseline, ...]:
+        """The memoryless optimum and the constant 1; the loss per scored step is the metric (one scored step)."""
         if seq_len < 2:
             raise UsageError(f"adding: seq_len must be at least 2 (one marker in each half), found {seq_len}")
-        return 1.0 / 6.0
+        p = 1.0 / (seq_len - seq_len // 2)  # the second marker falls on the last step: 1/⌈T/2⌉
+        optimum = p / 12.0 + (1.0 - p) / 6.0
+        return (
+            Baseline(MEMORYLESS_OPTIMUM, optimum, optimum,
+                     "E[sum | value v, marker m] = 1 + m·(v − 1/2) at the last step: MSE p/12 + (1 − p)/6 = "
+                     "1/6 − p/12 with p = 1/⌈T/2⌉ the chance that the second marker is on the last step"),
+            Baseline(CONSTANT, 1.0 / 6.0, 1.0 / 6.0,
+                     "the constant E[U₁ + U₂] = 1, ignoring the inputs: MSE Var(U₁ + U₂) = 1/12 + 1/12 = 1/6"),
+        )

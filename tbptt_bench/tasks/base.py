@@ -7,6 +7,10 @@ engine asks for one chunk at a time, so a long stream is never on the device who
 Loss convention (used everywhere in the project, see docs/math.md): the per-step loss is
 ``ℓ_t = (1/B) Σ_b w[b, t] · loss(ŷ[b, t], y[b, t])`` and the total is ``L = Σ_t ℓ_t`` — summed over
 time, averaged over the batch, with ``w = 0`` on unscored steps.
+
+Baselines (docs/tasks.md, "Baselines"): each task declares, in closed form, what fixed predictors that
+learn nothing about the past score — :meth:`Task.baselines` returns them as :class:`Baseline` values, and
+:meth:`Task.baseline` is the best metric any of its memoryless ones reaches (the line a model must cross).
 """
 
 from __future__ import annotations
@@ -21,6 +25,37 @@ from tbptt_bench.registry import Registry
 
 InputKind = Literal["tokens", "real"]
 LossKind = Literal["cross_entropy", "mse"]
+
+#: The name every task gives its best memoryless predictor under the task's loss.
+MEMORYLESS_OPTIMUM = "memoryless optimum"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What one fixed reference predictor scores on a task, in closed form.
+
+    name:        short label, e.g. ``"memoryless optimum"`` or ``"timing-aware (knows when to recall)"``.
+    metric:      its expected task metric (the units of ``Task.metric_name``), as the evaluation measures it.
+    loss:        its expected loss per scored step, in the evaluation's normalisation (``eval_loss``: the
+                 loss summed over time and averaged over the batch, divided by the scored steps per
+                 sequence; nats for cross-entropy); ``None`` where not known in closed form.
+    description: the predictor and the formula, in one or two sentences.
+    memoryless:  True when its output at step t depends on the input at step t alone (no state).
+    """
+
+    name: str
+    metric: float
+    loss: float | None
+    description: str
+    memoryless: bool = True
+
+
+def best_memoryless_metric(task: "Task", baselines: tuple[Baseline, ...]) -> float:
+    """The best metric among the memoryless ``baselines`` (largest when higher is better, else smallest)."""
+    values = [b.metric for b in baselines if b.memoryless]
+    if not values:
+        raise ValueError(f"task {task.name!r} declares no memoryless baseline")
+    return max(values) if task.metric_higher_is_better else min(values)
 
 
 @dataclass
@@ -101,7 +136,17 @@ class Task(ABC):
 
     @abstractmethod
     def baseline(self, seq_len: int) -> float:
-        """The metric of the trivial memoryless predictor, to report beside results."""
+        """The best metric any predictor without memory reaches (output at step t a function of the input
+        at step t alone), to report beside results: a model must beat it to have used its past."""
+
+    def baselines(self, seq_len: int) -> tuple[Baseline, ...]:
+        """Closed-form reference predictors at sequence length ``seq_len``, the memoryless optimum first.
+
+        The built-in tasks declare every baseline they derive (docs/tasks.md); this default, for tasks
+        that declare only :meth:`baseline`, wraps that one value with an unknown loss.
+        """
+        return (Baseline(MEMORYLESS_OPTIMUM, float(self.baseline(seq_len)), None,
+                         "the value the task's baseline() declares"),)
 
 
 TASKS: Registry[type[Task]] = Registry("task")

@@ -2,6 +2,11 @@
 
 Training runs on B parallel streams (the split cut into B contiguous pieces, state carried across
 segments, as in char-rnn); :meth:`CharLMTask.sample` also offers independent random windows.
+
+Baselines are functions of the data, computed from it (docs/tasks.md, "Baselines"). A memoryless predictor
+sees the current character, so the best one is the bigram distribution p(next | current) of the evaluated
+pairs (bits per character = the conditional entropy); the unigram predictors, which ignore the current
+character as well, are weaker (the unigram entropy; the train split's unigram scored on valid).
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.tasks.base import Batch, Task, register_task
+from tbptt_bench.tasks.base import MEMORYLESS_OPTIMUM, Baseline, Batch, Task, best_memoryless_metric, register_task
 from tbptt_bench.tasks.corpora import Corpus, load_corpus
+
+UNIGRAM = "input-blind optimum (unigram)"
+TRAIN_UNIGRAM = "unigram fit to train"
 
 
 @register_task
@@ -33,7 +41,7 @@ class CharLMTask(Task):
 
     def __init__(self, corpus: str = "tinyshakespeare", path: str | os.PathLike[str] | None = None) -> None:
         self.corpus: Corpus = load_corpus(corpus, path)
-        self._baseline: float | None = None
+        self._baselines: tuple[Baseline, ...] | None = None
 
     @property
     def vocab(self) -> tuple[str, ...]:
@@ -98,9 +106,40 @@ class CharLMTask(Task):
         return float((w * loss).sum() / w.sum()) / math.log(2)
 
     def baseline(self, seq_len: int) -> float:
-        """Unigram entropy of the train split in bits per character: the best memoryless predictor."""
-        if self._baseline is None:
-            counts = self.corpus.counts("train")
-            p = counts[counts > 0] / counts.sum()
-            self._baseline = float(-(p * np.log2(p)).sum())
-        return self._baseline
+        """Bits per character of the best memoryless (bigram) predictor on the valid split (:meth:`baselines`)."""
+        return best_memoryless_metric(self, self.baselines(seq_len))
+
+    def baselines(self, seq_len: int) -> tuple[Baseline, ...]:
+        """Bigram and unigram predictors scored on the valid split's (input, target) pairs: every character and
+        the next, as the valid stream scores them when read whole (one row). Bits per character, loss in nats;
+        ``seq_len`` is unused. Entries of the train unigram are infinite if valid holds a character train lacks.
+        """
+        if self._baselines is None:
+            v = self.corpus.vocab_size
+            ids = self.corpus.split("valid").numpy().astype(np.int64)
+            codes, pairs = np.unique(ids[:-1] * v + ids[1:], return_counts=True)  # the pairs that occur
+            current, following = codes // v, codes % v
+            given = np.bincount(current, weights=pairs, minlength=v)  # how often each character is the input
+            total = float(pairs.sum())
+            bigram = float(-(pairs * np.log2(pairs / given[current])).sum())
+            scored = np.bincount(following, weights=pairs, minlength=v) / total  # the targets' frequencies
+            train = self.corpus.counts("train").astype(np.float64)
+            p_train = train / train.sum()
+            hit = scored > 0
+            unigram = float(-(scored[hit] * np.log2(scored[hit])).sum())
+            cross = float(-(scored[hit] * np.log2(p_train[hit])).sum()) if (p_train[hit] > 0).all() else math.inf
+            train_entropy = float(-(p_train[train > 0] * np.log2(p_train[train > 0])).sum())
+            ln2 = math.log(2)
+            self._baselines = (
+                Baseline(MEMORYLESS_OPTIMUM, bigram / total, bigram / total * ln2,
+                         "the bigram distribution p(next | current) of the scored valid pairs: bits per character = "
+                         "the conditional entropy −Σ p(a, b) log₂ p(b | a) (computed from the data)"),
+                Baseline(UNIGRAM, unigram, unigram * ln2,
+                         "the unigram distribution of the scored valid characters, whatever the input: bits per "
+                         "character = its entropy −Σ p(c) log₂ p(c) (computed from the data)"),
+                Baseline(TRAIN_UNIGRAM, cross, cross * ln2,
+                         "the unigram distribution of the train split, whatever the input, scored on valid: "
+                         "−Σ p_valid(c) log₂ p_train(c) (computed from the data); on train it scores the train "
+                         f"entropy, {train_entropy:.4f} bits"),
+            )
+        return self._baselines

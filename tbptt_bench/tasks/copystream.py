@@ -5,15 +5,18 @@ Two layouts of the stream, both with ``n_symbols`` (default 6) token values and 
 * ``delay`` (default): every input is drawn uniformly from the n symbols; the target at step t is the
   input at step t - m, scored for t ≥ m (weight 0 before). m is fixed (``lag``). Metric: accuracy on the
   scored steps. Baseline: the input at t - m is independent of everything a memoryless predictor sees,
-  so any prediction is right with probability **1/n** (1/6).
+  so any prediction is right with probability **1/n** (1/6); the best loss is ln n (the uniform
+  distribution). Knowing the time does not help: every scored step looks the same.
 * ``blocks`` (the generator of Aicher et al.'s public code): blocks of length L drawn uniformly from
   ``[min_lag, lag]``; a block writes a marker (token 1) and L - 1 data symbols (tokens 2..n-1) as input,
   then L blanks (token 0) while the target repeats the block — so every echoed token is the input L
   steps earlier; all other targets are blank. Streams start at a random phase. Every step is scored
   (as in their training) except echoes of inputs before the stream start. Metric: accuracy on the echo
   steps. Baseline: echo steps all see a blank input, so a memoryless predictor outputs one constant
-  there; a fraction 1/E[L] of echoes are markers and (E[L]-1)/(E[L]·(n-2)) are any one data symbol,
-  so its accuracy is the larger of the two (0.225 for L = 10, n = 6).
+  there; a fraction r = 1/E[L] of echoes are markers and (1 - r)/(n-2) are any one data symbol,
+  so its accuracy is the larger of the two (0.225 for L = 10, n = 6). One bit of memory (the previous
+  input was not blank, so this is the first echo step, a marker) lifts it to r + (1 - r)/(n-2) (0.325).
+  Loss optima and their derivation: :meth:`CopyStreamTask.baselines` and docs/tasks.md, "Baselines".
 
 The streams are fixed per (``seed``, split), ``length`` steps for train and ``valid_length`` for
 valid/test, like a corpus; :meth:`CopyStreamTask.sample` draws fresh independent streams.
@@ -21,14 +24,17 @@ valid/test, like a corpus; :meth:`CopyStreamTask.sample` draws fresh independent
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.seeding import derive_seed, generator
-from tbptt_bench.tasks.base import Batch, Task, register_task
+from tbptt_bench.tasks.base import MEMORYLESS_OPTIMUM, Baseline, Batch, Task, best_memoryless_metric, register_task
 
 BLANK, MARKER = 0, 1
+TIMING_AWARE = "timing-aware (knows when an echo starts)"
 LAYOUTS = ("delay", "blocks")
 SPLITS = ("train", "valid", "test")
 
@@ -108,11 +114,35 @@ class CopyStreamTask(Task):
         return float(correct[scored].double().mean())
 
     def baseline(self, seq_len: int) -> float:
-        """Accuracy of the best memoryless predictor (see the module docstring)."""
+        """Accuracy of the best memoryless predictor (see the module docstring and :meth:`baselines`)."""
+        return best_memoryless_metric(self, self.baselines(seq_len))
+
+    def baselines(self, seq_len: int) -> tuple[Baseline, ...]:
+        """Long-run accuracy and loss per scored step (nats) of the reference predictors; ``seq_len`` is unused.
+
+        delay: the memoryless optimum only (timing is no help). blocks: with r = 1/E[L] and d = n - 2 data
+        symbols, the memoryless optimum and the one-bit timing-aware predictor; half the scored steps are
+        echoes (the other half, block inputs, have blank targets and cost nothing).
+        """
+        n = self.n_symbols
         if self.layout == "delay":
-            return 1.0 / self.n_symbols
-        mean_len = (self.min_lag + self.lag) / 2
-        return max(1.0 / mean_len, (mean_len - 1) / (mean_len * (self.n_symbols - 2)))
+            return (Baseline(MEMORYLESS_OPTIMUM, 1.0 / n, math.log(n),
+                             "the uniform distribution whatever the input (the target is independent of it): "
+                             "loss ln n, accuracy 1/n"),)
+        r, d = 2.0 / (self.min_lag + self.lag), n - 2
+        data = (1.0 - r) / d  # the chance that an echo step is one given data symbol
+        echo_entropy = -r * math.log(r) - (d * data * math.log(data) if data > 0 else 0.0)
+        return (
+            Baseline(MEMORYLESS_OPTIMUM, max(r, data), echo_entropy / 2,
+                     "non-blank input → blank; blank input (an echo) → marker r = 1/E[L], each data symbol "
+                     "(1 − r)/(n − 2): accuracy max(r, (1 − r)/(n − 2)), loss H/2 with "
+                     "H = −r ln r − (1 − r) ln((1 − r)/(n − 2))"),
+            Baseline(TIMING_AWARE, r + data, (1.0 - r) * math.log(d) / 2,
+                     "one bit of memory (the previous input was not blank): the first echo step is the marker, "
+                     "the others uniform over the data symbols: accuracy r + (1 − r)/(n − 2), "
+                     "loss (1 − r)·ln(n − 2)/2",
+                     memoryless=False),
+        )
 
     # -- generators --------------------------------------------------------------------------------
     def _delay(self, b: int, n: int, gen: torch.Generator) -> Batch:
