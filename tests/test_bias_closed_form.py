@@ -29,7 +29,7 @@ from torch import nn
 
 from tbptt_bench.analysis.gradients import method_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients
-from tbptt_bench.core.lags import bias_bound, build_profile, lag_decomposition, lag_profile
+from tbptt_bench.core.lags import build_profile, extrapolated_bias, lag_decomposition, lag_profile
 from tbptt_bench.tasks.base import Batch
 
 A, B_IN, C = 0.8, 0.7, 1.3
@@ -150,7 +150,7 @@ def test_lag_profile_exact_geometric_rate(a: float) -> None:
     for k in (1, 3, 7):
         tail = base.mean() * (abs(a) ** k - abs(a) ** T) / (1 - abs(a))
         assert math.isclose(prof.tail(k), tail, rel_tol=1e-10)
-    assert prof.tail(T) == 0.0 and bias_bound(prof, T) == 0.0
+    assert prof.tail(T) == 0.0 and extrapolated_bias(prof, T) == 0.0
 
 
 def test_profile_extrapolates_with_the_fitted_rate() -> None:
@@ -160,3 +160,32 @@ def test_profile_extrapolates_with_the_fitted_rate() -> None:
     short = build_profile(lag_decomposition(model, batch, "mse", 4).samples)
     for k in (2, 5, 9):
         assert math.isclose(short.tail(k), full.tail(k), rel_tol=1e-9)
+
+
+def test_decay_check_holds_on_the_geometric_chain() -> None:
+    prof = lag_profile(ScalarLinear(a=0.8), geometric_batch(), "mse", T - 1)
+    check = prof.decay_check()
+    assert check.geometric and check.r_squared == pytest.approx(1.0, abs=1e-12)
+    assert check.rate == pytest.approx(0.8, rel=1e-10)
+    assert check.extrapolated_share == 0.0  # every lag up to the horizon was measured
+
+
+def test_decay_check_counts_the_extrapolated_share() -> None:
+    """With D = 4 of T - 1 = 11 lags measured, the share of sliding(1)'s tail beyond D is the geometric
+    series' remainder: Σ_{d>4} a^d / Σ_{d≥1} a^d over the lags that exist (d ≤ T - 1)."""
+    a = 0.6
+    short = build_profile(lag_decomposition(ScalarLinear(a=a), geometric_batch(), "mse", 4).samples)
+    d = np.arange(1, T)
+    assert short.decay_check().extrapolated_share == pytest.approx((a ** d[d > 4]).sum() / (a**d).sum(), rel=1e-9)
+
+
+def test_extrapolation_is_not_a_bound_on_the_geometric_chain() -> None:
+    """The decay assumption holds exactly here, yet the extrapolated relative bias can fall below the
+    exact relative bias (it measures in state space): so it is named an extrapolation, never a bound."""
+    a, us = 0.6, (0.3,)
+    prof = lag_profile(ScalarLinear(a=a), geometric_batch(us=us), "mse", T - 1)
+    assert prof.decay_check().geometric
+    g = np.array(list(closed_form(T, a=a, us=us).values()))
+    exact = float(np.linalg.norm(g - np.array(list(closed_form(4, a=a, us=us).values()))) / np.linalg.norm(g))
+    assert exact == pytest.approx(0.604, abs=5e-4)
+    assert prof.extrapolated_bias(4) == pytest.approx(0.213, abs=5e-4)  # below the exact value

@@ -104,15 +104,42 @@ def test_fit_decay_least_squares_and_theil_sen() -> None:
     assert np.isnan(fit_decay(d[:1], values[:1]).rate)
 
 
-def test_bound_is_decreasing_and_method_bounds_order() -> None:
+def test_extrapolation_is_decreasing_and_method_extrapolations_order() -> None:
     model = make_model("lstm")
     batch = token_batch(B=4, T=12)
     prof = build_profile(lag_decomposition(model, batch, "cross_entropy", 11).samples)
-    bounds = [prof.bound(k) for k in range(1, 13)]
+    bounds = [prof.extrapolated_bias(k) for k in range(1, 13)]
     assert all(a >= b for a, b in zip(bounds, bounds[1:])) and bounds[-1] == 0.0
-    # sliding(K) keeps at least as many lags per loss as chunked(K): its bound is not larger
-    assert prof.method_bound(parse_method("sliding:k=4,k1=12").updates(prof.horizon)) <= prof.method_bound(parse_method("chunked:k=4").updates(prof.horizon))
-    assert prof.method_bound(parse_method("sliding:k=4,k1=12").updates(prof.horizon)) == pytest.approx(prof.bound(4), rel=1e-12)
+    # sliding(K) keeps at least as many lags per loss as chunked(K): its extrapolation is not larger
+    assert prof.method_extrapolation(parse_method("sliding:k=4,k1=12").updates(prof.horizon)) <= prof.method_extrapolation(parse_method("chunked:k=4").updates(prof.horizon))
+    assert prof.method_extrapolation(parse_method("sliding:k=4,k1=12").updates(prof.horizon)) == pytest.approx(prof.extrapolated_bias(4), rel=1e-12)
     frame = prof.to_frame()
     assert list(frame["lag"]) == list(range(1, 12))
-    assert {"mean", "q10", "q50", "q90", "rate", "rate_robust", "bound"} <= set(frame.columns)
+    assert {"mean", "q10", "q50", "q90", "rate", "rate_robust", "extrapolation"} <= set(frame.columns)
+
+
+def _profile_of(values: np.ndarray) -> "LagProfile":
+    """A profile whose mean at lag d is values[d-1] (one scored loss per position, T = len + 1)."""
+    from tbptt_bench.core.lags import LagProfile
+
+    d = np.arange(1, len(values) + 1)
+    fit = fit_decay(d, values)
+    ones = np.ones(len(values) + 1)
+    return LagProfile(d, values, values, values, values, np.ones(len(values), int), [None] * len(values),
+                      ones, len(values) + 1, fit)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "geometric", "reason"),
+    [
+        ("geometric", 2.0 * 0.7 ** np.arange(1, 20), True, "fits"),
+        ("flat", np.ones(19), False, "no decay"),
+        ("growing", 1.05 ** np.arange(1, 20), False, "no decay"),
+        ("oscillating", 0.9 ** np.arange(1, 20) * (1 + 0.9 * (-1) ** np.arange(1, 20)), False, "not geometric"),
+        ("two points", np.array([1.0, 0.5]), False, "only 2 lags"),
+    ],
+)
+def test_decay_check_flags_profiles_that_are_not_geometric(name, values, geometric, reason) -> None:
+    check = _profile_of(values).decay_check()
+    assert check.geometric is geometric, (name, check)
+    assert reason in check.reason

@@ -471,7 +471,7 @@ def analyse_bias(
         est_mat = np.stack(est_rows[m])
         bound = math.nan
         if profile is not None:
-            bound = 0.0 if isinstance(m, Full) else profile.method_bound(m.updates(seq_len), seq_len)
+            bound = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(seq_len), seq_len)
         for group in (("all",) if probes else GROUPS):
             idx = groups.get(group)
             if idx is None:

@@ -5,8 +5,9 @@ Spec ``adaptive:delta=0.1,kmin=2,kmax=100,every=50[,k0=15][,window=100][,family=
 Every ``every`` updates, at the current θ, the method measures the lag profile φ_d on recent data — the
 first ``window`` steps of the sequence or stream segment it is about to train on, from that segment's
 true initial state — with :func:`tbptt_bench.core.lags.lag_profile`, and sets K to the smallest value in
-``[kmin, kmax]`` whose estimated relative-bias bound :func:`tbptt_bench.core.lags.bias_bound` (the bound for
-ĝ_K = sliding(K), every loss keeping lags 0..K-1) is at most δ; if none is, K = kmax. Training then
+``[kmin, kmax]`` whose extrapolated relative bias :func:`tbptt_bench.core.lags.extrapolated_bias` (for
+ĝ_K = sliding(K), every loss keeping lags 0..K-1; an estimate under a geometric-decay assumption, not a
+bound) is at most δ; if none is, K = kmax. Training then
 uses the window family's updates for that K: ``overlap`` (default) is tbptt(K, 2K-1), as in the paper's
 experiments, so every loss keeps at least K lags; ``chunked`` and ``sliding`` are also accepted.
 
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.core.lags import LagProfile, bias_bound, lag_profile
+from tbptt_bench.core.lags import LagProfile, extrapolated_bias, lag_profile
 from tbptt_bench.core.mask import Update
 from tbptt_bench.methods.base import Method, Param, positive_int, register_method
 from tbptt_bench.methods.schedules import family_param, per_update_windows, window_for
@@ -41,13 +42,13 @@ log = logging.getLogger(__name__)
 
 
 def smallest_k(profile: LagProfile, delta: float, kmin: int, kmax: int) -> tuple[int, float]:
-    """The smallest K in ``[kmin, kmax]`` with ``bias_bound(profile, K) ≤ delta`` (else kmax), and its bound."""
-    bound = math.nan
+    """The smallest K in ``[kmin, kmax]`` with ``extrapolated_bias(profile, K) ≤ delta`` (else kmax), and that estimate."""
+    estimate = math.nan
     for k in range(kmin, kmax + 1):
-        bound = bias_bound(profile, k)
-        if bound <= delta:
-            return k, bound
-    return kmax, bound
+        estimate = extrapolated_bias(profile, k)
+        if estimate <= delta:
+            return k, estimate
+    return kmax, estimate
 
 
 @register_method
@@ -73,7 +74,7 @@ class Adaptive(Method):
             raise UsageError(f"method 'adaptive': k0={p['k0']} must lie in [kmin, kmax] = [{p['kmin']}, {p['kmax']}]")
         self.k: int | None = p["k0"]
         self.last_estimate: int | None = None
-        #: One entry per estimate: the update count, the chosen K, its bound and the fitted decay rate.
+        #: One entry per estimate: the update count, the chosen K, its extrapolated bias and the fitted decay rate.
         self.history: list[dict[str, float]] = []
         self._warned = False
 
@@ -91,11 +92,11 @@ class Adaptive(Method):
         n = min(p["window"], source.length)
         data = source.slice(0, n)
         profile = lag_profile(model, data, loss_kind, max(1, min(n - 1, p["kmax"])), state)
-        self.k, bound = smallest_k(profile, p["delta"], p["kmin"], p["kmax"])
+        self.k, estimate = smallest_k(profile, p["delta"], p["kmin"], p["kmax"])
         self.last_estimate = update
-        self.history.append({"update": update, "k": self.k, "bound": bound, "rate": profile.rate})
+        self.history.append({"update": update, "k": self.k, "extrapolation": estimate, "rate": profile.rate})
         log.info("adaptive: update %d: K = %d (estimated relative bias %.3g, δ = %g, decay rate %.3f)",
-                 update, self.k, bound, p["delta"], profile.rate)
+                 update, self.k, estimate, p["delta"], profile.rate)
 
     def current_k(self) -> int:
         if self.k is not None:
