@@ -20,7 +20,9 @@ before).
 ``h_{t-d}`` is the state ``d`` steps before the state of the loss's own step (``h_{t-1}`` is the state
 that step reads) and the norm runs over all state tensors (``h`` and ``c`` of every layer for the LSTM).
 Lag 0 lives in the core's feature space, which a black-box core does not tie to its state, so the
-profile starts at ``d = 1``. Pairs with ``t < d`` do not exist and are not counted.
+profile starts at ``d = 1``. With 0-based loss positions a pair is counted iff ``t ≥ d``, i.e. its state
+``h_{t-d}`` (1-based) was produced by a step; the pair reaching the initial state carries no contribution
+``c(t, d)`` and is left out (docs/design.md §3.4).
 
 **Decay fit and extrapolated bias** (after Aicher, Foti & Fox 2019). ``log φ̄_d`` against ``d`` is fitted
 by least squares (rate ``β = e^slope``, with its R²) and by the Theil–Sen estimator (robust to a
