@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from tbptt_bench.core.mask import mask_matrix, update_owner
+from tbptt_bench.core.mask import mask_matrix, step_counts, update_owner
 from tbptt_bench.methods.base import parse_method
 
 
@@ -53,3 +54,60 @@ def test_chunked_detaches_at_multiples_of_k(T, k):
 
 def test_full_is_lower_triangle():
     np.testing.assert_array_equal(mask_matrix(parse_method("full").updates(7), 7), np.tril(np.ones((7, 7))))
+
+
+# -- the compute proxy: steps forwarded and backpropagated ----------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "T", "expected"), [
+    ("full", 12, lambda: (12, 12)),
+    ("chunked:k=5", 12, lambda: (12, 12)),
+    # update j covers losses [(j-1)k1, j k1) and reaches back to max(0, j k1 - k2): min(j k1, k2) steps
+    ("tbptt:k1=3,k2=7", 12, lambda: (sum(min(3 * j, 7) for j in range(1, 5)),) * 2),
+    # k2 < k1: every segment runs all k1 steps forward, the gradient passes through its last k2
+    ("tbptt:k1=4,k2=2", 12, lambda: (12, 3 * 2)),
+    # sliding(k) with k1 = k: the first update is one window of k; each later loss is its own window
+    # of k steps (forward and backward) on top of advancing the state one step
+    ("sliding:k=3", 12, lambda: (3 + 9 * 4, 3 + 9 * 3)),
+])
+def test_step_counts_closed_form(spec, T, expected) -> None:
+    assert step_counts(parse_method(spec).updates(T)) == expected()
+
+
+class _CountingCore(torch.nn.Module):
+    """Wraps a model's core and counts the steps it runs, weighted by rows / batch size."""
+
+    def __init__(self, model: torch.nn.Module, batch: int) -> None:
+        super().__init__()
+        self.inner, self.batch, self.steps = model, batch, 0.0
+
+    def initial_state(self, b):
+        return self.inner.initial_state(b)
+
+    def core(self, inputs, state):
+        self.steps += inputs.shape[1] * inputs.shape[0] / self.batch
+        return self.inner.core(inputs, state)
+
+    def readout(self, f):
+        return self.inner.readout(f)
+
+    def forward(self, inputs, state):
+        f, s = self.core(inputs, state)
+        return self.readout(f), s
+
+
+@pytest.mark.parametrize("spec", ["full", "chunked:k=4", "tbptt:k1=3,k2=7", "tbptt:k1=5,k2=2", "tbptt:k1=4,k2=4"])
+def test_forward_steps_are_what_the_engine_runs_in_training(spec) -> None:
+    """In training (θ may change after every update, so nothing is reused) the engine runs exactly
+    the forward steps the proxy counts."""
+    from test_engine import make_model, token_batch
+
+    from tbptt_bench.core.engine import Engine
+
+    T, B = 13, 3
+    model = _CountingCore(make_model("gru"), B)
+    batch = token_batch(B=B, T=T)
+    updates = parse_method(spec).updates(T)
+    Engine(model, "cross_entropy", max_fused_steps=0).run(batch, updates, model.initial_state(B),
+                                                         on_update=lambda i, u, loss: None)
+    assert model.steps == step_counts(updates)[0]

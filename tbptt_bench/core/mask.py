@@ -125,3 +125,34 @@ def render_mask(updates: Sequence[Update], length: int) -> str:
         row = "".join("#" if m[t, s] == 1 else ("~" if m[t, s] != 0 else ".") for s in range(t + 1))
         rows.append(f"{t + 1:>5} {row}")
     return "\n".join(rows)
+
+
+def update_steps(u: Update) -> tuple[int, int]:
+    """Recurrent steps an update runs forward and backward in training (docs/design.md §3.7).
+
+    The compute proxy for equal-compute comparisons. Forward counts every step the update runs, with or
+    without a graph: for a shared window, from ``min(window_start, loss_start)`` to ``loss_end`` (a
+    window reaching before the update's losses, k2 > k1, is recomputed from its stored boundary state;
+    steps before a late window, k2 < k1, run without a graph). Backward counts the steps the gradient
+    passes through: the window, ``loss_end - window_start``. Per-loss windows (``max_lag``) run the
+    losses that share the update's window as one window and every other loss as its own stacked window
+    of ``max_lag`` steps, on top of advancing the state over the update's losses once.
+    """
+    a, b, w = u.loss_start, u.loss_end, u.window_start
+    if u.max_lag is None:
+        return b - min(w, a), max(0, b - w)
+    shared_end = min(b, w + u.max_lag)
+    forward = backward = 0
+    if a < shared_end:
+        forward, backward = shared_end - min(w, a), shared_end - w
+    stacked = b - max(a, shared_end)
+    if stacked > 0:
+        forward += stacked * (u.max_lag + 1)
+        backward += stacked * u.max_lag
+    return forward, backward
+
+
+def step_counts(updates: Sequence[Update]) -> tuple[int, int]:
+    """Total recurrent steps forwarded and backpropagated over ``updates`` (see :func:`update_steps`)."""
+    steps = [update_steps(u) for u in updates]
+    return sum(f for f, _ in steps), sum(b for _, b in steps)
