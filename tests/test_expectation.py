@@ -1,0 +1,289 @@
+"""tbptt_bench.analysis.expectation against independent computations and by simulation.
+
+Exact identities are checked against brute-force loops over index tuples and a published closed
+form; unbiasedness, coverage, level and power by seeded simulation (tolerances a few binomial
+standard errors wide, so the fixed seeds do not need to be lucky); the textbook tests against scipy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from tbptt_bench.analysis import expectation as ex
+from tbptt_bench.errors import UsageError
+
+# -- exact identities -----------------------------------------------------------------------------
+
+
+def test_u_statistic_is_the_double_loop() -> None:
+    x = np.random.default_rng(0).normal(0.3, 1.0, size=(9, 4))
+    n = len(x)
+    loop = sum(float(x[i] @ x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    assert ex.unbiased_sq_norm_of_mean(x) == pytest.approx(loop, rel=1e-12, abs=1e-12)
+    assert ex.expectation_bias(x, x + 1.0, n_flips=0).sq_bias == pytest.approx(loop, rel=1e-12, abs=1e-12)
+
+
+def _falling(n: int, k: int) -> int:
+    return math.prod(range(n - k + 1, n + 1))
+
+
+def _brute_components(k: np.ndarray, l: np.ndarray) -> tuple[float, float]:
+    """ζ1 and δ = ζ2 − 2ζ1 from explicit sums over ordered tuples of distinct indices."""
+    n = len(k)
+    pair = sum(k[i, j] * l[i, j] for i, j in itertools.permutations(range(n), 2))
+    path = sum(k[i, j] * l[j, m] for i, j, m in itertools.permutations(range(n), 3))
+    disjoint = sum(k[i, j] * l[a, b] for i, j, a, b in itertools.permutations(range(n), 4))
+    sq_mean = disjoint / _falling(n, 4)
+    zeta1 = path / _falling(n, 3) - sq_mean
+    return zeta1, pair / _falling(n, 2) - sq_mean - 2 * zeta1
+
+
+def test_variance_components_are_the_explicit_tuple_sums() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0.5, 1.0, size=(7, 3)), rng.normal(-0.2, 1.0, size=(7, 3))
+    gx, gy = x @ x.T, y @ y.T
+    for k, l in ((gx, gx), (gx, gy), (gy, gx)):
+        # _components symmetrises over (K, L); the brute force is averaged over both orders
+        a, b = _brute_components(k, l), _brute_components(l, k)
+        np.testing.assert_allclose(ex._components(k, l), np.add(a, b) / 2, rtol=1e-10, atol=1e-12)
+
+
+def test_trace_sigma_sq_estimate_is_himeno_yamadas_and_the_order_four_u_statistic() -> None:
+    x = np.random.default_rng(2).normal(1.0, 2.0, size=(8, 5))
+    n = len(x)
+    centred = x - x.mean(0)
+    s = centred.T @ centred / (n - 1)
+    q = float(((centred**2).sum(1) ** 2).sum()) / (n - 1)
+    # Himeno & Yamada (2014), unbiased for tr Σ² without normality
+    hy = (n - 1) / (n * (n - 2) * (n - 3)) * ((n - 1) * (n - 2) * np.trace(s @ s) + np.trace(s) ** 2 - n * q)
+    # E[((X1 − X2)ᵀ(X3 − X4))²] = 4 tr Σ²
+    four = sum(float((x[i] - x[j]) @ (x[a] - x[b])) ** 2
+               for i, j, a, b in itertools.permutations(range(n), 4)) / (4 * _falling(n, 4))
+    est = ex.sq_norm_summary(x).degenerate
+    assert est == pytest.approx(hy, rel=1e-10)
+    assert est == pytest.approx(four, rel=1e-10)
+
+
+def test_top_eigenvalue_is_that_of_the_sample_covariance() -> None:
+    x = np.random.default_rng(3).normal(size=(12, 6)) * np.arange(1, 7)
+    want = np.linalg.eigvalsh(np.cov(x, rowvar=False)).max()
+    assert ex.sq_norm_summary(x).top_eigenvalue == pytest.approx(want, rel=1e-10)
+
+
+# -- unbiasedness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mu_norm", [0.0, 0.5])
+def test_u_statistic_and_variance_parts_are_unbiased(mu_norm: float) -> None:
+    rng = np.random.default_rng(4)
+    n, p, reps = 12, 20, 3000
+    lam = 1.0 / np.arange(1, p + 1)
+    mu = rng.normal(size=p)
+    mu *= mu_norm / np.linalg.norm(mu)
+    draws = np.array([(ex.unbiased_sq_norm_of_mean(x), s.linear, s.degenerate, np.sum(x.mean(0) ** 2))
+                      for x in (mu + rng.normal(size=(n, p)) * np.sqrt(lam) for _ in range(reps))
+                      for s in [ex.sq_norm_summary(x)]])
+    u, lin, deg, plugin = draws.T
+    se = draws.std(0, ddof=1) / math.sqrt(reps)
+    theta, zeta1, trace_sq = mu @ mu, mu @ (lam * mu), float((lam**2).sum())
+    assert abs(u.mean() - theta) < 4 * se[0]
+    assert abs(lin.mean() - zeta1) < 4 * se[1]
+    assert abs(deg.mean() - trace_sq) < 4 * se[2]
+    # the plug-in carries tr Σ / N of noise: clearly above the truth
+    assert plugin.mean() - theta == pytest.approx(lam.sum() / n, rel=0.1)
+    # and Var U is Hoeffding's 4 μᵀΣμ / N + 2 tr Σ² / N(N−1)
+    assert u.var(ddof=1) == pytest.approx(4 * zeta1 / n + 2 * trace_sq / (n * (n - 1)), rel=0.1)
+
+
+# -- coverage -------------------------------------------------------------------------------------
+
+
+def _coverage(n: int, p: int, kappa: float, *, top: bool, reps: int, seed: int) -> tuple[float, float]:
+    """Share of intervals containing the true ‖E d‖ and ‖E d‖/‖E g‖ (κ = 0: containing 0).
+
+    d_i = μ_d − 0.3 ξ_i + η_i, g_i = μ_g + ξ_i; noise covariance I, or diag(1/k) with the bias along
+    its top direction (``top``); ‖μ_d‖² = κ null standard errors of U; ‖μ_g‖² ≈ 10 tr Cov(ĝ) / N.
+    """
+    rng = np.random.default_rng(seed)
+    lam = 1.0 / np.arange(1, p + 1) if top else np.ones(p)
+    sd = np.sqrt(lam)
+    null_se = math.sqrt(2 * float((lam**2).sum()) / (n * (n - 1)))
+    u = np.eye(p)[0] if top else rng.normal(size=p)
+    mu_d = u / np.linalg.norm(u) * math.sqrt(kappa * null_se)
+    mu_g = np.full(p, math.sqrt(10 * 2 * lam.sum() / n / p))
+    truth, ratio = np.linalg.norm(mu_d), np.linalg.norm(mu_d) / np.linalg.norm(mu_g)
+    hits = np.zeros(2)
+    for _ in range(reps):
+        xi = rng.normal(size=(n, p)) * sd
+        r = ex.expectation_bias(mu_d - 0.3 * xi + rng.normal(size=(n, p)) * sd, mu_g + xi, n_flips=0)
+        hits += [r.bias_norm_lo <= truth <= r.bias_norm_hi, r.relative_bias_lo <= ratio <= r.relative_bias_hi]
+    return float(hits[0] / reps), float(hits[1] / reps)
+
+
+@pytest.mark.parametrize(("n", "p", "kappa", "top", "seed"), [
+    (16, 5, 0.0, False, 10), (32, 500, 0.0, False, 11), (64, 2000, 0.0, True, 12),   # unbiased: contains 0
+    (16, 5, 10.0, False, 13), (32, 500, 10.0, False, 14), (64, 300, 10.0, True, 15),  # clearly biased
+])
+def test_intervals_hold_their_coverage(n: int, p: int, kappa: float, top: bool, seed: int) -> None:
+    # nominal 0.95; over 300 replicates the binomial SE is 0.013
+    for cover in _coverage(n, p, kappa, top=top, reps=300, seed=seed):
+        assert 0.90 <= cover <= 0.99, cover
+
+
+def test_plugin_interval_defect_is_gone_for_an_unbiased_method() -> None:
+    rng = np.random.default_rng(20)
+    d, g = rng.normal(size=(32, 400)), 0.3 + rng.normal(size=(32, 400))
+    r = ex.expectation_bias(d, g, seed=1)
+    assert r.relative_bias_plugin > 0.5          # noise alone: ‖mean d‖ ≈ √(P/N)
+    assert r.relative_bias_lo == 0.0 < r.relative_bias_hi
+    assert r.bias_norm_lo == 0.0 and r.p_value > 0.05
+
+
+# -- the test of E d = 0 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "p"), [(16, 3), (32, 400)])
+def test_zero_mean_test_level_and_power(n: int, p: int) -> None:
+    rng = np.random.default_rng(30 + p)
+    reps = 300
+    null = np.array([(t.p_value, t.p_value_chen_qin, t.p_value_hotelling)
+                     for t in (ex.zero_mean_test(rng.normal(size=(n, p)), n_flips=199, seed=rng)
+                               for _ in range(reps))])
+    shift = math.sqrt(8.0 * math.sqrt(2 * p) / (n * p))  # ‖μ‖² ≈ 8 null SEs of U, spread over all coordinates
+    alt = np.array([ex.zero_mean_test(shift + rng.normal(size=(n, p)), n_flips=199, seed=rng).p_value
+                    for _ in range(reps)])
+    flip_level = float((null[:, 0] <= 0.05).mean())
+    assert 0.02 <= flip_level <= 0.08, flip_level
+    if n > p:
+        assert 0.02 <= float((null[:, 2] <= 0.05).mean()) <= 0.08
+    else:
+        assert np.isnan(null[:, 2]).all()
+        assert 0.02 <= float((null[:, 1] <= 0.05).mean()) <= 0.08  # Chen–Qin needs large P
+    assert float((alt <= 0.05).mean()) >= 0.8
+    strong = ex.zero_mean_test(2 * shift + rng.normal(size=(n, p)), n_flips=199, seed=0)
+    assert strong.p_value <= 0.05
+
+
+def test_sign_flip_p_value_matches_full_enumeration() -> None:
+    x = np.random.default_rng(40).normal(0.25, 1.0, size=(10, 3))
+    observed = np.sum(x.sum(0) ** 2)
+    every = np.array(list(itertools.product([-1.0, 1.0], repeat=10)))
+    exact = float(np.mean(((every @ x) ** 2).sum(1) >= observed - 1e-12))
+    approx = ex.zero_mean_test(x, n_flips=20000, seed=1).p_value
+    assert approx == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 20000) + 1e-4)
+
+
+def test_hotelling_for_one_parameter_is_the_t_test() -> None:
+    x = np.random.default_rng(41).normal(0.4, 1.0, size=(15, 1))
+    t = ex.zero_mean_test(x, n_flips=0)
+    scipy_t = sps.ttest_1samp(x[:, 0], 0.0)
+    assert t.p_value_hotelling == pytest.approx(scipy_t.pvalue, rel=1e-10)
+    assert t.hotelling_f == pytest.approx(scipy_t.statistic**2, rel=1e-10)
+
+
+def test_hotelling_matches_the_f_distribution_of_an_explicit_t_squared() -> None:
+    x = np.random.default_rng(42).normal(0.2, 1.0, size=(20, 4))
+    n, p = x.shape
+    mean, cov = x.mean(0), np.cov(x, rowvar=False)
+    t2 = n * mean @ np.linalg.inv(cov) @ mean
+    f_stat = t2 * (n - p) / (p * (n - 1))
+    t = ex.zero_mean_test(x, n_flips=0)
+    assert t.hotelling_f == pytest.approx(f_stat, rel=1e-10)
+    assert t.p_value_hotelling == pytest.approx(sps.f.sf(f_stat, p, n - p), rel=1e-10)
+
+
+# -- agreement with the one-parameter textbook interval -------------------------------------------
+
+
+def test_one_parameter_interval_agrees_with_the_t_interval_away_from_zero() -> None:
+    x = np.random.default_rng(50).normal(1.0, 1.0, size=(400, 1))
+    r = ex.expectation_bias(x, np.ones_like(x), n_flips=0)
+    half = sps.t.ppf(0.975, 399) * x.std(ddof=1) / math.sqrt(400)
+    m = abs(float(x.mean()))
+    assert r.bias_norm_lo == pytest.approx(m - half, rel=0.01)
+    assert r.bias_norm_hi == pytest.approx(m + half, rel=0.01)
+    # an exactly known signal of norm 1: the ratio interval is the norm interval
+    assert (r.relative_bias_lo, r.relative_bias_hi) == pytest.approx((r.bias_norm_lo, r.bias_norm_hi), rel=1e-9)
+
+
+def test_sq_norm_interval_contains_zero_exactly_when_u_is_within_t_null_ses() -> None:
+    rng = np.random.default_rng(51)
+    for _ in range(50):
+        x = 0.15 + rng.normal(size=(12, 8))
+        s = ex.sq_norm_summary(x)
+        lo, hi = ex.sq_norm_interval(x)
+        threshold = sps.t.ppf(0.975, 11) * math.sqrt(2 * max(s.degenerate, 0.0) / (12 * 11))
+        assert (lo == 0.0) == (s.estimate <= threshold)
+        assert lo <= max(s.estimate, 0.0) <= hi
+
+
+# -- bookkeeping: fields, scale, seeds, input checks ----------------------------------------------
+
+
+def test_fields_against_direct_formulas_and_scale_equivariance() -> None:
+    rng = np.random.default_rng(60)
+    d, g = 0.2 + rng.normal(size=(24, 30)), 1.0 + rng.normal(size=(24, 30))
+    r = ex.expectation_bias(d, g, seed=3)
+    assert r.variance_trace == pytest.approx(np.var(d, axis=0, ddof=1).sum(), rel=1e-12)
+    assert r.variance_trace_estimate == pytest.approx(np.var(d + g, axis=0, ddof=1).sum(), rel=1e-12)
+    assert r.relative_bias_plugin == pytest.approx(np.linalg.norm(d.mean(0)) / np.linalg.norm(g.mean(0)))
+    assert r.relative_bias == pytest.approx(math.sqrt(r.sq_bias / r.sq_signal))
+    assert r.snr_of_mean == pytest.approx(r.sq_signal / (r.variance_trace_estimate / 24))
+    assert r.relative_bias_lo <= r.relative_bias <= r.relative_bias_hi
+    assert r.bias_norm_lo <= r.bias_norm <= r.bias_norm_hi
+    assert set(r.as_row()) >= {"sq_bias", "relative_bias", "relative_bias_lo", "p_value", "variance_trace"}
+    scaled = ex.expectation_bias(1e-6 * d, 1e-6 * g, seed=3)
+    assert scaled.relative_bias_lo == pytest.approx(r.relative_bias_lo, rel=1e-9)
+    assert scaled.relative_bias_hi == pytest.approx(r.relative_bias_hi, rel=1e-9)
+    assert scaled.bias_norm_hi == pytest.approx(1e-6 * r.bias_norm_hi, rel=1e-9)
+    assert scaled.p_value == r.p_value
+
+
+def test_seeded_and_generator_runs_repeat() -> None:
+    rng = np.random.default_rng(61)
+    d, g = 0.1 + rng.normal(size=(10, 5)), rng.normal(size=(10, 5))
+    assert ex.expectation_bias(d, g, seed=5) == ex.expectation_bias(d, g, seed=5)
+    a = ex.expectation_bias(d, g, seed=np.random.default_rng(9))
+    assert a == ex.expectation_bias(d, g, seed=np.random.default_rng(9))
+
+
+def test_signal_not_distinguishable_from_zero_gives_an_unbounded_ratio() -> None:
+    rng = np.random.default_rng(62)
+    r = ex.expectation_bias(0.5 + rng.normal(size=(16, 10)), rng.normal(size=(16, 10)), n_flips=0)
+    assert r.relative_bias_hi == math.inf
+    if r.sq_signal <= 0:
+        assert math.isnan(r.relative_bias)
+
+
+def test_few_batches_give_estimates_without_intervals() -> None:
+    rng = np.random.default_rng(63)
+    r = ex.expectation_bias(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), n_flips=7)
+    assert math.isfinite(r.sq_bias) and math.isfinite(r.p_value)
+    assert math.isnan(r.bias_norm_lo) and math.isnan(r.relative_bias_hi) and math.isnan(r.p_value_chen_qin)
+
+
+@pytest.mark.parametrize(("d", "g", "match"), [
+    (np.ones((1, 3)), np.ones((1, 3)), "at least 2 independent batches"),
+    (np.ones((4, 3)), np.ones((4, 2)), "same shape"),
+    (np.ones(4), np.ones(4), "2-D array"),
+    (np.full((4, 3), np.nan), np.ones((4, 3)), "NaN or infinite"),
+    (np.ones((4, 0)), np.ones((4, 0)), "no columns"),
+])
+def test_bad_input_is_a_usage_error(d: np.ndarray, g: np.ndarray, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        ex.expectation_bias(d, g)
+
+
+def test_bad_options_are_usage_errors() -> None:
+    x = np.random.default_rng(64).normal(size=(6, 2))
+    with pytest.raises(UsageError, match="level"):
+        ex.expectation_bias(x, x, level=1.5)
+    with pytest.raises(UsageError, match="n_flips"):
+        ex.zero_mean_test(x, n_flips=-1)
+    with pytest.raises(UsageError, match="at least 4"):
+        ex.sq_norm_summary(x[:3])
