@@ -18,8 +18,11 @@ from PIL import Image
 from tbptt_bench.report import stats
 from tbptt_bench.cli import main
 from tbptt_bench.provenance import provenance
-from tbptt_bench.report.report import (Options, build_report, load_tables, method_axes, order_methods, time_to_target,
-                                training_bias)
+from tbptt_bench.report.common import method_axes, order_methods
+from tbptt_bench.report.document import Options
+from tbptt_bench.report.load import load_tables
+from tbptt_bench.report.report import build_report
+from tbptt_bench.report.sections.learning import time_to_target, training_bias
 from tbptt_bench.suites.store import ResultStore
 
 TASKS = {"copy": ("accuracy", 0.125, True), "adding": ("mse", 1 / 6, False), "char-lm": ("bpc", 4.77, False)}
