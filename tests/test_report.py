@@ -352,8 +352,8 @@ def test_method_axes_and_order() -> None:
     assert method_axes("full")[0] == "full" and np.isnan(method_axes("full")[1])
     assert method_axes("chunked:k=8") == ("chunked", 8.0)
     assert method_axes("sliding:k=4") == ("sliding", 4.0)
-    assert method_axes("tbptt:k1=4,k2=7") == ("tbptt (k2=2K-1)", 4.0)
-    assert method_axes("tbptt:k1=4,k2=8") == ("tbptt (k2=2K)", 4.0)
+    assert method_axes("tbptt:k1=4,k2=7") == ("tbptt(K,2K-1)", 4.0)
+    assert method_axes("tbptt:k1=4,k2=8") == ("tbptt(K,2K)", 4.0)
     assert order_methods(["sliding:k=4", "chunked:k=8", "full", "chunked:k=2"]) == \
         ["full", "chunked:k=2", "chunked:k=8", "sliding:k=4"]
 

@@ -64,6 +64,10 @@ class Method(ABC):
     rank: ClassVar[int] = 50
     #: Whether the estimate at frozen θ is a fixed function of the data (False: it draws random numbers).
     deterministic: ClassVar[bool] = True
+    #: Whether the truncation length is the same at every update (False: it changes over updates or training).
+    constant_k: ClassVar[bool] = True
+    #: Whether the estimate is the true gradient itself (full BPTT: the reference every method is compared with).
+    exact: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = validate(self.family, self.schema, params)
@@ -154,6 +158,11 @@ class Method(ABC):
         """L when every loss keeps exactly its last L lags (its estimate is one lag decomposition's
         ĝ_L, and an analysis profiles at least L lags by default); None otherwise."""
         return None
+
+    @property
+    def fixed_k(self) -> bool:
+        """Whether the method truncates at one K throughout (it has a K axis and K never changes)."""
+        return self.constant_k and self.k_name() is not None
 
     @property
     def sort_key(self) -> tuple[int, str, int, str]:
@@ -275,15 +284,15 @@ def split_specs(text: str) -> list[str]:
 
 
 def describe(spec: str | Method) -> dict[str, Any]:
-    """:meth:`Method.describe` of a spec, plus its ``sort_key``; a spec that does not parse (e.g. a plugin
+    """:meth:`Method.describe` of a spec, plus ``fixed_k``, ``exact`` and ``sort_key``; a spec that does not parse (e.g. a plugin
     family not loaded) is its own series and label, without K, sorted last."""
     try:
         method = parse_method(spec)
     except UsageError:
         text = str(spec)
-        return {"family": "", "spec": text, "series": text, "k": None, "label": text,
-                "sort_key": (Method.rank + 1, text, -1, text)}
-    return {**method.describe(), "sort_key": method.sort_key}
+        return {"family": "", "spec": text, "series": text, "k": None, "label": text, "fixed_k": False,
+                "exact": False, "sort_key": (Method.rank + 1, text, -1, text)}
+    return {**method.describe(), "fixed_k": method.fixed_k, "exact": method.exact, "sort_key": method.sort_key}
 
 
 def order_specs(specs: Iterable[str]) -> list[str]:

@@ -36,6 +36,7 @@ class Hybrid(Method):
     }
     k_param = "k1"
     rank = 40
+    constant_k = False
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

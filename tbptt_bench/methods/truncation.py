@@ -46,6 +46,7 @@ class Full(Method):
     schema = {"checkpoint": positive_int(required=False)}
     k_param = None
     rank = 0
+    exact = True
 
     @property
     def series(self) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods.base import parse_method
+from tbptt_bench.methods.base import describe, order_specs
 from tbptt_bench.report import stats
 from tbptt_bench.report.document import Options
 
@@ -24,9 +24,6 @@ CONFIG_COLUMNS = ("task", "model", "task_params", "seq_len", "batch_size", "hidd
 
 #: Learning-curve columns that hold a bias snapshot taken during training, when a run recorded one.
 TRAINING_BIAS_COLUMNS = ("relative_bias", "relative_error", "cosine")
-
-
-METHOD_ORDER = ("full", "tbptt", "chunked", "sliding", "hybrid")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -49,40 +46,40 @@ def _ci(row: pd.Series, mean: str = "mean", low: str = "ci_low", high: str = "ci
 
 
 def method_axes(spec: str) -> tuple[str, float]:
-    """A method's series name and truncation length K for plots against K (K is NaN for full BPTT).
-
-    K follows the bias module's grid: ``k`` for ``chunked`` and ``sliding``, ``k1`` (the steps between
-    updates) for ``tbptt``, whose series says how far back each update reaches (k2 = K, 2K-1, r·K);
-    other families use their ``k``, ``k1`` or ``k2`` parameter, in that order, if they have one.
-    """
-    try:
-        method = parse_method(spec)
-    except UsageError:
-        return str(spec), math.nan
-    params = {k: v for k, v in method.params.items() if v is not None}
-    family = method.family
-    if family == "full":
-        return "full", math.nan
-    if family == "tbptt":
-        k1, k2 = params["k1"], params["k2"]
-        reach = "K" if k2 == k1 else ("2K-1" if k2 == 2 * k1 - 1 else f"{k2 / k1:g}K")
-        return f"tbptt (k2={reach})", float(k1)
-    for name in ("k", "k1", "k2"):
-        if isinstance(params.get(name), (int, float)):
-            rest = [f"{k}={v}" for k, v in params.items() if k != name]
-            return family + (f" ({', '.join(rest)})" if rest else ""), float(params[name])
-    return method.spec, math.nan
+    """A method's series and truncation length K for plots against K (NaN without K), as the method
+    describes itself (:func:`tbptt_bench.methods.base.describe`)."""
+    d = describe(spec)
+    return d["series"], math.nan if d["k"] is None else float(d["k"])
 
 
-def method_sort_key(spec: str) -> tuple[int, str, float, str]:
-    series, k = method_axes(spec)
-    family = spec.split(":", 1)[0]
-    rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
-    return rank, series, (k if not math.isnan(k) else -1.0), spec
+def method_sort_key(spec: str) -> tuple[int, str, int, str]:
+    """The method's own order in tables and legends (:attr:`tbptt_bench.methods.base.Method.sort_key`)."""
+    return describe(spec)["sort_key"]
 
 
 def order_methods(specs: Sequence[str]) -> list[str]:
-    return sorted(dict.fromkeys(str(s) for s in specs), key=method_sort_key)
+    return order_specs(specs)
+
+
+def method_label(spec: str) -> str:
+    """The method's short display label, e.g. ``chunked K=8``."""
+    return describe(spec)["label"]
+
+
+def with_method_axes(frame: pd.DataFrame, column: str = "method") -> pd.DataFrame:
+    """``frame`` with ``series`` and ``K`` per row: the ``series`` and ``k`` columns the measurement wrote,
+    where present, else the description of the method in ``column``."""
+    frame = frame.copy()
+    axes = frame[column].map(method_axes)
+    series = pd.Series([a[0] for a in axes], index=frame.index, dtype=object)
+    k = pd.Series([a[1] for a in axes], index=frame.index, dtype=float)
+    if "series" in frame.columns:
+        series = frame["series"].where(frame["series"].notna(), series)
+    if "k" in frame.columns:
+        stored = pd.to_numeric(frame["k"], errors="coerce").astype(float)
+        k = stored.where(frame["series"].notna() if "series" in frame.columns else stored.notna(), k)
+    frame["series"], frame["K"] = series, k
+    return frame
 
 
 def _device_label(frame: pd.DataFrame) -> pd.Series:
@@ -168,7 +165,3 @@ def seed_interval(frame: pd.DataFrame, value: str, by: Sequence[str], *, low: st
         summary.loc[single, "ci_low"] = lo[single].to_numpy()
         summary.loc[single, "ci_high"] = hi[single].to_numpy()
     return summary
-
-
-def _short_method(spec: str) -> str:
-    return spec.replace("tbptt:", "").replace("chunked:", "ch:").replace("sliding:", "sl:")

@@ -9,7 +9,7 @@ import pandas as pd
 
 from tbptt_bench.report import figures
 from tbptt_bench.report import stats
-from tbptt_bench.report.common import _ci, _fmt, _ok, _unit, _with_panel, method_axes, method_sort_key, seed_interval
+from tbptt_bench.report.common import _ci, _fmt, _ok, _unit, _with_panel, method_sort_key, seed_interval, with_method_axes
 from tbptt_bench.report.document import Document
 
 
@@ -35,8 +35,7 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         doc.text("No bias measurements in these results.")
         return pd.DataFrame(columns=columns)
     bias, _ = _with_panel(bias)
-    axes = bias["method"].map(method_axes)
-    bias["series"], bias["K"] = [a[0] for a in axes], [a[1] for a in axes]
+    bias = with_method_axes(bias)
     seeds = int(bias.groupby(["panel", "method"])[_unit(bias)].nunique().min()) if _unit(bias) in bias else 1
     doc.text("Relative bias ‖mean(ĝ − g)‖ / ‖mean(g)‖ over the measured batches, and the mean cosine of ĝ with "
              "the true gradient g, for the whole parameter vector. "

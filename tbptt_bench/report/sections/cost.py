@@ -6,8 +6,9 @@ from typing import Any
 
 import pandas as pd
 
+from tbptt_bench.methods.base import describe
 from tbptt_bench.report import figures
-from tbptt_bench.report.common import _ci, _device_label, _fmt, _ok, _with_panel, method_axes, method_sort_key
+from tbptt_bench.report.common import _ci, _device_label, _fmt, _ok, _with_panel, method_sort_key, with_method_axes
 from tbptt_bench.report.document import Document
 
 
@@ -19,8 +20,7 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     if perf.empty:
         doc.text("No perf measurements in these results.")
         return perf
-    axes = perf["method"].map(method_axes)
-    perf["series"], perf["K"] = [a[0] for a in axes], [a[1] for a in axes]
+    perf = with_method_axes(perf)
     if "mem_delta_bytes" in perf.columns:
         perf["peak_mib"] = perf["mem_delta_bytes"] / 2**20
     threads = ", ".join(sorted({_fmt(v) for v in perf.get("threads", pd.Series(dtype=float)).dropna()}))
@@ -31,7 +31,7 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
              "has no K: it is the dashed line in plots against K.")
     for x in ("K", "seq_len"):
         data, _ = _with_panel(perf, exclude=("seq_len",) if x == "seq_len" else ())
-        full = data[data["series"] == "full"]
+        full = data[data["method"].map(lambda m: bool(describe(m)["exact"]))]
         data = data[data[x].notna()]
         if x == "K" and data.empty:
             continue

@@ -7,28 +7,31 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tbptt_bench.methods.base import describe
 from tbptt_bench.report import stats
 from tbptt_bench.report.common import _ci, _fmt, _unit, order_methods
 from tbptt_bench.report.document import Document
 
 
 def default_comparisons(methods: Sequence[str], best_fixed: str | None) -> list[tuple[str, str]]:
-    """Each method against full BPTT, and each against the best fixed-K method (each pair once)."""
+    """Each method against the exact gradient's method (full BPTT), and each against the best fixed-K method
+    (each pair once)."""
     pairs: list[tuple[str, str]] = []
     names = order_methods(methods)
+    reference = next((m for m in names if describe(m)["exact"]), None)
     for m in names:
-        if "full" in names and m != "full":
-            pairs.append((m, "full"))
+        if reference is not None and m != reference:
+            pairs.append((m, reference))
     if best_fixed is not None:
         for m in names:
-            if m not in (best_fixed, "full"):
+            if m not in (best_fixed, reference):
                 pairs.append((m, best_fixed))
     return pairs
 
 
 def fixed_k(spec: str) -> bool:
-    """Whether a method truncates at a fixed K throughout (tbptt, chunked, sliding)."""
-    return spec.split(":", 1)[0] in ("tbptt", "chunked", "sliding")
+    """Whether a method truncates at one K throughout, as it describes itself (e.g. tbptt, chunked, sliding)."""
+    return bool(describe(spec)["fixed_k"])
 
 
 def statistics_section(doc: Document, train: pd.DataFrame) -> None:

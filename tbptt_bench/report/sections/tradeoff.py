@@ -8,7 +8,7 @@ import pandas as pd
 
 from tbptt_bench.report import figures
 from tbptt_bench.report import stats
-from tbptt_bench.report.common import _short_method, _with_panel
+from tbptt_bench.report.common import _with_panel, method_label
 from tbptt_bench.report.document import Document
 
 
@@ -25,7 +25,7 @@ def tradeoff_section(doc: Document, train: pd.DataFrame, bias_summary: pd.DataFr
         quality = stats.summarise(runs, "eval_metric", ["panel", "method"], confidence=o.confidence,
                                   n_resamples=o.n_resamples, seed=o.seed)
         both = cost.merge(quality, on=["panel", "method"], suffixes=("_cost", "_q"))
-        both["short"] = both["method"].map(_short_method)
+        both["short"] = both["method"].map(method_label)
         fig = figures.tradeoff(both, x="mean_cost", y="mean_q", label="short", hue="method",
                                xerr=("ci_low_cost", "ci_high_cost"), yerr=("ci_low_q", "ci_high_q"),
                                panel="panel", colours=palette, xlabel="ms per update (training)",
@@ -43,7 +43,7 @@ def tradeoff_section(doc: Document, train: pd.DataFrame, bias_summary: pd.DataFr
         cost = perf.groupby(["task", "model", "method"], as_index=False)["ms_per_update"].median()
         both = bias_summary.merge(cost, on=["task", "model", "method"], how="inner")
         if not both.empty:
-            both["short"] = both["method"].map(_short_method)
+            both["short"] = both["method"].map(method_label)
             both, _ = _with_panel(both)
             fig = figures.tradeoff(both, x="ms_per_update", y="mean", label="short", hue="method",
                                    yerr=("ci_low", "ci_high"), panel="panel", colours=palette, logx=True, logy=True,
