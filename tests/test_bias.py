@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from tbptt_bench.analysis.bias import (analyse_bias, bias_batches, bootstrap_relative_bias, grid, group_metrics,
-                              measure_bias, split_specs)
+                              measure_bias)
+from tbptt_bench.methods.base import split_specs
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.build import make_model, make_task
 
 DOCUMENTED_COLUMNS = [
-    "family", "spec", "k", "k1", "k2", "group", "relative_error_mean", "relative_error_se", "cosine_mean",
+    "family", "spec", "series", "k", "label", "group", "relative_error_mean", "relative_error_se", "cosine_mean",
     "cosine_se", "norm_ratio_mean", "norm_ratio_se", "relative_bias", "relative_bias_lo", "relative_bias_hi",
     "relative_bias_unbiased", "bias_norm", "true_mean_norm", "variance_trace", "variance_trace_true", "snr",
     "bound", "n_batches", "n_params", "task", "seq_len", "batch_size", "seed", "dtype", "true_method",
@@ -71,6 +72,11 @@ def test_split_specs_and_grid_conventions() -> None:
     assert split_specs("chunked:k=8,tbptt:k1=4,k2=8,full") == ["chunked:k=8", "tbptt:k1=4,k2=8", "full"]
     with pytest.raises(UsageError):
         split_specs("k=3,chunked")
+    # a piece whose value holds a colon still belongs to the spec before it
+    assert split_specs("stepped:k=4,then=8@100:16@300,full") == ["stepped:k=4,then=8@100:16@300", "full"]
+    for text in ("chunked,,full", "chunked,", ""):  # empty items: an error, not silently skipped
+        with pytest.raises(UsageError, match="empty method spec"):
+            split_specs(text)
     specs = [m.spec for m in grid(["chunked", "tbptt", "sliding", "full", "chunked:k=2"], [1, 2])]
     assert specs == ["chunked:k=1", "chunked:k=2", "tbptt:k1=1,k2=1", "tbptt:k1=2,k2=3", "sliding:k=1",
                      "sliding:k=2", "full"]

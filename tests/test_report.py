@@ -18,8 +18,11 @@ from PIL import Image
 from tbptt_bench.report import stats
 from tbptt_bench.cli import main
 from tbptt_bench.provenance import provenance
-from tbptt_bench.report.report import (Options, build_report, load_tables, method_axes, order_methods, time_to_target,
-                                training_bias)
+from tbptt_bench.report.common import method_axes, order_methods
+from tbptt_bench.report.document import Options
+from tbptt_bench.report.load import load_tables
+from tbptt_bench.report.report import build_report
+from tbptt_bench.report.sections.learning import time_to_target, training_bias
 from tbptt_bench.suites.store import ResultStore
 
 TASKS = {"copy": ("accuracy", 0.125, True), "adding": ("mse", 1 / 6, False), "char-lm": ("bpc", 4.77, False)}
@@ -349,8 +352,8 @@ def test_method_axes_and_order() -> None:
     assert method_axes("full")[0] == "full" and np.isnan(method_axes("full")[1])
     assert method_axes("chunked:k=8") == ("chunked", 8.0)
     assert method_axes("sliding:k=4") == ("sliding", 4.0)
-    assert method_axes("tbptt:k1=4,k2=7") == ("tbptt (k2=2K-1)", 4.0)
-    assert method_axes("tbptt:k1=4,k2=8") == ("tbptt (k2=2K)", 4.0)
+    assert method_axes("tbptt:k1=4,k2=7") == ("tbptt(K,2K-1)", 4.0)
+    assert method_axes("tbptt:k1=4,k2=8") == ("tbptt(K,2K)", 4.0)
     assert order_methods(["sliding:k=4", "chunked:k=8", "full", "chunked:k=2"]) == \
         ["full", "chunked:k=2", "chunked:k=8", "sliding:k=4"]
 

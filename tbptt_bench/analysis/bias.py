@@ -22,9 +22,9 @@ Column names: docs/bias.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,86 +48,36 @@ from tbptt_bench.seeding import derive_seed, generator
 from tbptt_bench.core.build import resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Batch, Task
 from tbptt_bench.core.trajectory import core_fn
-from tbptt_bench.analysis.truegrad import directional_derivatives, estimate_from_probes, in_dtype, probe_directions
+from tbptt_bench.analysis.truegrad import (directional_derivatives, estimate_from_probes, in_dtype, mean_sem,
+                                          probe_directions)
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("all", "input", "recurrent", "bias", "readout", "other")
 
-#: The K-grid conventions of ``grid``: how a family name and a K become a spec.
-GRID_RULES = {
-    "chunked": "chunked:k={K}",
-    "sliding": "sliding:k={K}",
-    "tbptt": "tbptt:k1={K},k2={K2}",  # K2 = 2K - 1: chunks of K losses backpropagated over 2K - 1 steps
-}
-
-
 def grid(families: Sequence[str], ks: Sequence[int]) -> list[Method]:
-    """Methods for every family and K: ``chunked:k=K``, ``sliding:k=K``, ``tbptt:k1=K,k2=2K-1``.
+    """Methods for every family and K, by each family's own grid rule (:meth:`Method.at_k`): e.g.
+    ``chunked:k=K``, ``sliding:k=K``, ``tbptt:k1=K,k2=2K-1`` (docs/design.md §3).
 
-    ``full`` (or a family given as a complete spec, with ``:``) is taken once, as is. Another family
-    with a ``k`` parameter becomes ``FAMILY:k=K``.
+    A complete spec, or a bare family with no K axis and nothing required (``full``), is taken once, as is.
     """
     out: list[Method] = []
-    for fam in families:
-        if ":" in fam or fam == "full":
-            out.append(parse_method(fam))
+    for item in families:
+        cls = METHODS.get(item) if item in METHODS else None
+        if cls is None or cls.taken_once():
+            out.append(parse_method(item))
             continue
         if not ks:
-            raise UsageError(f"method family {fam!r} needs a K grid (--k 1,2,4,...) or a complete spec like {fam}:k=8")
-        cls = METHODS.get(fam)
-        for k in ks:
-            if fam in GRID_RULES:
-                out.append(parse_method(GRID_RULES[fam].format(K=k, K2=2 * k - 1)))
-            elif "k" in cls.schema:
-                out.append(parse_method(f"{fam}:k={k}"))
-            else:
-                raise UsageError(f"method family {fam!r} has no K parameter; give complete specs instead")
-    unique: list[Method] = []
-    for m in out:
-        if m not in unique:
-            unique.append(m)
-    return unique
-
-
-_TOKEN = re.compile(r"^[a-z][a-z0-9_\-]*$")
-
-
-def split_specs(text: str) -> list[str]:
-    """Split ``"chunked:k=8,tbptt:k1=4,k2=8,full"`` into specs: a ``KEY=VALUE`` item continues the spec before it."""
-    out: list[str] = []
-    for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        if "=" in item and ":" not in item:
-            if not out:
-                raise UsageError(f"malformed method list {text!r}: {item!r} belongs to no method")
-            out[-1] += "," + item
-        elif ":" in item or _TOKEN.match(item):
-            out.append(item)
-        else:
-            raise UsageError(f"malformed method list {text!r}: cannot read {item!r}")
-    return out
+            raise UsageError(f"method family {item!r} needs a K grid (--k 1,2,4,...) or a complete spec like "
+                             f"{item}:k=8")
+        out.extend(cls.at_k(k) for k in ks)
+    return list(dict.fromkeys(out))
 
 
 def method_columns(method: Method) -> dict[str, Any]:
-    """family, spec, k (the grid K: chunked/sliding k, tbptt k1; NaN for full), k1, k2."""
-    p = method.params
-    nan = math.nan
-    if isinstance(method, Full):
-        k, k1, k2 = nan, nan, nan
-    elif method.family == "chunked":
-        k = k1 = k2 = p["k"]
-    elif method.family == "sliding":
-        k, k1, k2 = p["k"], p.get("k1") or p["k"], nan
-    else:
-        k1, k2 = p.get("k1", nan), p.get("k2", nan)
-        k = p.get("k", k1 if k1 is not None else nan)
-    return {"family": method.family, "spec": method.spec, "k": _num(k), "k1": _num(k1), "k2": _num(k2)}
-
-
-def _num(v: Any) -> float:
-    return math.nan if v is None else float(v)
+    """The columns that identify a method in the bias table (family, spec, series, k, label), from its own
+    description (:meth:`Method.describe`)."""
+    return method.describe()
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -204,9 +154,10 @@ def method_estimates(
     out: dict[Method, Gradient] = {}
     todo = list(methods)
     if fast:
-        for m in [m for m in todo if m.family == "sliding" and decomposition is not None]:
-            if m.params["k"] <= decomposition.max_lag:
-                out[m] = decomposition.sliding(m.params["k"])
+        for m in todo:
+            lags = m.fixed_lags
+            if lags is not None and decomposition is not None and lags <= decomposition.max_lag:
+                out[m] = decomposition.sliding(lags)
         if truth is not None:
             for m in todo:
                 if isinstance(m, Full) and m.checkpoint is None:
@@ -279,12 +230,6 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_boot: int, level: floa
         cos = np.where((nt > 0) & (ne > 0), (est * true).sum(1) / (ne * nt), np.nan)
         ratio = np.where(nt > 0, ne / nt, np.nan)
 
-    def mean_se(x: np.ndarray) -> tuple[float, float]:
-        x = x[np.isfinite(x)]
-        if not len(x):
-            return math.nan, math.nan
-        return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-
     diff = est - true
     value, lo, hi = bootstrap_relative_bias(diff, true, n_boot=n_boot, level=level, seed=seed)
     ub_num, ub_den = _unbiased_sq_norm_of_mean(diff), _unbiased_sq_norm_of_mean(true)
@@ -293,7 +238,7 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_boot: int, level: floa
     var_true = float(true.var(0, ddof=1).sum()) if n > 1 else math.nan
     out = {}
     for name, arr in (("relative_error", rel), ("cosine", cos), ("norm_ratio", ratio)):
-        out[f"{name}_mean"], out[f"{name}_se"] = mean_se(arr)
+        out[f"{name}_mean"], out[f"{name}_se"] = mean_sem(arr)
     out.update({
         "relative_bias": value, "relative_bias_lo": lo, "relative_bias_hi": hi,
         "relative_bias_unbiased": (math.sqrt(max(ub_num, 0.0) / ub_den) if ub_den and ub_den > 0 else math.nan),
@@ -321,17 +266,10 @@ def probe_metrics(est: np.ndarray, directions: np.ndarray, probed: np.ndarray, *
     pooled = estimate_from_probes(mean_est @ directions.T, probed.mean(0), float(np.linalg.norm(mean_est)))
     z = float(stats.norm.ppf(0.5 + level / 2))
 
-    def mean_se(x: list[float]) -> tuple[float, float]:
-        arr = np.asarray(x, float)
-        arr = arr[np.isfinite(arr)]
-        if not len(arr):
-            return math.nan, math.nan
-        return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
-
     out: dict[str, float] = {}
-    out["relative_error_mean"], out["relative_error_se"] = mean_se([p.relative_error for p in per])
-    out["cosine_mean"], out["cosine_se"] = mean_se([p.cosine for p in per])
-    out["norm_ratio_mean"], out["norm_ratio_se"] = mean_se(
+    out["relative_error_mean"], out["relative_error_se"] = mean_sem([p.relative_error for p in per])
+    out["cosine_mean"], out["cosine_se"] = mean_sem([p.cosine for p in per])
+    out["norm_ratio_mean"], out["norm_ratio_se"] = mean_sem(
         [p.estimate_norm / math.sqrt(p.sq_true_norm) if p.sq_true_norm > 0 else math.nan for p in per])
     rb, se = pooled.relative_error, pooled.relative_error_se
     var_est = float(est.var(0, ddof=1).sum()) if n_batches > 1 else math.nan
@@ -360,136 +298,195 @@ class BiasReport:
 
 
 def default_max_lag(seq_len: int, methods: Sequence[Method]) -> int:
-    """Lags profiled when not given: every sliding K, and at least min(T - 1, 64)."""
-    slide = [m.params["k"] for m in methods if m.family == "sliding"]
-    return max(1, min(seq_len, max([min(seq_len - 1, 64), *slide])))
+    """Lags profiled when not given: every method's fixed lag count, and at least min(T - 1, 64)."""
+    fixed = [m.fixed_lags for m in methods if m.fixed_lags is not None]
+    return max(1, min(seq_len, max([min(seq_len - 1, 64), *fixed])))
 
 
-def analyse_bias(
-    task: Task,
-    model: nn.Module,
-    methods: Sequence[Method | str],
-    *,
-    seq_len: int,
-    batch_size: int,
-    n_batches: int,
-    seed: int,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    true_checkpoint: int | None = None,
-    n_boot: int = 2000,
-    ci_level: float = 0.95,
-    split: str = "valid",
-    warmup: int | None = None,
-    max_lag: int | None = None,
-    profile_batches: int = 1,
-    fit_from: int = 1,
-    fast: bool = True,
-    with_provenance: bool = True,
-    labels: dict[str, Any] | None = None,
-    probes: int = 0,
-) -> BiasReport:
+@dataclass(frozen=True)
+class BiasOptions:
+    """What a bias measurement averages over and how (see :func:`analyse_bias`).
+
+    ``dtype`` (e.g. float64) computes everything on a copy of the model in that dtype. ``max_lag``: lags of
+    the profile (0: none; None: :func:`default_max_lag`); the profile pools the first ``profile_batches``.
+    ``labels``: extra constant columns (e.g. ``{"model": "lstm", "hidden": 64}``). ``probes > 0``: g enters
+    only through that many forward-mode directional derivatives per batch (:mod:`tbptt_bench.analysis.truegrad`).
+    """
+
+    seq_len: int
+    batch_size: int
+    n_batches: int
+    seed: int
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    true_checkpoint: int | None = None
+    n_boot: int = 2000
+    ci_level: float = 0.95
+    split: str = "valid"
+    warmup: int | None = None
+    max_lag: int | None = None
+    profile_batches: int = 1
+    fit_from: int = 1
+    fast: bool = True
+    with_provenance: bool = True
+    labels: dict[str, Any] | None = None
+    probes: int = 0
+
+    @classmethod
+    def of(cls, options: BiasOptions | None, fields: dict[str, Any]) -> BiasOptions:
+        """``options`` with ``fields`` replaced, or options made from ``fields``; UsageError for unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise UsageError(f"unknown bias option {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+        if options is not None:
+            return dataclasses.replace(options, **fields)
+        missing = [n for n in ("seq_len", "batch_size", "n_batches", "seed") if n not in fields]
+        if missing:
+            raise UsageError(f"a bias measurement needs {', '.join(missing)}; e.g. seq_len=64, batch_size=16, "
+                             "n_batches=8, seed=0")
+        return cls(**fields)
+
+    def check(self, methods: Sequence[Method]) -> int:
+        """Raise UsageError for options that cannot be measured; return the profile's maximum lag."""
+        if not methods:
+            raise UsageError("no methods to measure; give at least one method spec")
+        if self.n_batches < 1:
+            raise UsageError(f"the number of batches must be ≥ 1, got {self.n_batches}")
+        if self.seq_len < 1:
+            raise UsageError(f"seq_len must be ≥ 1, got {self.seq_len}")
+        for m in methods:
+            k = m.grid_k
+            if k is not None and k > self.seq_len:
+                raise UsageError(f"{m.spec}: {m.k_name()}={k} is larger than the sequence length T={self.seq_len}; "
+                                 "use K ≤ T")
+        if self.true_checkpoint is not None and self.true_checkpoint < 1:
+            raise UsageError(f"the checkpoint length must be ≥ 1, got {self.true_checkpoint}")
+        if not 0 < self.ci_level < 1:
+            raise UsageError(f"the confidence level must be in (0, 1), got {self.ci_level}")
+        if self.probes < 0 or self.probes == 1:
+            raise UsageError(f"the number of probes must be 0 (exact true gradient) or ≥ 2, got {self.probes}")
+        lag_max = default_max_lag(self.seq_len, methods) if self.max_lag is None else self.max_lag
+        if lag_max < 0 or lag_max > self.seq_len:
+            raise UsageError(f"the maximum lag D must be between 0 and the sequence length T={self.seq_len}, "
+                             f"got {lag_max}")
+        return lag_max
+
+
+@dataclass
+class _Samples:
+    """Per-batch gradients of one measurement: true rows (or probe rows), estimate rows per method."""
+
+    true_rows: list[np.ndarray] = field(default_factory=list)
+    est_rows: dict[Method, list[np.ndarray]] = field(default_factory=dict)
+    decompositions: list[LagDecomposition] = field(default_factory=list)
+    directions: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def analyse_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], options: BiasOptions | None = None,
+                 **fields: Any) -> BiasReport:
     """Measure every method against the true gradient at the model's current θ (see module doc).
 
-    ``dtype`` (e.g. float64) computes everything on a copy of the model in that dtype.
-    ``max_lag``: lags of the profile (0: none); the profile pools the first ``profile_batches``.
-    ``labels``: extra constant columns (e.g. ``{"model": "lstm", "hidden": 64}``).
-    ``probes > 0``: no true gradient is formed; g enters only through that many forward-mode
-    directional derivatives per batch (:mod:`tbptt_bench.analysis.truegrad`), for sequences whose BPTT graph
-    does not fit. Only group ``all``; the interval is ±z·SE over probes (see :func:`probe_metrics`).
+    Options come as a :class:`BiasOptions` or as its fields by keyword (``seq_len=64, ...``), keywords
+    overriding ``options``. With ``probes > 0`` only group ``all`` is measured; the interval is ±z·SE over
+    probes (see :func:`probe_metrics`).
     """
     check_protocol(model)
     methods = [parse_method(m) for m in methods]
-    if not methods:
-        raise UsageError("no methods to measure; give at least one method spec")
-    if n_batches < 1:
-        raise UsageError(f"the number of batches must be ≥ 1, got {n_batches}")
-    if seq_len < 1:
-        raise UsageError(f"seq_len must be ≥ 1, got {seq_len}")
-    for m in methods:
-        for key in ("k", "k1", "k2"):
-            v = m.params.get(key)
-            if v is not None and key != "k2" and v > seq_len:
-                raise UsageError(f"{m.spec}: {key}={v} is larger than the sequence length T={seq_len}; use K ≤ T")
-    if true_checkpoint is not None and true_checkpoint < 1:
-        raise UsageError(f"the checkpoint length must be ≥ 1, got {true_checkpoint}")
-    if not 0 < ci_level < 1:
-        raise UsageError(f"the confidence level must be in (0, 1), got {ci_level}")
-    if probes < 0 or probes == 1:
-        raise UsageError(f"the number of probes must be 0 (exact true gradient) or ≥ 2, got {probes}")
-    lag_max = default_max_lag(seq_len, methods) if max_lag is None else max_lag
-    if lag_max < 0 or lag_max > seq_len:
-        raise UsageError(f"the maximum lag D must be between 0 and the sequence length T={seq_len}, got {lag_max}")
+    opts = BiasOptions.of(options, fields)
+    lag_max = opts.check(methods)
     first = next(model.parameters())
-    dev = resolve_device(device) if device is not None else first.device
-    dt = resolve_dtype(dtype) if dtype is not None else first.dtype
+    dev = resolve_device(opts.device) if opts.device is not None else first.device
+    dt = resolve_dtype(opts.dtype) if opts.dtype is not None else first.dtype
     mdl = in_dtype(model, dt).to(dev)
-    check_state(mdl.initial_state(batch_size))
+    check_state(mdl.initial_state(opts.batch_size))
     names = [n for n, p in mdl.named_parameters() if p.requires_grad]
-    groups = _group_index(mdl, names)
-    slide_max = max([m.params["k"] for m in methods if m.family == "sliding"], default=0)
-    batches = bias_batches(task, mdl, seq_len=seq_len, batch_size=batch_size, n_batches=n_batches, seed=seed,
-                           split=split, warmup=warmup)
-    true_rows: list[np.ndarray] = []
-    est_rows: dict[Method, list[np.ndarray]] = {m: [] for m in methods}
-    decs: list[LagDecomposition] = []
+    samples = _collect(task, mdl, methods, opts, lag_max, names, dev, dt)
+    profile = decomposition_profile(samples.decompositions, opts.fit_from) if samples.decompositions else None
+    meta = _meta(task, model, opts, dt, lag_max, samples.seconds)
+    prov = provenance(dev) if opts.with_provenance else {}
+    rows = _rows(methods, samples, _group_index(mdl, names), profile, opts, {"n_batches": opts.n_batches, **meta, **prov})
+    lags = profile.to_frame() if profile is not None else pd.DataFrame(columns=LAG_COLUMNS)
+    if len(lags):
+        lags.insert(0, "task", task.name)
+    return BiasReport(rows, lags, profile, meta)
+
+
+def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOptions, lag_max: int, names: list[str],
+             dev: torch.device, dt: torch.dtype) -> _Samples:
+    """Every batch's true gradient (or probes), each method's estimate, and the lag decompositions."""
+    out = _Samples(est_rows={m: [] for m in methods})
+    fixed_max = max([m.fixed_lags for m in methods if m.fixed_lags is not None], default=0)
+    batches = bias_batches(task, mdl, seq_len=opts.seq_len, batch_size=opts.batch_size, n_batches=opts.n_batches,
+                           seed=opts.seed, split=opts.split, warmup=opts.warmup)
     t0 = time.perf_counter()
     for n, (batch, state) in enumerate(batches):
         data = batch.to(dev, dt)
-        profile_here = n < profile_batches and lag_max > 0
-        D = max(slide_max if fast else 0, lag_max if profile_here else 0)
-        dec = lag_decomposition(mdl, data, task.loss_kind, min(D, seq_len), state, profile=profile_here) if D else None
+        profile_here = n < opts.profile_batches and lag_max > 0
+        D = max(fixed_max if opts.fast else 0, lag_max if profile_here else 0)
+        dec = lag_decomposition(mdl, data, task.loss_kind, min(D, opts.seq_len), state,
+                                profile=profile_here) if D else None
         if dec is not None and profile_here:
-            decs.append(dec)
+            out.decompositions.append(dec)
         truth = None
-        if probes:
-            directions = probe_directions(mdl, probes, derive_seed("probes", seed), "rademacher")
-            dirs = np.stack([flatten(v, names).cpu().numpy() for v in directions])
-            true_rows.append(directional_derivatives(mdl, data, task.loss_kind, directions, state).numpy())
+        if opts.probes:
+            directions = probe_directions(mdl, opts.probes, derive_seed("probes", opts.seed), "rademacher")
+            out.directions = np.stack([flatten(v, names).cpu().numpy() for v in directions])
+            out.true_rows.append(directional_derivatives(mdl, data, task.loss_kind, directions, state).numpy())
         else:
-            truth = true_gradient(mdl, data, task.loss_kind, state, checkpoint=true_checkpoint)
-            true_rows.append(flatten(truth, names).cpu().numpy())
+            truth = true_gradient(mdl, data, task.loss_kind, state, checkpoint=opts.true_checkpoint)
+            out.true_rows.append(flatten(truth, names).cpu().numpy())
         # The K-curve route keeps one full-length graph: not when the caller asked for checkpointing.
-        ests = method_estimates(mdl, data, task.loss_kind, methods, state, fast=fast,
-                                ladders=true_checkpoint is None, truth=truth, decomposition=dec)
+        ests = method_estimates(mdl, data, task.loss_kind, methods, state, fast=opts.fast,
+                                ladders=opts.true_checkpoint is None, truth=truth, decomposition=dec)
         for m in methods:
-            est_rows[m].append(flatten(ests[m], names).cpu().numpy())
-        log.info("bias batch %d/%d done (%.1f s)", n + 1, n_batches, time.perf_counter() - t0)
-    elapsed = time.perf_counter() - t0
-    profile = decomposition_profile(decs, fit_from) if decs else None
-    true_mat = np.stack(true_rows)
-    meta = {
-        "task": task.name, "model": type(model).__name__, **(labels or {}), "seq_len": seq_len, "batch_size": batch_size,
-        "n_batches": n_batches, "seed": seed, "dtype": str(dt).replace("torch.", ""), "split": split,
-        "streaming": bool(task.streaming), "warmup": (seq_len if warmup is None else warmup) if task.streaming else 0,
-        "true_method": f"probes:{probes}" if probes else Full(checkpoint=true_checkpoint).spec, "n_boot": n_boot, "ci_level": ci_level,
-        "fast": fast, "max_lag": lag_max, "seconds": elapsed,
+            out.est_rows[m].append(flatten(ests[m], names).cpu().numpy())
+        log.info("bias batch %d/%d done (%.1f s)", n + 1, opts.n_batches, time.perf_counter() - t0)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _meta(task: Task, model: nn.Module, opts: BiasOptions, dt: torch.dtype, lag_max: int,
+          seconds: float) -> dict[str, Any]:
+    """What was measured: the constant columns of every row, and the report's ``meta``."""
+    return {
+        "task": task.name, "model": type(model).__name__, **(opts.labels or {}), "seq_len": opts.seq_len,
+        "batch_size": opts.batch_size, "n_batches": opts.n_batches, "seed": opts.seed,
+        "dtype": str(dt).replace("torch.", ""), "split": opts.split, "streaming": bool(task.streaming),
+        "warmup": (opts.seq_len if opts.warmup is None else opts.warmup) if task.streaming else 0,
+        "true_method": f"probes:{opts.probes}" if opts.probes else Full(checkpoint=opts.true_checkpoint).spec,
+        "n_boot": opts.n_boot, "ci_level": opts.ci_level, "fast": opts.fast, "max_lag": lag_max, "seconds": seconds,
     }
-    prov = provenance(dev) if with_provenance else {}
+
+
+def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray], profile: LagProfile | None,
+          opts: BiasOptions, constant: dict[str, Any]) -> pd.DataFrame:
+    """The tidy table: one row per (method, parameter group), identified by the method's own columns."""
+    true_mat = np.stack(samples.true_rows)
     rows = []
     for i, m in enumerate(methods):
-        est_mat = np.stack(est_rows[m])
+        est_mat = np.stack(samples.est_rows[m])
         bound = math.nan
         if profile is not None:
-            bound = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(seq_len), seq_len)
-        for group in (("all",) if probes else GROUPS):
+            bound = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(opts.seq_len), opts.seq_len)
+        for group in (("all",) if opts.probes else GROUPS):
             idx = groups.get(group)
             if idx is None:
                 continue
             row = {**method_columns(m), "group": group}
-            if probes:
-                row.update(probe_metrics(est_mat, dirs, true_mat, level=ci_level))
+            if opts.probes:
+                row.update(probe_metrics(est_mat, samples.directions, true_mat, level=opts.ci_level))
             else:
-                row.update(group_metrics(est_mat[:, idx], true_mat[:, idx], n_boot=n_boot, level=ci_level,
-                                         seed=derive_seed("bootstrap", seed, i, group)))
+                row.update(group_metrics(est_mat[:, idx], true_mat[:, idx], n_boot=opts.n_boot, level=opts.ci_level,
+                                         seed=derive_seed("bootstrap", opts.seed, i, group)))
             row["bound"] = bound
-            row.update({"n_batches": n_batches, **meta, **prov})
+            row.update(constant)
             rows.append(row)
     table = pd.DataFrame(rows)
-    lags = profile.to_frame() if profile is not None else pd.DataFrame(columns=LAG_COLUMNS)
-    if len(lags):
-        lags.insert(0, "task", task.name)
-    return BiasReport(table, lags, profile, meta)
+    if "k" in table.columns:
+        table["k"] = table["k"].astype("Int64")
+    return table
 
 
 LAG_COLUMNS = ["lag", "mean", "q10", "q50", "q90", "mass", "n_pairs", "fitted", "fitted_robust", "rate",
@@ -497,25 +494,10 @@ LAG_COLUMNS = ["lag", "mean", "q10", "q50", "q90", "mass", "n_pairs", "fitted", 
                "bound", "horizon"]
 
 
-def measure_bias(
-    task: Task,
-    model: nn.Module,
-    methods: Sequence[Method | str],
-    *,
-    seq_len: int,
-    batch_size: int,
-    n_batches: int,
-    seed: int,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    true_checkpoint: int | None = None,
-    n_boot: int = 2000,
-    **options: Any,
-) -> pd.DataFrame:
+def measure_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], options: BiasOptions | None = None,
+                 **fields: Any) -> pd.DataFrame:
     """The tidy bias table: one row per (method spec, parameter group). See :func:`analyse_bias`."""
-    return analyse_bias(task, model, methods, seq_len=seq_len, batch_size=batch_size, n_batches=n_batches,
-                        seed=seed, device=device, dtype=dtype, true_checkpoint=true_checkpoint, n_boot=n_boot,
-                        **options).table
+    return analyse_bias(task, model, methods, options, **fields).table
 
 
 def _group_index(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:

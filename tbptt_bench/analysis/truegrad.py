@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from tbptt_bench.core.engine import Source, step_loss_sum
@@ -163,6 +164,19 @@ class ProbeEstimate:
         return asdict(self)
 
 
+def mean_sem(x: Sequence[float] | np.ndarray, *, finite_only: bool = True) -> tuple[float, float]:
+    """Mean and standard error of the mean (``scipy.stats.sem``, ddof 1) of ``x``; NaN where undefined.
+
+    ``finite_only`` leaves out NaN and infinite entries first (a batch whose true gradient is zero).
+    """
+    arr = np.asarray(x, dtype=float)
+    if finite_only:
+        arr = arr[np.isfinite(arr)]
+    if not len(arr):
+        return math.nan, math.nan
+    return float(arr.mean()), float(stats.sem(arr)) if len(arr) > 1 else math.nan
+
+
 def estimate_from_probes(a: np.ndarray, b: np.ndarray, estimate_norm: float) -> ProbeEstimate:
     """Statistics from ``a_i = vᵢᵀĝ`` and ``b_i = vᵢᵀg`` (``estimate_norm`` = ‖ĝ‖, known exactly).
 
@@ -178,9 +192,6 @@ def estimate_from_probes(a: np.ndarray, b: np.ndarray, estimate_norm: float) -> 
     dot = est2 - a * e
     true2 = est2 - 2 * a * e + err2
 
-    def mean_se(x: np.ndarray) -> tuple[float, float]:
-        return float(x.mean()), float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-
     def rel(m: np.ndarray) -> float:
         t = true2[m].mean()
         return float(math.sqrt(err2[m].mean() / t)) if t > 0 else math.nan
@@ -190,9 +201,9 @@ def estimate_from_probes(a: np.ndarray, b: np.ndarray, estimate_norm: float) -> 
         return float(dot[m].mean() / (estimate_norm * math.sqrt(t))) if t > 0 and estimate_norm > 0 else math.nan
 
     all_ = np.ones(n, dtype=bool)
-    e2, e2_se = mean_se(err2)
-    t, t_se = mean_se(true2)
-    d, d_se = mean_se(dot)
+    e2, e2_se = mean_sem(err2, finite_only=False)
+    t, t_se = mean_sem(true2, finite_only=False)
+    d, d_se = mean_sem(dot, finite_only=False)
     return ProbeEstimate(n, e2, e2_se, t, t_se, d, d_se, rel(all_), _jackknife_se(rel, n), cos(all_),
                          _jackknife_se(cos, n), estimate_norm)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tbptt_bench.analysis.bias import analyse_bias, grid, split_specs
+from tbptt_bench.analysis.bias import analyse_bias, grid
 from tbptt_bench.commands.common import add_run_args, build, emit_json
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods.base import Method
+from tbptt_bench.methods.base import Method, describe, split_specs
 
 TABLE_FORMATS = (".csv", ".parquet")
 
@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 def _records(df: pd.DataFrame) -> list[dict]:  # type: ignore[type-arg]
     out = []
     for rec in df.to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()})
+        out.append({k: (None if v is pd.NA or isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in rec.items()})
     return out
 
 
@@ -135,10 +136,14 @@ def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
     m = report.meta
     print(f"{m['task']}: T={m['seq_len']}, B={m['batch_size']}, N={m['n_batches']} batches, true gradient "
           f"{m['true_method']}, {m['dtype']}, {m['seconds']:.1f} s")
-    print(f"{'method':<22} {'rel. bias':>10} {'95% CI':>21} {'cosine':>8} {'rel. err':>9} {'SNR':>8} {'bound':>9}")
-    for _, r in report.table[report.table["group"] == "all"].iterrows():
+    print(f"{'method':<22} {'series':<16} {'K':>4} {'rel. bias':>10} {'95% CI':>21} {'cosine':>8} {'rel. err':>9} "
+          f"{'SNR':>8} {'bound':>9}")
+    rows = report.table[report.table["group"] == "all"]
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: describe(rows["spec"].iloc[i])["sort_key"])]
+    for _, r in rows.iterrows():
         ci = f"[{r['relative_bias_lo']:.3g}, {r['relative_bias_hi']:.3g}]"
-        print(f"{r['spec']:<22} {r['relative_bias']:>10.4g} {ci:>21} {r['cosine_mean']:>8.4f} "
+        k = "–" if pd.isna(r["k"]) else str(int(r["k"]))
+        print(f"{r['spec']:<22} {r['series']:<16} {k:>4} {r['relative_bias']:>10.4g} {ci:>21} {r['cosine_mean']:>8.4f} "
               f"{r['relative_error_mean']:>9.4g} {r['snr']:>8.3g} {r['bound']:>9.3g}")
     if report.profile is not None:
         f = report.profile.fit

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from tbptt_bench.commands.common import emit_json, parse_task_params
 from tbptt_bench.errors import UsageError
+from tbptt_bench.methods.base import split_specs
 from tbptt_bench.perf.harness import (
     OPTIMIZERS,
     PerfConfig,
@@ -67,24 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def split_methods(items: list[str]) -> list[str]:
-    """``["tbptt:k1=16,k2=64,full"]`` → ``["tbptt:k1=16,k2=64", "full"]``.
-
-    A comma-separated piece that is ``KEY=VALUE`` (no ``:`` before its ``=``) belongs to the method
-    before it; any other piece starts a new method.
-    """
-    out: list[str] = []
-    for item in items:
-        for piece in (p.strip() for p in item.split(",")):
-            if not piece:
-                raise UsageError(f"empty method in {item!r}; expected specs like chunked:k=64,full")
-            is_param = "=" in piece and ":" not in piece.split("=", 1)[0]
-            if is_param:
-                if not out:
-                    raise UsageError(f"method list {item!r} starts with a parameter; expected FAMILY[:KEY=VALUE,...]")
-                out[-1] += "," + piece
-            else:
-                out.append(piece)
-    return out
+    """``["tbptt:k1=16,k2=64,full"]`` → ``["tbptt:k1=16,k2=64", "full"]``: each item split by
+    :func:`tbptt_bench.methods.base.split_specs` (the one rule every command uses)."""
+    return [spec for item in items for spec in split_specs(item)]
 
 
 def int_list(text: str, name: str) -> list[int]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.report.figures import FORMATS
-from tbptt_bench.report.report import Options, build_report, load_tables, parse_comparison, parse_target
+from tbptt_bench.methods.base import parse_method
+from tbptt_bench.report.document import Options
+from tbptt_bench.report.load import load_tables
+from tbptt_bench.report.report import build_report
 from tbptt_bench.report.stats import TESTS
-
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,3 +67,21 @@ def run(args: argparse.Namespace) -> int:
     files = build_report(tables, args.out, options)
     print(f"wrote {files.markdown} and {files.html}: {len(files.figures)} figures, {len(files.tables)} tables")
     return 0
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """``TASK=VALUE`` for --target."""
+    task, sep, value = text.partition("=")
+    try:
+        return task.strip(), float(value)
+    except ValueError:
+        pass
+    raise UsageError(f"malformed --target {text!r}; expected TASK=VALUE, e.g. copy=0.9")
+
+
+def parse_comparison(text: str) -> tuple[str, str]:
+    """``TREATMENT vs REFERENCE`` (method specs) for --compare, canonicalised."""
+    parts = re.split(r"\s+vs\s+", text.strip())
+    if len(parts) != 2 or not all(parts):
+        raise UsageError(f"malformed --compare {text!r}; expected 'TREATMENT vs REFERENCE', e.g. 'chunked:k=8 vs full'")
+    return parse_method(parts[0]).spec, parse_method(parts[1]).spec

@@ -87,7 +87,8 @@ def bias_hook(args: argparse.Namespace, cfg: TrainConfig):  # type: ignore[no-un
     """The ``on_eval`` hook for ``--bias-at`` (None without it): bias snapshots at evaluation points."""
     if not args.bias_at:
         return None
-    from tbptt_bench.analysis.bias import bias_snapshots, parse_update_list, split_specs
+    from tbptt_bench.analysis.bias import bias_snapshots, parse_update_list
+    from tbptt_bench.methods.base import split_specs
     from tbptt_bench.core.build import make_task
 
     at = parse_update_list(args.bias_at)

@@ -64,6 +64,7 @@ class Adaptive(Method):
         "window": Param(int, 100, lambda v: v >= 2, "an integer ≥ 2", required=False),
         "family": family_param("overlap"),
     }
+    constant_k = False
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
@@ -44,12 +44,30 @@ def positive_int(default: int | None = None, required: bool = True) -> Param:
     return Param(int, default, lambda v: v >= 1, "an integer ≥ 1", required)
 
 
+#: ``Method.k_param`` default: the parameter ``k``, else ``k1``, if the schema has it (plugin families).
+AUTO = "*"
+
+
 class Method(ABC):
-    """A gradient method: named parameters and the updates it makes over a sequence."""
+    """A gradient method: named parameters, the updates it makes over a sequence, and how it describes
+    itself to analyses and reports (its K axis, grid rule, series, label, order; docs/design.md §2).
+
+    Every description has a default, so a plugin family needs to declare only what differs.
+    """
 
     family: ClassVar[str]
     summary: ClassVar[str]
     schema: ClassVar[dict[str, Param]] = {}
+    #: The parameter that is the truncation length K (None: no K axis; AUTO: ``k``, else ``k1``).
+    k_param: ClassVar[str | None] = AUTO
+    #: Where the family sorts among others in tables and legends (lower first; ties by series, K, spec).
+    rank: ClassVar[int] = 50
+    #: Whether the estimate at frozen θ is a fixed function of the data (False: it draws random numbers).
+    deterministic: ClassVar[bool] = True
+    #: Whether the truncation length is the same at every update (False: it changes over updates or training).
+    constant_k: ClassVar[bool] = True
+    #: Whether the estimate is the true gradient itself (full BPTT: the reference every method is compared with).
+    exact: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = validate(self.family, self.schema, params)
@@ -82,6 +100,80 @@ class Method(ABC):
     def k_used(self, update: int) -> int | None:
         """The truncation length K the method uses at 0-based global update ``update`` (None: no single K)."""
         return None
+
+    # -- self-description (docs/design.md §2) --------------------------------------------------------
+
+    @classmethod
+    def k_name(cls) -> str | None:
+        """The name of the family's truncation-length parameter, or None when it has no K axis."""
+        if cls.k_param != AUTO:
+            return cls.k_param
+        return next((n for n in ("k", "k1") if n in cls.schema and cls.schema[n].kind is int), None)
+
+    @classmethod
+    def at_k(cls, k: int) -> Method:
+        """The family's method at truncation length ``k`` in a K grid: the K parameter set to ``k``.
+
+        UsageError when the family has no K axis or needs other parameters as well.
+        """
+        name = cls.k_name()
+        if name is None:
+            raise UsageError(f"method family {cls.family!r} has no K parameter; give complete specs instead, "
+                             f"e.g. {cls.family}:KEY=VALUE")
+        others = [n for n, p in cls.schema.items() if n != name and p.required and p.default is None]
+        if others:
+            raise UsageError(f"method family {cls.family!r} also needs {', '.join(others)} for a K grid; give "
+                             f"complete specs instead, e.g. {cls.family}:{name}=8,{others[0]}=...")
+        return cls(**{name: k})
+
+    @classmethod
+    def taken_once(cls) -> bool:
+        """Whether a K grid takes the bare family once, as is (no K axis and nothing required, e.g. ``full``)."""
+        return cls.k_name() is None and not any(p.required and p.default is None for p in cls.schema.values())
+
+    @property
+    def grid_k(self) -> int | None:
+        """This method's truncation length K on the family's K axis (None: no K axis)."""
+        name = self.k_name()
+        value = self.params.get(name) if name is not None else None
+        return int(value) if value is not None else None
+
+    @property
+    def series(self) -> str:
+        """The family curve this method lies on in plots against K: the family and its parameters other than K."""
+        name = self.k_name()
+        if name is None:
+            return self.spec
+        rest = [f"{k}={v}" for k, v in self.params.items() if k != name and v is not None]
+        return self.family + (f" ({', '.join(rest)})" if rest else "")
+
+    @property
+    def label(self) -> str:
+        """A short display label, e.g. ``chunked K=8``."""
+        k = self.grid_k
+        return self.spec if k is None else f"{self.series} K={k}"
+
+    @property
+    def fixed_lags(self) -> int | None:
+        """L when every loss keeps exactly its last L lags (its estimate is one lag decomposition's
+        ĝ_L, and an analysis profiles at least L lags by default); None otherwise."""
+        return None
+
+    @property
+    def fixed_k(self) -> bool:
+        """Whether the method truncates at one K throughout (it has a K axis and K never changes)."""
+        return self.constant_k and self.k_name() is not None
+
+    @property
+    def sort_key(self) -> tuple[int, str, int, str]:
+        """Order in tables and legends: family rank, series, K (-1 without K), spec."""
+        k = self.grid_k
+        return self.rank, self.series, -1 if k is None else k, self.spec
+
+    def describe(self) -> dict[str, Any]:
+        """The columns that identify this method in a result table: family, spec, series, k, label."""
+        return {"family": self.family, "spec": self.spec, "series": self.series, "k": self.grid_k,
+                "label": self.label}
 
     def __repr__(self) -> str:
         return f"Method({self.spec!r})"
@@ -162,3 +254,47 @@ def _number(text: str, spec: str) -> int | float | str:
         except ValueError:
             pass
     return text
+
+
+_SPEC_START = re.compile(r"^[a-z][a-z0-9_\-]*(:|$)")
+
+
+def split_specs(text: str) -> list[str]:
+    """Split ``"chunked:k=8,tbptt:k1=4,k2=8,full"`` into method specs.
+
+    A comma-separated piece ``KEY=VALUE`` (no ``:`` before its ``=``) continues the spec before it; any
+    other piece starts a new spec. Empty pieces are an error (a stray comma usually hides a typo).
+    """
+    out: list[str] = []
+    for piece in (p.strip() for p in str(text).split(",")):
+        if not piece:
+            raise UsageError(f"empty method spec in {text!r}; expected specs separated by single commas, "
+                             "e.g. chunked:k=8,full")
+        key, sep, _ = piece.partition("=")
+        if sep and ":" not in key:
+            if not out:
+                raise UsageError(f"malformed method list {text!r}: {piece!r} belongs to no method; "
+                                 "expected FAMILY[:KEY=VALUE,...] first")
+            out[-1] += "," + piece
+        elif _SPEC_START.match(piece):
+            out.append(piece)
+        else:
+            raise UsageError(f"malformed method list {text!r}: cannot read {piece!r}; expected FAMILY[:KEY=VALUE,...]")
+    return out
+
+
+def describe(spec: str | Method) -> dict[str, Any]:
+    """:meth:`Method.describe` of a spec, plus ``fixed_k``, ``exact`` and ``sort_key``; a spec that does not parse (e.g. a plugin
+    family not loaded) is its own series and label, without K, sorted last."""
+    try:
+        method = parse_method(spec)
+    except UsageError:
+        text = str(spec)
+        return {"family": "", "spec": text, "series": text, "k": None, "label": text, "fixed_k": False,
+                "exact": False, "sort_key": (Method.rank + 1, text, -1, text)}
+    return {**method.describe(), "fixed_k": method.fixed_k, "exact": method.exact, "sort_key": method.sort_key}
+
+
+def order_specs(specs: Iterable[str]) -> list[str]:
+    """Distinct specs in the methods' own order (:attr:`Method.sort_key`)."""
+    return sorted(dict.fromkeys(str(s) for s in specs), key=lambda s: describe(s)["sort_key"])

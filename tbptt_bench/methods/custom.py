@@ -32,7 +32,7 @@ import numpy as np
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import Update
-from tbptt_bench.methods.base import METHODS, Method, Param, positive_int
+from tbptt_bench.methods.base import AUTO, METHODS, Method, Param, positive_int
 from tbptt_bench.methods.schedules import Window, per_update_windows
 
 __all__ = [
@@ -62,9 +62,11 @@ def choice(*values: str, default: str | None = None) -> Param:
 
 
 def _register(family: str, summary: str, params: dict[str, Param] | None, body: dict[str, Any],
-              replace: bool) -> type[Method]:
+              replace: bool, k_param: str | None) -> type[Method]:
+    if k_param not in (AUTO, None) and k_param not in (params or {}):
+        raise UsageError(f"method family {family!r}: k_param={k_param!r} is not one of its parameters")
     cls = type(f"Custom_{family}", (Method,), {"family": family, "summary": summary,
-                                                "schema": dict(params or {}), **body})
+                                                "schema": dict(params or {}), "k_param": k_param, **body})
     METHODS.register(family, cls, replace=replace)  # type: ignore[arg-type]
     return cls  # type: ignore[return-value]
 
@@ -91,12 +93,15 @@ def define_method(
     summary: str,
     params: dict[str, Param] | None = None,
     k_used: Callable[..., int | None] | None = None,
+    k_param: str | None = AUTO,
     replace: bool = False,
 ) -> Callable[[UpdatesFn], type[Method]]:
     """Decorator: register ``fn(length, first_update, rng, **params) -> [Update, ...]`` as ``family``.
 
     ``k_used(update, **params)``, if given, reports the truncation length at a global update (logged by
-    training). The returned updates are checked to cover every loss exactly once, in order.
+    training). ``k_param`` names the parameter that is the truncation length K (:attr:`Method.k_param`;
+    default ``k``, else ``k1``), which puts the family on K grids and K axes. The returned updates are
+    checked to cover every loss exactly once, in order.
     """
 
     def wrap(fn: UpdatesFn) -> type[Method]:
@@ -107,7 +112,7 @@ def define_method(
         body: dict[str, Any] = {"updates": updates, "__doc__": fn.__doc__}
         if k_used is not None:
             body["k_used"] = lambda self, update: k_used(update, **self.params)
-        return _register(family, summary, params, body, replace)
+        return _register(family, summary, params, body, replace, k_param)
 
     return wrap
 
@@ -118,12 +123,14 @@ def define_mask_method(
     summary: str,
     params: dict[str, Param] | None = None,
     every: int | str | None = None,
+    k_param: str | None = AUTO,
     replace: bool = False,
 ) -> Callable[[MaskFn], type[Method]]:
     """Decorator: register a mask ``m(t, s, **params)`` (0-based, s ≤ t) as ``family``.
 
     Updates come every ``every`` steps (an int, or the name of an integer parameter); None gives one
-    update per sequence. The mask is evaluated for each sequence length once and cached.
+    update per sequence. The mask is evaluated for each sequence length once and cached. ``k_param``:
+    as for :func:`define_method`.
     """
     if every is not None and not isinstance(every, int) and every not in (params or {}):
         raise UsageError(f"define_mask_method({family!r}): every={every!r} is neither an int nor a parameter name")
@@ -143,7 +150,7 @@ def define_mask_method(
                     raise UsageError(f"method {family!r}: {exc}") from None
             return list(cache[length])
 
-        return _register(family, summary, params, {"updates": updates, "__doc__": fn.__doc__}, replace)
+        return _register(family, summary, params, {"updates": updates, "__doc__": fn.__doc__}, replace, k_param)
 
     return wrap
 

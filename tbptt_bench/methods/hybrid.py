@@ -34,6 +34,9 @@ class Hybrid(Method):
         "every": positive_int(),
         "long": Param(int, 0, lambda v: v >= 0, "an integer ≥ 0 (0: back to the sequence start)", required=False),
     }
+    k_param = "k1"
+    rank = 40
+    constant_k = False
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

@@ -82,6 +82,8 @@ class ARTBP(Method):
     family = "artbp"
     summary = "randomised truncation with compensation 1/(1-c) where not cut: unbiased (Tallec & Ollivier 2017)"
     schema = {"c": truncation_probability(), "min": positive_int(1, required=False)}
+    k_param = None
+    deterministic = False
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         if rng is None:  # the method's own stream: reproducible, and a new draw for every sequence

@@ -106,6 +106,8 @@ def parse_steps(k: int, then: str) -> list[tuple[int, int]]:
 class ScheduledK(Method):
     """A method whose update n uses the window family's window for K(n)."""
 
+    constant_k = False
+
     @abstractmethod
     def schedule(self, update: int) -> int:
         """K at 0-based global update ``update``."""

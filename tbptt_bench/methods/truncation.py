@@ -44,6 +44,14 @@ class Full(Method):
     family = "full"
     summary = "full BPTT: one update per sequence, every lag kept (checkpoint=C: recompute per C steps)"
     schema = {"checkpoint": positive_int(required=False)}
+    k_param = None
+    rank = 0
+    exact = True
+
+    @property
+    def series(self) -> str:
+        """Full BPTT is one reference, with or without checkpointing (same gradient)."""
+        return self.family
 
     @property
     def checkpoint(self) -> int | None:
@@ -58,6 +66,25 @@ class TBPTT(Method):
     family = "tbptt"
     summary = "TBPTT(k1, k2): update every k1 steps, each loss reaches back to u - k2 (Williams & Peng)"
     schema = {"k1": positive_int(), "k2": positive_int()}
+    k_param = "k1"
+    rank = 10
+
+    @classmethod
+    def at_k(cls, k: int) -> Method:
+        """tbptt(K, 2K-1): chunks of K losses, each backpropagated over 2K-1 steps, so every loss keeps at
+        least K lags (the updates Aicher, Foti & Fox 2019 train with)."""
+        return cls(k1=k, k2=2 * k - 1)
+
+    @property
+    def series(self) -> str:
+        """``tbptt(K,2K-1)``, ``tbptt(K,K)`` or ``tbptt(K,rK)``: how far back each update reaches, in K = k1."""
+        k1, k2 = self.params["k1"], self.params["k2"]
+        reach = "K" if k2 == k1 else ("2K-1" if k2 == 2 * k1 - 1 else f"{k2 / k1:g}K")
+        return f"tbptt(K,{reach})"
+
+    @property
+    def label(self) -> str:
+        return f"tbptt({self.params['k1']},{self.params['k2']})"
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         return segment_updates(length, self.params["k1"], self.params["k2"])
@@ -68,6 +95,8 @@ class Chunked(Method):
     family = "chunked"
     summary = "chunked TBPTT = tbptt:k1=k,k2=k (detach every k steps)"
     schema = {"k": positive_int()}
+    k_param = "k"
+    rank = 20
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         return segment_updates(length, self.params["k"], self.params["k"])
@@ -78,6 +107,12 @@ class Sliding(Method):
     family = "sliding"
     summary = "sliding(k): every loss reaches exactly its last k steps; updates every k1 (default k)"
     schema = {"k": positive_int(), "k1": positive_int(required=False)}
+    k_param = "k"
+    rank = 30
+
+    @property
+    def fixed_lags(self) -> int | None:
+        return self.params["k"]
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         k1 = self.params["k1"] or self.params["k"]

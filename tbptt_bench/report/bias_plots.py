@@ -25,14 +25,14 @@ FIGURE_FORMATS = ("png", "pdf", "svg")
 def bias_figure(table: pd.DataFrame, lags: pd.DataFrame, title: str = "") -> Figure:
     """Three panels: relative bias (with its CI and the lag-profile bound), cosine (±1.96 SE), profile."""
     rows = table[(table["group"] == "all") & np.isfinite(table["k"].astype(float))]
-    families = list(dict.fromkeys(rows["family"]))
+    families = list(dict.fromkeys(rows["series"]))
     colors = dict(zip(families, sns.color_palette("colorblind", max(len(families), 1))))
     with sns.axes_style("whitegrid"):
         fig = Figure(figsize=(15, 4.4), layout="constrained")
         FigureCanvasAgg(fig)
         ax_bias, ax_cos, ax_lag = fig.subplots(1, 3)
     for fam in families:
-        r = rows[rows["family"] == fam].sort_values("k")
+        r = rows[rows["series"] == fam].sort_values("k")
         c = colors[fam]
         k = r["k"].to_numpy(float)
         value = r["relative_bias"].to_numpy(float)

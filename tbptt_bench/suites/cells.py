@@ -172,7 +172,7 @@ def _train_run(params: dict[str, Any]) -> Tables:
 # --------------------------------------------------------------------------- bias
 
 #: What a bias cell builds before it calls :func:`tbptt_bench.analysis.bias.analyse_bias` (the model at its
-#: initial θ, drawn from the cell's seed), with defaults; the other keys are analyse_bias's options.
+#: initial θ, drawn from the cell's seed), with defaults; the other keys are the fields of bias.BiasOptions.
 BIAS_BUILD: dict[str, tuple[Any, Any]] = {
     "task": (str, REQUIRED), "task_params": (dict, {}), "model": (str, REQUIRED), "hidden_size": (int, 32),
     "num_layers": (int, 1), "path": (str, "fused"), "methods": (list[str], REQUIRED),
@@ -184,7 +184,7 @@ BIAS_BUILD: dict[str, tuple[Any, Any]] = {
 def _bias_schema() -> dict[str, tuple[Any, Any]]:
     from tbptt_bench.analysis import bias
 
-    options = _signature_schema(bias.analyse_bias, skip={"task", "model", "methods", "seed", "with_provenance",
+    options = _signature_schema(bias.BiasOptions, skip={"task", "model", "methods", "seed", "with_provenance",
                                                          "labels"})
     return {**options, **BIAS_BUILD}
 

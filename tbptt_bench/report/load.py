@@ -1,0 +1,81 @@
+"""Result stores for the report: find a store, load its tables and check they are tbptt-bench result tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tbptt_bench.errors import UsageError
+
+
+MEASURES = ("train", "bias", "perf")
+
+
+#: Columns every row of a tbptt-bench result table has.
+BOOKKEEPING = ("key", "measure", "status")
+
+
+#: Columns a measurement kind must have for its section to be drawn (beyond the bookkeeping).
+REQUIRED = {
+    "train": ("task", "model", "method", "seed", "eval_metric"),
+    "perf": ("task", "model", "method", "seq_len", "tokens_per_s", "ms_per_update"),
+    "bias": ("task", "model", "spec", "relative_bias"),
+}
+
+
+def find_store(path: str | Path) -> Path:
+    """The store directory of ``path``: a store itself, or a results root holding exactly one store."""
+    root = Path(path)
+    if not root.exists():
+        raise UsageError(f"results path {root} does not exist; pass a store directory such as results/quick")
+    if root.is_file():
+        return root
+    if any(root.glob("*.parquet")) or (root / "parts").is_dir():
+        return root
+    stores = sorted(p for p in root.iterdir() if p.is_dir() and (any(p.glob("*.parquet")) or (p / "parts").is_dir()))
+    if len(stores) == 1:
+        return stores[0]
+    if stores:
+        names = ", ".join(str(p) for p in stores)
+        raise UsageError(f"{root} holds several result stores ({names}); pass one of them")
+    raise UsageError(f"{root} holds no results (no .parquet table); run a suite first, e.g. tbptt-bench run quick")
+
+
+def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
+    """Every table of a store (``results``, ``curves``, ``lags``, …), or one Parquet/CSV file as ``results``.
+
+    Raises UsageError for a path that does not exist, an empty table, or a table that is not a
+    tbptt-bench result table (no key/measure/status columns).
+    """
+    from tbptt_bench.suites.store import read_results, table_names
+
+    root = find_store(path)
+    if root.is_file():
+        tables = {"results": _read_file(root)}
+    else:
+        tables = {name: read_results(root, name) for name in table_names(root)}
+    main = tables.get("results", pd.DataFrame())
+    if main.empty:
+        raise UsageError(f"results table in {root} is empty; run a suite into it first")
+    missing = [c for c in BOOKKEEPING if c not in main.columns]
+    if missing:
+        raise UsageError(f"{root} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
+    for measure in sorted(set(main["measure"].dropna()) & set(REQUIRED)):
+        rows = main[(main["measure"] == measure) & (main["status"] == "ok")]
+        lacking = [c for c in REQUIRED[measure] if c not in rows.columns or (len(rows) and rows[c].isna().all())]
+        if len(rows) and lacking:
+            raise UsageError(f"{root}: {measure} rows lack column(s) {', '.join(lacking)}; "
+                             "the table was not written by this version of tbptt-bench")
+    return tables
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
+        raise UsageError(f"cannot read results file {path}: {type(exc).__name__}: {exc}") from None
+    raise UsageError(f"results file {path} is neither .parquet nor .csv; pass a store directory")

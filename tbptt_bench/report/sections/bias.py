@@ -1,0 +1,128 @@
+"""The gradient-bias section: relative bias and cosine against K, the lag profile and the bound."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tbptt_bench.report import figures
+from tbptt_bench.report import stats
+from tbptt_bench.report.common import _ci, _fmt, _ok, _unit, _with_panel, method_sort_key, seed_interval, with_method_axes
+from tbptt_bench.report.document import Document
+
+
+def _bias_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Bias rows of the whole gradient (group ``all``), with a ``method`` column."""
+    bias = _ok(tables["results"], "bias")
+    if bias.empty:
+        return bias
+    if "spec" in bias.columns:
+        bias["method"] = bias["spec"].where(bias["spec"].notna(), bias.get("method"))
+    if "group" in bias.columns:
+        bias = bias[bias["group"] == "all"]
+    return bias[bias["method"].notna()].copy()
+
+
+def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[str, Any]) -> pd.DataFrame:
+    """Relative bias and cosine against K, the lag profile and the bias bound; returns the bias summary."""
+    o = doc.options
+    doc.section("bias", "Gradient bias")
+    columns = ["task", "model", "method", "mean", "ci_low", "ci_high"]
+    bias = _bias_rows(tables)
+    if bias.empty or "relative_bias" not in bias.columns:
+        doc.text("No bias measurements in these results.")
+        return pd.DataFrame(columns=columns)
+    bias, _ = _with_panel(bias)
+    bias = with_method_axes(bias)
+    seeds = int(bias.groupby(["panel", "method"])[_unit(bias)].nunique().min()) if _unit(bias) in bias else 1
+    doc.text("Relative bias ‖mean(ĝ − g)‖ / ‖mean(g)‖ over the measured batches, and the mean cosine of ĝ with "
+             "the true gradient g, for the whole parameter vector. "
+             + (f"Means over {seeds}+ seeds with {o.confidence:.0%} bootstrap intervals over seeds (each seed's "
+                "estimate averages its batches, so the spread between seeds holds the batch noise as well)."
+                if seeds > 1 else "One seed: intervals are the measurement's own bootstrap over batches (relative "
+                "bias) and ±z·standard error over batches (cosine)."))
+    if 1 < seeds < stats.FEW_SEEDS:
+        doc.warning(f"Only {seeds} seeds per configuration: bootstrap intervals over so few seeds are too narrow and "
+                    "are shown for orientation only.")
+    if bias["K"].nunique() == 1:
+        doc.text(f"These results hold one truncation length (K = {bias['K'].dropna().iloc[0]:g}), so the figures "
+                 "against K show one point per method; a suite with a grid of K draws curves.")
+    by = ["panel", "task", "model", "method", "series", "K"]
+    rel = seed_interval(bias, "relative_bias", by, low="relative_bias_lo", high="relative_bias_hi", options=o)
+    cos = seed_interval(bias, "cosine_mean", by, se="cosine_se", options=o) if "cosine_mean" in bias else None
+    truncated = rel[rel["K"].notna()]
+    refs = None
+    if not truncated.empty:
+        fig = figures.ci_lines(truncated, x="K", y="mean", low="ci_low", high="ci_high", hue="series",
+                               panel="panel", logx=True, logy=True, xlabel="truncation length K",
+                               ylabel="relative bias", title="Relative bias of the gradient against K")
+        doc.figure("bias_vs_k", fig, "Relative bias ‖mean(ĝ − g)‖/‖mean(g)‖ against K per method family; band: "
+                   f"{o.confidence:.0%} interval. Full BPTT has zero bias by definition.")
+    if cos is not None and not cos[cos["K"].notna()].empty:
+        refs = pd.DataFrame({"panel": cos["panel"].unique(), "y": 1.0, "label": "full BPTT (cosine 1)"})
+        fig = figures.ci_lines(cos[cos["K"].notna()], x="K", y="mean", low="ci_low", high="ci_high", hue="series",
+                               panel="panel", refs=refs, logx=True, xlabel="truncation length K",
+                               ylabel="cosine(ĝ, g)", title="Alignment with the true gradient against K")
+        doc.figure("cosine_vs_k", fig, f"Mean cosine between ĝ and g over batches against K; band: {o.confidence:.0%} "
+                   "interval.")
+    _lag_profile(doc, tables, bias)
+    if "bound" in bias.columns and np.isfinite(bias["bound"].astype(float)).any():
+        bound = bias.groupby(by, as_index=False, dropna=False)["bound"].median()
+        both = rel.merge(bound, on=by, how="left")
+        both = both[both["K"].notna()]
+        if not both.empty:
+            fig = figures.measured_vs_bound(both, x="K", y="mean", low="ci_low", high="ci_high", bound="bound",
+                                            hue="series", panel="panel", xlabel="truncation length K",
+                                            ylabel="relative bias", title="Measured relative bias and its bound")
+            doc.figure("bias_bound", fig, "Measured relative bias (solid, with its interval) next to the bound "
+                       "estimated from the lag profile (dashed, after Aicher, Foti & Fox 2019); the bound is "
+                       "conservative and may be infinite where the profile does not decay.")
+        rel = rel.merge(bound, on=by, how="left")
+    rel["order"] = rel["method"].map(method_sort_key)
+    rel = rel.sort_values(["panel", "order"]).drop(columns="order")
+    shown = rel[["panel", "method", "n"]].copy()
+    shown["relative bias [CI]"] = rel.apply(_ci, axis=1)
+    if cos is not None:
+        merged = rel[by].merge(cos, on=by, how="left")
+        shown["cosine [CI]"] = merged.apply(_ci, axis=1, digits=5).to_numpy()
+        rel = rel.merge(cos.rename(columns={"mean": "cosine", "ci_low": "cosine_low", "ci_high": "cosine_high"})
+                        .drop(columns="n"), on=by, how="left")
+    if "bound" in rel.columns:
+        shown["bound"] = rel["bound"].map(_fmt).to_numpy()
+    doc.table("bias", shown, rel, caption="Gradient bias per method (whole parameter vector).")
+    return rel[[c for c in columns if c in rel.columns] + ["panel"]]
+
+
+def _lag_profile(doc: Document, tables: dict[str, pd.DataFrame], bias: pd.DataFrame) -> None:
+    lags = tables.get("lags", pd.DataFrame())
+    doc.heading("Lag profile")
+    need = {"key", "lag", "mean"}
+    if lags.empty or not need <= set(lags.columns):
+        doc.text("No lag profiles (lags table) in these results.")
+        return
+    lags = lags[lags["key"].isin(bias["key"])].drop(columns=["panel"], errors="ignore")
+    lags = lags.merge(bias[["key", "panel"]].drop_duplicates("key"), on="key", how="left")
+    lags = lags[lags["mean"] > 0]
+    if lags.empty:
+        doc.text("The lag profiles in these results are empty.")
+        return
+    agg = {"phi": ("mean", "mean")}
+    agg.update({n: (n, "mean") for n in ("q10", "q90", "fitted", "rate") if n in lags.columns})
+    prof = lags.groupby(["panel", "lag"], as_index=False).agg(**agg)
+    prof["what"] = "mean φ_d"
+    frames = [prof]
+    if "fitted" in prof.columns:
+        frames.append(prof.assign(phi=prof["fitted"], q10=np.nan, q90=np.nan, what="geometric fit"))
+    long = pd.concat(frames, ignore_index=True)
+    fig = figures.ci_lines(long, x="lag", y="phi", low="q10" if "q10" in long else None,
+                           high="q90" if "q90" in long else None, hue="what", panel="panel", logy=True,
+                           markers=False, xlabel="lag d", ylabel="‖∂ℓ_t/∂h_{t−d}‖",
+                           title="Lag profile φ_d (band: 10th–90th percentile over losses)")
+    doc.figure("lag_profile", fig, "Lag profile φ_d = ‖∂ℓ_t/∂h_{t−d}‖: mean over losses and batches (averaged over "
+               "seeds), band from the 10th to the 90th percentile, and the fitted geometric decay.")
+    if "rate" in prof.columns:
+        rates = prof.groupby("panel", as_index=False)["rate"].first()
+        doc.table("lag_rates", rates.assign(rate=rates["rate"].map(_fmt)), rates,
+                  caption="Fitted geometric decay rate β of the lag profile (φ_d ≈ c·β^d).")
