@@ -19,14 +19,9 @@ from rich.table import Table
 
 from tbptt_bench.commands.common import emit_json, parse_task_params
 from tbptt_bench.errors import UsageError
-from tbptt_bench.perf.harness import (
-    OPTIMIZERS,
-    PerfConfig,
-    check_output_path,
-    expand_grid,
-    perf_grid,
-    save_table,
-)
+from tbptt_bench.perf.child import perf_grid
+from tbptt_bench.perf.config import OPTIMIZERS, PerfConfig
+from tbptt_bench.perf.tables import check_output_path, expand_grid, save_table
 
 log = logging.getLogger(__name__)
 

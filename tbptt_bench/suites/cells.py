@@ -36,7 +36,7 @@ from tbptt_bench.provenance import provenance
 from tbptt_bench.models import MODELS
 from tbptt_bench.seeding import generator
 from tbptt_bench.core.build import make_task
-from tbptt_bench.perf.harness import is_out_of_memory
+from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.training.loop import Diverged, TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _bias_run(params: dict[str, Any]) -> Tables:
 # --------------------------------------------------------------------------- perf
 
 def _perf_schema() -> dict[str, tuple[Any, Any]]:
-    from tbptt_bench.perf import harness as perf
+    from tbptt_bench.perf import config as perf
 
     hints = typing.get_type_hints(perf.PerfConfig)
     out: dict[str, tuple[Any, Any]] = {}
@@ -235,7 +235,7 @@ def _perf_schema() -> dict[str, tuple[Any, Any]]:
 
 def _perf_config(params: dict[str, Any]) -> Any:
     """The PerfConfig of a cell (the cell's seed is passed only if PerfConfig takes one)."""
-    from tbptt_bench.perf import harness as perf
+    from tbptt_bench.perf import config as perf
 
     names = {f.name for f in dataclasses.fields(perf.PerfConfig)}
     return perf.PerfConfig(**{k: v for k, v in params.items() if k in names})
@@ -248,7 +248,7 @@ def _perf_check(params: dict[str, Any]) -> None:
 
 
 def _perf_run(params: dict[str, Any]) -> Tables:
-    from tbptt_bench.perf import harness as perf
+    from tbptt_bench.perf import child as perf
 
     row = perf.measure_in_fresh_process(_perf_config(params))
     return {MAIN_TABLE: [dict(row)]}
@@ -278,7 +278,7 @@ MEASURES: dict[str, Measure] = {
                      schema=_train_schema, check=_train_check, run=_train_run),
     "bias": Measure("bias", 1, timing=False, module="tbptt_bench.analysis.bias", list_keys=frozenset({"methods"}),
                     schema=_bias_schema, check=_bias_check, run=_bias_run),
-    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.harness",
+    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.child",
                     schema=_perf_schema, check=_perf_check, run=_perf_run),
 }
 
