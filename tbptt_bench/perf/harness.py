@@ -21,6 +21,7 @@ Column names are listed in docs/perf.md; :data:`tbptt_bench.perf.config.COLUMNS`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -31,16 +32,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
-from tbptt_bench.core.engine import Engine
+from tbptt_bench.core.build import resolve_device, resolve_dtype
 from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods.base import parse_method
 from tbptt_bench.perf.config import COLUMNS, PerfConfig
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.perf.memory import MemoryProbe, limit_cuda_memory, release_free_memory, set_heap_mode
 from tbptt_bench.provenance import provenance
 from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.training.run import build_run
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,10 @@ class Workload:
     def __init__(self, cfg: PerfConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg = cfg
         self.device = device
-        self.task = make_task(cfg.task, **cfg.task_params)
-        self.method = parse_method(cfg.method)
-        self.model = make_model(cfg.model, self.task, cfg.hidden_size, cfg.num_layers, seed=cfg.seed,
-                                dtype=dtype, device=device, path=cfg.path)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer: torch.optim.Optimizer | None = None
-        if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        elif cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=cfg.lr)
-        self.engine = Engine(self.model, self.task.loss_kind, device=device, dtype=dtype,
-                             checkpoint=self.method.checkpoint, non_blocking=device.type == "cuda")
+        self.run = build_run(dataclasses.replace(cfg.run, device=str(device), dtype=str(dtype).removeprefix("torch.")))
+        self.task, self.method, self.model = self.run.task, self.run.method, self.run.model
+        self.optimizer = self.run.optimizer
+        self.engine = self.run.engine
         # The batch stays on the CPU: the engine moves one chunk at a time, as in training.
         self.batch = self.task.sample(cfg.batch_size, cfg.seq_len, generator(derive_seed("perf-data", cfg.seed)))
         self.rng = np.random.default_rng(derive_seed("perf-method", cfg.seed))
@@ -109,9 +101,7 @@ class Workload:
         self.updates_done += len(updates)
 
     def _step(self, i: int, u: Update, loss: torch.Tensor) -> None:
-        assert self.optimizer is not None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.run.step()
 
 
 def synchronize(device: torch.device) -> None:

@@ -15,7 +15,6 @@ Rows are returned per table: ``results`` (always; one or more rows per cell) and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import importlib
 import inspect
@@ -37,7 +36,7 @@ from tbptt_bench.models import MODELS
 from tbptt_bench.seeding import generator
 from tbptt_bench.core.build import make_task
 from tbptt_bench.perf.failures import is_out_of_memory
-from tbptt_bench.training.loop import Diverged, TrainConfig, train
+from tbptt_bench.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +144,7 @@ def check_task_and_model(params: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- train
 
 def _train_schema() -> dict[str, tuple[Any, Any]]:
-    hints = typing.get_type_hints(TrainConfig)
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "seed":
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out[f.name] = (hints[f.name], default)
-    return out
+    return TrainConfig.schema()
 
 
 def _train_check(params: dict[str, Any]) -> None:
@@ -164,9 +156,12 @@ def _train_run(params: dict[str, Any]) -> Tables:
     cfg = TrainConfig(**params)
     result = train(cfg)
     extra = {"metric_name": result.metric_name, "baseline": result.baseline}
-    final = {**result.final, **extra}
     curves = [{**row, **extra} for row in result.curve]
-    return {MAIN_TABLE: [final], "curves": curves}
+    if result.diverged_at is not None:
+        message = f"loss became non-finite by update {result.diverged_at}"
+        return {MAIN_TABLE: [{"status": "diverged", "error": message, "diverged_at": result.diverged_at}],
+                "curves": curves}
+    return {MAIN_TABLE: [{**result.final, **extra}], "curves": curves}
 
 
 # --------------------------------------------------------------------------- bias
@@ -218,27 +213,16 @@ def _bias_run(params: dict[str, Any]) -> Tables:
 # --------------------------------------------------------------------------- perf
 
 def _perf_schema() -> dict[str, tuple[Any, Any]]:
-    from tbptt_bench.perf import config as perf
+    from tbptt_bench.perf.config import PerfConfig
 
-    hints = typing.get_type_hints(perf.PerfConfig)
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(perf.PerfConfig):
-        if f.name == "seed":
-            continue
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = REQUIRED if f.default is dataclasses.MISSING else f.default
-        out[f.name] = (hints.get(f.name, Any), default)
-    return out
+    return PerfConfig.schema()
 
 
 def _perf_config(params: dict[str, Any]) -> Any:
-    """The PerfConfig of a cell (the cell's seed is passed only if PerfConfig takes one)."""
-    from tbptt_bench.perf import config as perf
+    """The PerfConfig of a cell."""
+    from tbptt_bench.perf.config import PerfConfig
 
-    names = {f.name for f in dataclasses.fields(perf.PerfConfig)}
-    return perf.PerfConfig(**{k: v for k, v in params.items() if k in names})
+    return PerfConfig(**params)
 
 
 def _perf_check(params: dict[str, Any]) -> None:
@@ -344,9 +328,8 @@ def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> Ce
     try:
         tables = measure.run(dict(cell.params))
         status, error = reported_status(tables.get(MAIN_TABLE, []))
-    except Diverged as exc:
-        tables = {"curves": exc.curve} if exc.curve else {}
-        status, error, diverged_at = "diverged", str(exc), exc.update
+        diverged_at = next((r["diverged_at"] for r in tables.get(MAIN_TABLE, []) if r.get("diverged_at") is not None),
+                           None)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data: the sweep goes on
