@@ -19,7 +19,7 @@ from tbptt_bench.perf.config import COLUMNS, PerfConfig
 def expand_grid(base: PerfConfig | None = None, **axes: Iterable[Any]) -> list[PerfConfig]:
     """Every combination of the values in ``axes`` (field name → values) over ``base``, in order."""
     base = base or PerfConfig()
-    names = {f.name for f in dataclasses.fields(PerfConfig)}
+    names = set(PerfConfig.schema()) | {"seed"}
     unknown = sorted(set(axes) - names)
     if unknown:
         raise UsageError(f"perf: unknown configuration field {unknown[0]!r}; accepted: {', '.join(sorted(names))}")
