@@ -41,7 +41,8 @@ from tbptt_bench.core.lags import lag_decomposition
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.models.protocol import map_state
 from tbptt_bench.core.mask import update_owner
-from tbptt_bench.perf.harness import interleaved_times, write_json_atomic
+from tbptt_bench.perf.harness import interleaved_times
+from tbptt_bench.perf.tables import write_json_atomic
 from tbptt_bench.provenance import provenance
 from tbptt_bench.seeding import derive_seed, generator
 from tbptt_bench.core.build import make_model, make_task

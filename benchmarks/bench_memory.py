@@ -4,7 +4,7 @@
 
 For T in 512 … 8192 (LSTM, hidden 128, batch 32, Adam, copy task) it measures ``chunked:k=64``,
 ``tbptt:k1=16,k2=64``, ``full`` and ``full:checkpoint=C`` with C = round(√T), each in its own process
-(:func:`tbptt_bench.perf.harness.measure_in_fresh_process`), and reports
+(:func:`tbptt_bench.perf.child.measure_in_fresh_process`), and reports
 
 * ``mem_delta_bytes`` — peak over warm-up and one sequence above the baseline taken after the model,
   the optimiser and the batch exist: what training adds, optimiser state included;
@@ -31,14 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbptt_bench.perf.harness import (
-    PerfConfig,
-    Workload,
-    interleaved_times,
-    perf_grid,
-    save_table,
-    write_json_atomic,
-)
+from tbptt_bench.perf.child import perf_grid
+
+from tbptt_bench.perf.config import PerfConfig
+
+from tbptt_bench.perf.harness import interleaved_times, Workload
+
+from tbptt_bench.perf.tables import save_table, write_json_atomic
 from tbptt_bench.provenance import provenance
 
 MiB = 2.0**20

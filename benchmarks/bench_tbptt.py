@@ -32,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # the hand-written comparison loops, beside this file
 
-from tbptt_bench.perf.harness import PerfConfig, Workload, interleaved_times, write_json_atomic
+from tbptt_bench.perf.config import PerfConfig
+
+from tbptt_bench.perf.harness import interleaved_times, Workload
+
+from tbptt_bench.perf.tables import write_json_atomic
 from tbptt_bench.provenance import provenance
 from tbptt_bench.core.build import make_model
 

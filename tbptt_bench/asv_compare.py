@@ -154,7 +154,7 @@ def judge(row: Row, rules: Iterable[Rule]) -> Verdict:
                    f"{row.before} → {row.after}, ratio {ratio_text}{note}, limit ×{rule.factor:g}")
 
 
-def summarise(verdicts: list[Verdict], rules: Iterable[Rule], out: TextIO) -> bool:
+def report_verdicts(verdicts: list[Verdict], rules: Iterable[Rule], out: TextIO) -> bool:
     """Write the summary to ``out``; return whether every check passed."""
     failed = [v for v in verdicts if v.status == "fail"]
     for status in ("fail", "not comparable", "unmatched"):
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"asv_compare: error: {exc}", file=sys.stderr)
         return 2
-    return 0 if summarise(verdicts, rules, sys.stdout) else 1
+    return 0 if report_verdicts(verdicts, rules, sys.stdout) else 1
 
 
 if __name__ == "__main__":

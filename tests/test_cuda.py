@@ -15,7 +15,9 @@ import torch
 from tbptt_bench.core.engine import Engine, _pinned
 from tbptt_bench.analysis.gradients import method_gradient
 from tbptt_bench.models.recurrent import RecurrentNet
-from tbptt_bench.perf.harness import PerfConfig, Workload, measure, measure_in_fresh_process
+from tbptt_bench.perf.child import measure_in_fresh_process
+from tbptt_bench.perf.config import PerfConfig
+from tbptt_bench.perf.harness import measure, Workload
 from tbptt_bench.tasks.base import Batch
 
 pytestmark = [pytest.mark.cuda,

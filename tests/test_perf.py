@@ -18,17 +18,12 @@ from tbptt_bench.cli import main as cli_main
 from tbptt_bench.commands.perf import parse_size, split_methods
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.perf.harness import (
-    COLUMNS,
-    PerfConfig,
-    expand_grid,
-    interleaved_times,
-    is_out_of_memory,
-    maxrss_bytes,
-    measure,
-    perf_grid,
-    save_table,
-)
+from tbptt_bench.perf.child import perf_grid
+from tbptt_bench.perf.config import COLUMNS, PerfConfig
+from tbptt_bench.perf.failures import is_out_of_memory
+from tbptt_bench.perf.harness import interleaved_times, measure
+from tbptt_bench.perf.memory import maxrss_bytes
+from tbptt_bench.perf.tables import expand_grid, save_table
 
 TINY = dict(task="copy", model="lstm", hidden_size=8, batch_size=2, threads=1, warmup=1, repeats=3)
 B, H = 8, 32  # the fresh-process grid: big enough that full BPTT's activations stand out

@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from tbptt_bench.suites.cells import MEASURES
+from tbptt_bench.suites.jobs import MEASURES
 from tbptt_bench.errors import UsageError
 from tbptt_bench.seeding import derive_seed
 from tbptt_bench.suites.suite import builtin_suites, cell_key, check_devices, find_suite, load_suite, parse_suite, select

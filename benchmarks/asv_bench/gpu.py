@@ -46,7 +46,10 @@ class GPUUpdate:
 
     def track_gpu_peakmem(self, task: str, method: str) -> float:
         """Peak allocated GPU memory during one sequence above what was allocated before it (bytes)."""
-        from tbptt_bench.perf.harness import MemoryProbe
+        try:
+            from tbptt_bench.perf.memory import MemoryProbe
+        except ModuleNotFoundError:  # versions before the perf package was split
+            from tbptt_bench.perf.harness import MemoryProbe  # type: ignore[attr-defined, no-redef]
 
         peak = MemoryProbe(self.work.device).sequence_peak(lambda: self.work.sequence(self.updates))
         if peak is None:

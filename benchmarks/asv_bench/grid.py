@@ -143,11 +143,15 @@ def workload(task_name: str, family: str, *, device: str = "cpu") -> tuple[Any, 
     work) has run. Raises NotImplementedError (asv: skipped) for a version without the perf module.
     """
     try:
-        from tbptt_bench.perf.harness import PerfConfig, Workload
+        from tbptt_bench.perf.harness import Workload
     except ModuleNotFoundError as exc:
         if exc.name != "tbptt_bench.perf.harness":
             raise
         raise NotImplementedError("this version of tbptt-bench has no tbptt_bench.perf.harness") from None
+    try:
+        from tbptt_bench.perf.config import PerfConfig
+    except ModuleNotFoundError:  # versions before the perf package was split
+        from tbptt_bench.perf.harness import PerfConfig  # type: ignore[attr-defined, no-redef]
     seq_len, batch_size, hidden = tiny_size(task_name)
     cfg = PerfConfig(task=task_name, model=MODEL, method=representative_spec(family, seq_len), seq_len=seq_len,
                      batch_size=batch_size, hidden_size=hidden, device=device, threads=THREADS, seed=SEED)

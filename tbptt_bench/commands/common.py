@@ -12,6 +12,7 @@ from torch import nn
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.tasks.base import Task
+from tbptt_bench.training.run import parse_kwargs
 
 
 def add_run_args(p: argparse.ArgumentParser, *, seq_len: int = 64, batch: int = 16, hidden: int = 32) -> None:
@@ -67,3 +68,30 @@ def build(args: argparse.Namespace) -> tuple[Task, nn.Module]:
 def emit_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=float)
     sys.stdout.write("\n")
+
+
+def add_optimizer_args(p: argparse.ArgumentParser, *, clip: float | None, allow_none: bool = False) -> None:
+    """--optimizer --optimizer-args --lr --lr-schedule --lr-schedule-args --clip-norm (docs/design.md §2.3)."""
+    extra = ", or none (θ fixed: the cost of gradient estimates)" if allow_none else ""
+    p.add_argument("--optimizer", default="adam",
+                   help=f"any torch.optim optimiser by name, any case (adam, sgd, adamw, rmsprop, …){extra}")
+    p.add_argument("--optimizer-args", default="", metavar="JSON|K=V,...",
+                   help='its keyword arguments besides lr, e.g. momentum=0.9,nesterov=true or {"betas": [0.9, 0.99]}')
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--lr-schedule", default=None, metavar="NAME",
+                   help="a torch.optim.lr_scheduler scheduler by name, stepped after every update (e.g. StepLR)")
+    p.add_argument("--lr-schedule-args", default="", metavar="JSON|K=V,...",
+                   help="its keyword arguments, e.g. step_size=100,gamma=0.5")
+    p.add_argument("--clip-norm", "--clip", dest="clip_norm", type=float, default=clip,
+                   help=f"clip gradients to this global norm before each step (0 disables; default {clip or 0})")
+
+
+def optimizer_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-configuration fields that :func:`add_optimizer_args` describes."""
+    return {
+        "optimizer": args.optimizer, "lr": args.lr,
+        "optimizer_args": parse_kwargs(args.optimizer_args, "--optimizer-args") or None,
+        "lr_schedule": args.lr_schedule,
+        "lr_schedule_args": parse_kwargs(args.lr_schedule_args, "--lr-schedule-args") or None,
+        "clip": args.clip_norm or None,
+    }

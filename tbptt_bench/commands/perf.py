@@ -17,17 +17,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tbptt_bench.commands.common import emit_json, parse_task_params
+from tbptt_bench.commands.common import add_optimizer_args, emit_json, optimizer_values, parse_task_params
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import split_specs
-from tbptt_bench.perf.harness import (
-    OPTIMIZERS,
-    PerfConfig,
-    check_output_path,
-    expand_grid,
-    perf_grid,
-    save_table,
-)
+from tbptt_bench.perf.child import perf_grid
+from tbptt_bench.perf.config import PerfConfig
+from tbptt_bench.perf.tables import check_output_path, expand_grid, save_table
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU available)")
     p.add_argument("--warmup", type=int, default=1, help="untimed sequences before timing")
     p.add_argument("--repeats", type=int, default=5, help="timed sequences (median and p10/p90 reported)")
-    p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
-                   help="adam, sgd, or none (θ fixed: the cost of gradient estimates)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    add_optimizer_args(p, clip=None, allow_none=True)
     p.add_argument("--seed", type=int, default=0, help="seed for parameters and data")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="cap what each run may add, e.g. 2G or 512M; beyond it the cell is recorded as oom")
@@ -94,8 +87,8 @@ def parse_size(text: str | None) -> int | None:
 
 def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
     base = PerfConfig(task=args.task, device=args.device, dtype=args.dtype, threads=args.threads,
-                      warmup=args.warmup, repeats=args.repeats, seed=args.seed, optimizer=args.optimizer,
-                      lr=args.lr, compile=args.compile, task_params=parse_task_params(args.task_param),
+                      warmup=args.warmup, repeats=args.repeats, seed=args.seed, **optimizer_values(args),
+                      compile=args.compile, task_params=parse_task_params(args.task_param),
                       memory_limit=parse_size(args.memory_limit))
     return expand_grid(
         base,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from tbptt_bench.suites.cells import STATUSES, Cell, CellResult
+from tbptt_bench.suites.jobs import CELL_STATUSES, GridPoint, JobResult
 from tbptt_bench.suites.executors import EXECUTORS, make_executor
 from tbptt_bench.suites.store import ResultStore, read_results, store_dir
 from tbptt_bench.suites.suite import Suite, check_devices, load_suite, select
@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def cell_line(result: CellResult, done: int, total: int) -> str:
+def cell_line(result: JobResult, done: int, total: int) -> str:
     """One line for a finished cell: counter, status, label, duration, key and any error."""
     text = f"[{done}/{total}] {result.status:<8} {result.label}  {result.duration_s:.1f}s  {result.key}"
     if result.status == "diverged" and result.diverged_at is not None:
@@ -58,7 +58,7 @@ def cell_line(result: CellResult, done: int, total: int) -> str:
     return text
 
 
-def list_cells(suite: Suite, cells: list[Cell], root: Path) -> int:
+def list_cells(suite: Suite, cells: list[GridPoint], root: Path) -> int:
     statuses: dict[str, str] = {}
     if root.is_dir():
         frame = read_results(root)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                     store.commit(result.key, result.tables)
                     counts[result.status] += 1
                     done = sum(counts.values())
-                    bar.update(job, completed=done, counts=" ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s]))
+                    bar.update(job, completed=done, counts=" ".join(f"{s} {counts[s]}" for s in CELL_STATUSES if counts[s]))
                     line = cell_line(result, done, len(todo))
                     if args.quiet or not show_bar:
                         print(line, flush=True)
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     ran = sum(counts.values())
     print(f"suite {suite.name}: {len(cells)} cells, store {root}")
-    print(f"  ran {ran} in {seconds:.1f}s: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
+    print(f"  ran {ran} in {seconds:.1f}s: " + ", ".join(f"{counts[s]} {s}" for s in CELL_STATUSES))
     print(f"  skipped {skipped} (already in the store)")
     if stale:
         print(f"  kept {stale} cells in the store that this suite no longer defines")

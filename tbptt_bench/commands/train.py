@@ -10,9 +10,16 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tbptt_bench.atomic import check_parent, write_text
-from tbptt_bench.commands.common import add_run_args, check_sizes, emit_json, parse_task_params
+from tbptt_bench.commands.common import (
+    add_optimizer_args,
+    add_run_args,
+    check_sizes,
+    emit_json,
+    optimizer_values,
+    parse_task_params,
+)
 from tbptt_bench.errors import UsageError
-from tbptt_bench.training.loop import Diverged, TrainConfig, train
+from tbptt_bench.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=200, help="number of optimiser updates")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="also stop after this many trained loss positions (x batch): equal data budgets")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    add_optimizer_args(p, clip=1.0)
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N updates")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -45,8 +50,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     check_sizes(args)
     return TrainConfig(
         task=args.task, model=args.model, method=args.method, steps=args.steps, seq_len=args.seq_len,
-        batch_size=args.batch, hidden_size=args.hidden, num_layers=args.layers, optimizer=args.optimizer,
-        lr=args.lr, clip=args.clip or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        batch_size=args.batch, hidden_size=args.hidden, num_layers=args.layers, **optimizer_values(args),
+        eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, device=args.device, dtype=args.dtype, path=args.path,
         task_params=parse_task_params(args.task_param), max_tokens=args.max_tokens,
     )
@@ -61,11 +66,10 @@ def run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), disable=not show, transient=True) as bar:
         job = bar.add_task(f"{cfg.task}/{cfg.model} {cfg.method}", total=cfg.steps)
-        try:
-            result = train(cfg, on_eval=bias_hook(args, cfg),
-                           progress=lambda done, total: bar.update(job, completed=done))
-        except Diverged as exc:
-            raise UsageError(f"training diverged: {exc}; try a smaller --lr or --clip") from None
+        result = train(cfg, on_eval=bias_hook(args, cfg), progress=lambda done, total: bar.update(job, completed=done))
+    if result.diverged_at is not None:
+        raise UsageError(f"training diverged: loss became non-finite by update {result.diverged_at}; "
+                         "try a smaller --lr or --clip-norm")
     out = result.as_dict()
     if args.save:
         write_text(args.save, json.dumps(out, indent=2, default=float))

@@ -171,11 +171,14 @@ class Engine:
         source: Source,
         updates: Sequence[Update],
         state: State,
-        on_update: Callable[[int, Update, torch.Tensor], None] | None = None,
+        on_update: Callable[[int, Update, torch.Tensor], bool | None] | None = None,
         *,
         fixed_params: bool | None = None,
     ) -> RunResult:
         """Run ``updates`` over ``source`` from ``state``; call ``on_update`` after each backward.
+
+        When ``on_update`` returns True the run ends after that update (the result then covers the
+        updates run so far).
 
         Gradients accumulate in ``.grad`` unless ``on_update`` steps an optimiser and zeroes them.
         ``fixed_params``: whether θ stays the same between updates, so that overlapping windows may
@@ -209,8 +212,9 @@ class Engine:
             self._chain_adjoints()
             loss = loss.detach()
             losses[i] = loss
-            if on_update is not None:
-                on_update(i, u, loss)
+            if on_update is not None and on_update(i, u, loss):
+                updates, losses = updates[: i + 1], losses[: i + 1]  # the callback asked to stop here
+                break
             frontier = max(self._bank)
             self._bank = {p: s for p, s in self._bank.items() if p >= keep_from[i] or p == frontier}
             self._kept = {k: g for k, g in self._kept.items() if k[0] >= keep_from[i]}

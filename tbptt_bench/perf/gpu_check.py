@@ -34,14 +34,10 @@ import torch
 
 import tbptt_bench
 from tbptt_bench.errors import UsageError
-from tbptt_bench.perf.harness import (
-    PerfConfig,
-    measure,
-    measure_in_fresh_process,
-    save_table,
-    to_frame,
-    write_json_atomic,
-)
+from tbptt_bench.perf.child import measure_in_fresh_process
+from tbptt_bench.perf.config import PerfConfig
+from tbptt_bench.perf.harness import measure
+from tbptt_bench.perf.tables import save_table, to_frame, write_json_atomic
 from tbptt_bench.provenance import provenance
 from tbptt_bench.core.build import resolve_device
 

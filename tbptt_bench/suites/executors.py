@@ -1,6 +1,6 @@
 """Where cells run: worker processes on this machine (``local``) or tasks on a Ray cluster (``ray``).
 
-Both executors take a list of cells and yield one :class:`~tbptt_bench.suites.cells.CellResult` per cell as
+Both executors take a list of cells and yield one :class:`~tbptt_bench.suites.jobs.JobResult` per cell as
 cells finish; the caller (the driver) alone writes them into the store. Both run every cell that
 does not time anything first, in parallel, and then the timing cells (``perf``) strictly one at a
 time, so that no timing shares the machine with another cell of the sweep.
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import tbptt_bench
-from tbptt_bench.suites.cells import Cell, CellResult, crashed_result, run_cell
+from tbptt_bench.suites.jobs import GridPoint, JobResult, crashed_result, run_cell
 from tbptt_bench.errors import UsageError
 from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 
@@ -48,7 +48,7 @@ class Executor(Protocol):
 
     name: str
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[CellResult]: ...
+    def run(self, cells: Sequence[GridPoint]) -> Iterator[JobResult]: ...
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -59,7 +59,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["tbptt_bench.suites.cells"])
+        ctx.set_forkserver_preload(["tbptt_bench.suites.jobs"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -98,7 +98,7 @@ def _init_worker(plugin_dirs: Sequence[str], threads: int | None, level: int, dr
         torch.set_num_threads(threads)
 
 
-def _work(cell: Cell, executor: str, concurrency: int) -> CellResult:
+def _work(cell: GridPoint, executor: str, concurrency: int) -> JobResult:
     return run_cell(cell, executor=executor, concurrency=concurrency)
 
 
@@ -114,7 +114,7 @@ class LocalExecutor:
         self.threads = threads
         self.plugin_dirs = [str(Path(d).resolve()) for d in plugin_dirs]
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[CellResult]:
+    def run(self, cells: Sequence[GridPoint]) -> Iterator[JobResult]:
         yield from self._run_pool([c for c in cells if not c.timing], self.jobs, self.threads)
         yield from self._run_pool([c for c in cells if c.timing], 1, None)
 
@@ -123,17 +123,17 @@ class LocalExecutor:
                                    initializer=_init_worker,
                                    initargs=(self.plugin_dirs, threads, logging.getLogger().level, os.getpid()))
 
-    def _run_pool(self, cells: Sequence[Cell], width: int, threads: int | None) -> Iterator[CellResult]:
-        queue: deque[Cell] = deque(cells)
-        suspects: deque[Cell] = deque()
+    def _run_pool(self, cells: Sequence[GridPoint], width: int, threads: int | None) -> Iterator[JobResult]:
+        queue: deque[GridPoint] = deque(cells)
+        suspects: deque[GridPoint] = deque()
         pool: ProcessPoolExecutor | None = None
         try:
             while queue or suspects:
                 if pool is None:
                     pool = self._new_pool(width, threads)
                 source, limit = (suspects, 1) if suspects else (queue, width)
-                in_flight: dict[Future[CellResult], Cell] = {}
-                broken: list[Cell] = []
+                in_flight: dict[Future[JobResult], GridPoint] = {}
+                broken: list[GridPoint] = []
                 while source and len(in_flight) < limit:
                     cell = source.popleft()
                     in_flight[pool.submit(_work, cell, self.name, limit)] = cell
@@ -176,8 +176,8 @@ class LocalExecutor:
                 pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ray_task(cell: Cell, concurrency: int, plugin_dirs: Sequence[str], threads: int | None,
-              level: int) -> CellResult:
+def _ray_task(cell: GridPoint, concurrency: int, plugin_dirs: Sequence[str], threads: int | None,
+              level: int) -> JobResult:
     _init_worker(plugin_dirs, threads, level)
     return run_cell(cell, executor="ray", concurrency=concurrency)
 
@@ -231,7 +231,7 @@ class RayExecutor:
                              "(e.g. ray://HEAD:10001 or HEAD:6379), or omit it for a local instance") from None
         return True
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[CellResult]:
+    def run(self, cells: Sequence[GridPoint]) -> Iterator[JobResult]:
         try:
             import ray
         except ModuleNotFoundError:
@@ -249,7 +249,7 @@ class RayExecutor:
             remote = ray.remote(max_retries=0)(_ray_task)
             level = logging.getLogger().level
 
-            def submit(cell: Cell, cpus: float, concurrency: int) -> Any:
+            def submit(cell: GridPoint, cpus: float, concurrency: int) -> Any:
                 gpus = 1 if cell.device.startswith("cuda") else 0
                 threads = None if cell.timing else self.threads
                 return remote.options(num_cpus=cpus, num_gpus=gpus).remote(
@@ -266,7 +266,7 @@ class RayExecutor:
             if owned:
                 ray.shutdown()
 
-    def _result(self, ray: Any, ref: Any, cell: Cell, concurrency: int) -> CellResult:
+    def _result(self, ray: Any, ref: Any, cell: GridPoint, concurrency: int) -> JobResult:
         try:
             return ray.get(ref)
         except ray.exceptions.RayError as exc:

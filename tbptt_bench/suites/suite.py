@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import tbptt_bench
-from tbptt_bench.suites.cells import MEASURES, REQUIRED, SEED_KEYS, Cell, Measure
+from tbptt_bench.suites.jobs import MEASURES, NO_DEFAULT, SEED_KEYS, GridPoint, Measure
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.seeding import derive_seed
@@ -62,7 +62,7 @@ class Suite:
     description: str
     seed: int
     source: str
-    cells: tuple[Cell, ...]
+    cells: tuple[GridPoint, ...]
 
 
 # --------------------------------------------------------------------------- finding suite files
@@ -149,7 +149,7 @@ def parse_suite(data: Mapping[str, Any], *, default_name: str = "suite", source:
     accepted_defaults = set(BLOCK_EXTRA).union(*(s.keys() for s in schemas.values()))
     _no_unknown(defaults, sorted(accepted_defaults), f"suite file {source}, [defaults]")
 
-    cells: list[Cell] = []
+    cells: list[GridPoint] = []
     seen: set[str] = set()
     for measure_name, index, block in blocks:
         where = f"suite file {source}, [[{measure_name}]] block {index}"
@@ -172,7 +172,7 @@ def parse_suite(data: Mapping[str, Any], *, default_name: str = "suite", source:
 
 
 def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block: Mapping[str, Any], *,
-                 suite: str, suite_seed: int, where: str) -> list[Cell]:
+                 suite: str, suite_seed: int, where: str) -> list[GridPoint]:
     """The cells of one block: the product of its list-valued keys (axes) times its replicates."""
     accepted = sorted(set(schema) | set(BLOCK_EXTRA))
     _no_unknown(block, accepted, where)
@@ -199,7 +199,7 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
             if name in measure.list_keys and isinstance(value, list) and not value:
                 raise UsageError(f"{where}: {name} = [] makes the grid empty; give at least one value")
             fixed[name] = value
-    missing = [n for n, (_, d) in schema.items() if d is REQUIRED and n not in fixed and n not in axes]
+    missing = [n for n, (_, d) in schema.items() if d is NO_DEFAULT and n not in fixed and n not in axes]
     if missing:
         raise UsageError(f"{where}: missing {', '.join(missing)} (required by {measure.name} measurements)")
     if task_params and "task_params" not in schema:
@@ -224,7 +224,7 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
             if text not in checked:
                 checked.add(text)
                 _check(measure, params, where)
-            cells.append(Cell(suite, measure.name, params, cell_key(measure, params), replicate))
+            cells.append(GridPoint(suite, measure.name, params, cell_key(measure, params), replicate))
     return cells
 
 
@@ -236,7 +236,7 @@ def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw:
         if name == "task_params":
             continue
         value = raw.get(name, default)
-        if value is REQUIRED:
+        if value is NO_DEFAULT:
             raise UsageError(f"{where}: missing {name}")
         if name in raw:
             value = coerce(value, hint, f"{where}: {name}")
@@ -352,7 +352,7 @@ def cell_key(measure: Measure, params: Mapping[str, Any]) -> str:
 def cell_seed(suite_seed: int, replicate: int, params: Mapping[str, Any]) -> int:
     """The seed rule: ``derive_seed("cell", suite seed, replicate, pairing parameters)``.
 
-    The pairing parameters are :data:`tbptt_bench.suites.cells.SEED_KEYS` that the cell has, as
+    The pairing parameters are :data:`tbptt_bench.suites.jobs.SEED_KEYS` that the cell has, as
     ``(name, canonical JSON value)`` pairs in that order.
     """
     pairing = [(k, canonical_json(params[k])) for k in SEED_KEYS if k in params]
@@ -361,11 +361,11 @@ def cell_seed(suite_seed: int, replicate: int, params: Mapping[str, Any]) -> int
 
 # --------------------------------------------------------------------------- selecting cells
 
-def select(cells: tuple[Cell, ...] | list[Cell], only: list[str] | None) -> list[Cell]:
+def select(cells: tuple[GridPoint, ...] | list[GridPoint], only: list[str] | None) -> list[GridPoint]:
     """The cells whose key equals, or uniquely starts with, one of ``only`` (all cells if empty)."""
     if not only:
         return list(cells)
-    chosen: dict[str, Cell] = {}
+    chosen: dict[str, GridPoint] = {}
     for ref in only:
         matches = [c for c in cells if c.key == ref] or [c for c in cells if c.key.startswith(ref)]
         if not matches:
@@ -376,7 +376,7 @@ def select(cells: tuple[Cell, ...] | list[Cell], only: list[str] | None) -> list
     return [c for c in cells if c.key in chosen]
 
 
-def check_devices(cells: list[Cell]) -> None:
+def check_devices(cells: list[GridPoint]) -> None:
     """Every device the cells name is available on this machine (used by the local executor)."""
     for device in sorted({c.device for c in cells}):
         resolve_device(device)

@@ -7,6 +7,8 @@ Evaluation runs every ``eval_every`` updates on held-out data, outside any timed
 Before each sequence or segment the method may observe the model at the current θ
 (``Method.observe``: adaptive K re-estimates there); the K a method uses at each update
 (``Method.k_used``) is recorded in ``TrainResult.k_used`` and in the ``k_used`` column of the curve.
+A loss that becomes NaN or infinite ends the run; it is recorded as data (``TrainResult.diverged_at``),
+the curve kept up to the last finite evaluation.
 """
 
 from __future__ import annotations
@@ -14,49 +16,36 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from tbptt_bench.core.engine import Engine, step_loss_sum
-from tbptt_bench.errors import UsageError
+from tbptt_bench.core.engine import step_loss_sum
 from tbptt_bench.core.mask import Update
-from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.errors import UsageError
+from tbptt_bench.methods.base import Method
 from tbptt_bench.models.protocol import State, detach_state
 from tbptt_bench.seeding import derive_seed, generator
-from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
 from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.training.run import NO_OPTIMIZER, ComposedConfig, Run, RunConfig, build_run
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd")
 
+@dataclass(init=False)
+class TrainConfig(ComposedConfig):
+    """A training run: a :class:`RunConfig` plus how long to train and how often to evaluate.
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (plain values, so it can be hashed and stored)."""
+    Built from flat values as well (``TrainConfig(method="full", steps=10)``), run fields read directly.
+    """
 
-    task: str = "copy"
-    model: str = "lstm"
-    method: str = "chunked:k=16"
+    run: RunConfig
     steps: int = 200
-    seq_len: int = 64
-    batch_size: int = 16
-    hidden_size: int = 32
-    num_layers: int = 1
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    clip: float | None = 1.0
     eval_every: int = 50
     eval_batches: int = 4
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    path: str = "fused"
-    task_params: dict[str, Any] = field(default_factory=dict)
     #: Also stop once this many loss positions (summed over the batch: the curve's ``tokens``) have been
     #: trained on: an equal data budget for methods whose updates cover different numbers of losses.
     max_tokens: int | None = None
@@ -66,23 +55,9 @@ class TrainConfig:
             raise UsageError("steps, seq_len, batch_size, eval_every and eval_batches must all be ≥ 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError(f"max_tokens must be ≥ 1 (or none), got {self.max_tokens}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
-        if not self.lr > 0:
-            raise UsageError(f"learning rate must be > 0, got {self.lr}")
-        if self.clip is not None and not self.clip > 0:
-            raise UsageError(f"gradient clip must be > 0 (or none), got {self.clip}")
-        parse_method(self.method)
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, update: int, curve: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(f"loss became non-finite by update {update}")
-        self.update = update
-        #: The learning curve up to the last finite evaluation.
-        self.curve = list(curve or [])
+        if self.optimizer == NO_OPTIMIZER:
+            raise UsageError("training needs an optimizer; name one of torch.optim's (e.g. adam, sgd, adamw)")
+        self.run.validate()
 
 
 @dataclass
@@ -94,12 +69,16 @@ class TrainResult:
     metric_name: str
     #: The method's truncation length K at each update (``Method.k_used``; None where it has none).
     k_used: list[int | None] = field(default_factory=list)
+    #: The evaluation at which the training loss was first non-finite (None: it never was).
+    diverged_at: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"config": asdict(self.config), "curve": self.curve, "final": self.final,
+        out = {"config": self.config.flat(), "curve": self.curve, "final": self.final,
                "baseline": self.baseline, "metric_name": self.metric_name}
         if any(k is not None for k in self.k_used):
             out["k_used"] = self.k_used
+        if self.diverged_at is not None:
+            out["diverged_at"] = self.diverged_at
         return out
 
 
@@ -148,8 +127,72 @@ def _segments(task: Task, cfg: TrainConfig) -> Iterator[tuple[Batch, bool]]:
         yield task.sample(cfg.batch_size, cfg.seq_len, gen, "train"), False
 
 
-class _Done(Exception):
-    pass
+class _Trainer:
+    """The state of a training run between updates; :meth:`after_update` is the engine's callback."""
+
+    def __init__(self, cfg: TrainConfig, run: Run, on_eval: Callable[[int, nn.Module], dict[str, Any]] | None,
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.cfg, self.run, self.on_eval, self.progress = cfg, run, on_eval, progress
+        self.rng = np.random.default_rng(derive_seed("method", cfg.seed))
+        self.curve: list[dict[str, Any]] = []
+        self.k_used: list[int | None] = []
+        self.updates = 0
+        self.tokens = 0
+        self.train_time = 0.0
+        self.diverged_at: int | None = None
+        self.finished = False
+        self.segment: Batch | None = None
+        self._open_window()
+
+    def _open_window(self) -> None:
+        self.window_loss = torch.zeros((), device=self.run.device, dtype=torch.float64)
+        self.window_steps = 0.0
+        self.t0 = time.perf_counter()
+
+    def after_update(self, i: int, u: Update, loss: torch.Tensor) -> bool:
+        """Step the optimiser, account for the update, evaluate when due; True ends the run."""
+        cfg, segment = self.cfg, self.segment
+        assert segment is not None
+        self.run.step()
+        self.k_used.append(self.run.method.k_used(self.updates))
+        self.updates += 1
+        self.window_loss = self.window_loss + loss.to(torch.float64)
+        self.window_steps += float(segment.weights[:, u.loss_start : u.loss_end].sum()) / cfg.batch_size
+        self.tokens += (u.loss_end - u.loss_start) * cfg.batch_size
+        if self.progress is not None:
+            self.progress(self.updates, cfg.steps)
+        done = self.updates >= cfg.steps or (cfg.max_tokens is not None and self.tokens >= cfg.max_tokens)
+        if self.updates % cfg.eval_every == 0 or done:
+            self.record(self.updates)
+        self.finished = done or self.diverged_at is not None
+        return self.finished
+
+    def record(self, update: int) -> None:
+        """Close the training-loss window and evaluate: one curve row, or the divergence noted."""
+        self.train_time += time.perf_counter() - self.t0
+        loss = float(self.window_loss) / self.window_steps if self.window_steps > 0 else None
+        if loss is not None and not math.isfinite(loss):
+            self.diverged_at = update
+            return
+        run = self.run
+        row: dict[str, Any] = {"update": update, "train_loss": loss, "wall_time": self.train_time,
+                               "tokens": self.tokens}
+        k = self.k_used[-1] if self.k_used else run.method.k_used(0)
+        if k is not None:
+            row["k_used"] = k
+        row.update(evaluate(run.model, run.task, self.cfg, run.device, run.dtype))
+        if self.on_eval is not None:
+            row.update(self.on_eval(update, run.model))
+        self.curve.append(row)
+        log.info("update %d: train loss %s, eval loss %.4f, %s %.4f", update, "-" if loss is None else f"{loss:.4f}",
+                 row["eval_loss"], run.task.metric_name, row["eval_metric"])
+        self._open_window()
+
+    def result(self) -> TrainResult:
+        final = dict(self.curve[-1]) if self.diverged_at is None else {}
+        task = self.run.task
+        return TrainResult(self.cfg, self.curve, final, task.baseline(self.cfg.seq_len), task.metric_name,
+                           self.k_used, self.diverged_at)
 
 
 def train(
@@ -161,79 +204,20 @@ def train(
     """Train for ``cfg.steps`` updates (or ``cfg.max_tokens`` tokens); evaluate every ``cfg.eval_every``
     updates and at the end.
 
-    ``on_eval(update, model)`` may add columns to each learning-curve row (e.g. bias snapshots).
-    Raises :class:`Diverged` when the loss becomes non-finite.
+    ``on_eval(update, model)`` may add columns to each learning-curve row (e.g. bias snapshots). A loss
+    that becomes non-finite ends training: ``TrainResult.diverged_at`` says at which evaluation.
     """
     cfg.validate()
-    method = method or parse_method(cfg.method)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    task = make_task(cfg.task, **cfg.task_params)
-    model = make_model(cfg.model, task, cfg.hidden_size, cfg.num_layers, seed=cfg.seed, dtype=dtype, device=device, path=cfg.path)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer = (
-        torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr)
-    )
-    engine = Engine(model, task.loss_kind, device=device, dtype=dtype, checkpoint=method.checkpoint,
-                    non_blocking=device.type == "cuda")
-    rng = np.random.default_rng(derive_seed("method", cfg.seed))
-    curve: list[dict[str, Any]] = []
-    window_loss = torch.zeros((), device=device, dtype=torch.float64)
-    window_steps = 0.0
-    count = 0
-    t0 = time.perf_counter()
-    train_time = 0.0
-    tokens = 0
-    k_used: list[int | None] = []
-
-    def record(update: int) -> None:
-        nonlocal window_loss, window_steps, t0, train_time
-        train_time += time.perf_counter() - t0
-        loss = float(window_loss) / window_steps if window_steps > 0 else None
-        if loss is not None and not math.isfinite(loss):
-            raise Diverged(update, curve)
-        row: dict[str, Any] = {"update": update, "train_loss": loss, "wall_time": train_time, "tokens": tokens}
-        k = k_used[-1] if k_used else method.k_used(0)
-        if k is not None:
-            row["k_used"] = k
-        row.update(evaluate(model, task, cfg, device, dtype))
-        if on_eval is not None:
-            row.update(on_eval(update, model))
-        curve.append(row)
-        log.info("update %d: train loss %s, eval loss %.4f, %s %.4f", update,
-                 "-" if loss is None else f"{loss:.4f}", row["eval_loss"], task.metric_name, row["eval_metric"])
-        window_loss = torch.zeros((), device=device, dtype=torch.float64)
-        window_steps = 0.0
-        t0 = time.perf_counter()
-
-    def on_update(i: int, u: Update, loss: torch.Tensor) -> None:
-        nonlocal count, window_loss, window_steps, tokens
-        if cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        k_used.append(method.k_used(count))
-        count += 1
-        window_loss = window_loss + loss.to(torch.float64)
-        window_steps += float(segment.weights[:, u.loss_start : u.loss_end].sum()) / cfg.batch_size
-        tokens += (u.loss_end - u.loss_start) * cfg.batch_size
-        if progress is not None:
-            progress(count, cfg.steps)
-        done = count >= cfg.steps or (cfg.max_tokens is not None and tokens >= cfg.max_tokens)
-        if count % cfg.eval_every == 0 or done:
-            record(count)
-        if done:
-            raise _Done
-
-    record(0)
+    run = build_run(cfg.run, method)
+    trainer = _Trainer(cfg, run, on_eval, progress)
+    trainer.record(0)
     state: State | None = None
-    try:
-        for segment, carry in _segments(task, cfg):
-            h0 = state if (carry and state is not None) else model.initial_state(cfg.batch_size)
-            method.observe(count, model, segment, h0, task.loss_kind)
-            updates = method.updates(segment.length, first_update=count, rng=rng)
-            result = engine.run(segment, updates, h0, on_update)
-            state = detach_state(result.final_state)
-    except _Done:
-        pass
-    final = dict(curve[-1])
-    return TrainResult(cfg, curve, final, task.baseline(cfg.seq_len), task.metric_name, k_used)
+    for segment, carry in _segments(run.task, cfg):
+        if trainer.finished:
+            break
+        h0 = state if (carry and state is not None) else run.model.initial_state(cfg.batch_size)
+        run.method.observe(trainer.updates, run.model, segment, h0, run.task.loss_kind)
+        updates = run.method.updates(segment.length, first_update=trainer.updates, rng=trainer.rng)
+        trainer.segment = segment
+        state = detach_state(run.engine.run(segment, updates, h0, trainer.after_update).final_state)
+    return trainer.result()

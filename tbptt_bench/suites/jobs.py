@@ -15,7 +15,6 @@ Rows are returned per table: ``results`` (always; one or more rows per cell) and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import importlib
 import inspect
@@ -36,15 +35,15 @@ from tbptt_bench.provenance import provenance
 from tbptt_bench.models import MODELS
 from tbptt_bench.seeding import generator
 from tbptt_bench.core.build import make_task
-from tbptt_bench.perf.harness import is_out_of_memory
-from tbptt_bench.training.loop import Diverged, TrainConfig, train
+from tbptt_bench.perf.failures import is_out_of_memory
+from tbptt_bench.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "diverged", "oom", "failed")
+CELL_STATUSES = ("ok", "diverged", "oom", "failed")
 MAIN_TABLE = "results"
 #: Marks a parameter without a default in a measure's schema.
-REQUIRED = object()
+NO_DEFAULT = object()
 
 #: Parameters from which a cell's seed is derived (besides the suite seed and the replicate index).
 #: Cells that differ only in other parameters (method, optimiser, steps, measurement) share a seed and
@@ -56,7 +55,7 @@ Tables = dict[str, Rows]
 
 
 @dataclass(frozen=True)
-class Cell:
+class GridPoint:
     """One point of a suite's grid: a measurement kind and its fully resolved parameters."""
 
     suite: str
@@ -83,7 +82,7 @@ class Cell:
 
 
 @dataclass
-class CellResult:
+class JobResult:
     """What running a cell produced: its status and its rows per table (``results`` always present)."""
 
     key: str
@@ -106,7 +105,7 @@ class Measure:
     timing: bool
     #: The module that must be importable for this measure (its function lives there).
     module: str
-    #: The accepted parameters: name → (type hint, default), :data:`REQUIRED` for no default.
+    #: The accepted parameters: name → (type hint, default), :data:`NO_DEFAULT` for no default.
     schema: Callable[[], dict[str, tuple[Any, Any]]]
     #: Raises UsageError for parameters that cannot be measured (called before anything runs).
     check: Callable[[dict[str, Any]], None]
@@ -145,14 +144,7 @@ def check_task_and_model(params: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- train
 
 def _train_schema() -> dict[str, tuple[Any, Any]]:
-    hints = typing.get_type_hints(TrainConfig)
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "seed":
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out[f.name] = (hints[f.name], default)
-    return out
+    return TrainConfig.schema()
 
 
 def _train_check(params: dict[str, Any]) -> None:
@@ -164,9 +156,12 @@ def _train_run(params: dict[str, Any]) -> Tables:
     cfg = TrainConfig(**params)
     result = train(cfg)
     extra = {"metric_name": result.metric_name, "baseline": result.baseline}
-    final = {**result.final, **extra}
     curves = [{**row, **extra} for row in result.curve]
-    return {MAIN_TABLE: [final], "curves": curves}
+    if result.diverged_at is not None:
+        message = f"loss became non-finite by update {result.diverged_at}"
+        return {MAIN_TABLE: [{"status": "diverged", "error": message, "diverged_at": result.diverged_at}],
+                "curves": curves}
+    return {MAIN_TABLE: [{**result.final, **extra}], "curves": curves}
 
 
 # --------------------------------------------------------------------------- bias
@@ -174,8 +169,8 @@ def _train_run(params: dict[str, Any]) -> Tables:
 #: What a bias cell builds before it calls :func:`tbptt_bench.analysis.bias.analyse_bias` (the model at its
 #: initial θ, drawn from the cell's seed), with defaults; the other keys are the fields of bias.BiasOptions.
 BIAS_BUILD: dict[str, tuple[Any, Any]] = {
-    "task": (str, REQUIRED), "task_params": (dict, {}), "model": (str, REQUIRED), "hidden_size": (int, 32),
-    "num_layers": (int, 1), "path": (str, "fused"), "methods": (list[str], REQUIRED),
+    "task": (str, NO_DEFAULT), "task_params": (dict, {}), "model": (str, NO_DEFAULT), "hidden_size": (int, 32),
+    "num_layers": (int, 1), "path": (str, "fused"), "methods": (list[str], NO_DEFAULT),
     "seq_len": (int, 64), "batch_size": (int, 16), "n_batches": (int, 8), "device": (str, "cpu"),
     "dtype": (str, "float64"),
 }
@@ -218,27 +213,16 @@ def _bias_run(params: dict[str, Any]) -> Tables:
 # --------------------------------------------------------------------------- perf
 
 def _perf_schema() -> dict[str, tuple[Any, Any]]:
-    from tbptt_bench.perf import harness as perf
+    from tbptt_bench.perf.config import PerfConfig
 
-    hints = typing.get_type_hints(perf.PerfConfig)
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(perf.PerfConfig):
-        if f.name == "seed":
-            continue
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = REQUIRED if f.default is dataclasses.MISSING else f.default
-        out[f.name] = (hints.get(f.name, Any), default)
-    return out
+    return PerfConfig.schema()
 
 
 def _perf_config(params: dict[str, Any]) -> Any:
-    """The PerfConfig of a cell (the cell's seed is passed only if PerfConfig takes one)."""
-    from tbptt_bench.perf import harness as perf
+    """The PerfConfig of a cell."""
+    from tbptt_bench.perf.config import PerfConfig
 
-    names = {f.name for f in dataclasses.fields(perf.PerfConfig)}
-    return perf.PerfConfig(**{k: v for k, v in params.items() if k in names})
+    return PerfConfig(**params)
 
 
 def _perf_check(params: dict[str, Any]) -> None:
@@ -248,7 +232,7 @@ def _perf_check(params: dict[str, Any]) -> None:
 
 
 def _perf_run(params: dict[str, Any]) -> Tables:
-    from tbptt_bench.perf import harness as perf
+    from tbptt_bench.perf import child as perf
 
     row = perf.measure_in_fresh_process(_perf_config(params))
     return {MAIN_TABLE: [dict(row)]}
@@ -262,7 +246,7 @@ def _signature_schema(fn: Callable[..., Any], skip: set[str]) -> dict[str, tuple
     for name, p in inspect.signature(fn).parameters.items():
         if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+        default = NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
         out[name] = (hints.get(name, Any), default)
     return out
 
@@ -278,7 +262,7 @@ MEASURES: dict[str, Measure] = {
                      schema=_train_schema, check=_train_check, run=_train_run),
     "bias": Measure("bias", 1, timing=False, module="tbptt_bench.analysis.bias", list_keys=frozenset({"methods"}),
                     schema=_bias_schema, check=_bias_check, run=_bias_run),
-    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.harness",
+    "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.child",
                     schema=_perf_schema, check=_perf_check, run=_perf_run),
 }
 
@@ -292,7 +276,7 @@ def reported_status(rows: Rows) -> tuple[str, str]:
     ``failed`` with the status named in the error.
     """
     worst, error = "ok", ""
-    rank = {s: i for i, s in enumerate(STATUSES)}
+    rank = {s: i for i, s in enumerate(CELL_STATUSES)}
     for row in rows:
         status = row.get("status") or "ok"
         message = str(row.get("error") or "")
@@ -308,14 +292,14 @@ def _now() -> dt.datetime:
 
 
 def param_columns(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Cell parameters as flat columns: dicts and lists become canonical JSON text."""
+    """GridPoint parameters as flat columns: dicts and lists become canonical JSON text."""
     out: dict[str, Any] = {}
     for name, value in params.items():
         out[name] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
     return out
 
 
-def stamp(cell: Cell, tables: Tables, *, status: str, error: str, diverged_at: int | None,
+def stamp(cell: GridPoint, tables: Tables, *, status: str, error: str, diverged_at: int | None,
           started: dt.datetime, finished: dt.datetime, duration_s: float, executor: str,
           concurrency: int) -> Tables:
     """Add the cell's bookkeeping, parameter and provenance columns to every row of every table."""
@@ -336,7 +320,7 @@ def stamp(cell: Cell, tables: Tables, *, status: str, error: str, diverged_at: i
     return stamped
 
 
-def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> CellResult:
+def run_cell(cell: GridPoint, *, executor: str = "local", concurrency: int = 1) -> JobResult:
     """Run one cell and return its rows; every outcome but KeyboardInterrupt becomes a status."""
     measure = MEASURES[cell.measure]
     started, t0 = _now(), time.perf_counter()
@@ -344,9 +328,8 @@ def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> Ce
     try:
         tables = measure.run(dict(cell.params))
         status, error = reported_status(tables.get(MAIN_TABLE, []))
-    except Diverged as exc:
-        tables = {"curves": exc.curve} if exc.curve else {}
-        status, error, diverged_at = "diverged", str(exc), exc.update
+        diverged_at = next((r["diverged_at"] for r in tables.get(MAIN_TABLE, []) if r.get("diverged_at") is not None),
+                           None)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data: the sweep goes on
@@ -359,15 +342,15 @@ def run_cell(cell: Cell, *, executor: str = "local", concurrency: int = 1) -> Ce
     duration = time.perf_counter() - t0
     stamped = stamp(cell, tables, status=status, error=error, diverged_at=diverged_at, started=started,
                     finished=_now(), duration_s=duration, executor=executor, concurrency=concurrency)
-    return CellResult(cell.key, status, error, stamped, duration, diverged_at, cell.label)
+    return JobResult(cell.key, status, error, stamped, duration, diverged_at, cell.label)
 
 
-def crashed_result(cell: Cell, message: str, *, executor: str, concurrency: int) -> CellResult:
+def crashed_result(cell: GridPoint, message: str, *, executor: str, concurrency: int) -> JobResult:
     """The result of a cell whose worker process died (or that Ray could not run)."""
     now = _now()
     stamped = stamp(cell, {}, status="failed", error=message, diverged_at=None, started=now, finished=now,
                     duration_s=0.0, executor=executor, concurrency=concurrency)
-    return CellResult(cell.key, "failed", message, stamped, 0.0, None, cell.label)
+    return JobResult(cell.key, "failed", message, stamped, 0.0, None, cell.label)
 
 
 def measure_of(name: str) -> Measure:
