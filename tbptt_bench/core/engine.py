@@ -242,6 +242,7 @@ class Engine:
         keep_from = _later_minimum([self._earliest_needed(u) for u in updates])
         self._bank: dict[int, State] = {0: detach_state(state)}
         self._kept: dict[tuple[int, int], _Segment] = {}
+        self._dense: dict[int, State] = {}  # states of an earlier source are not this one's
         self._retain = fixed_params
         for i, u in enumerate(updates):
             self._keep_from = keep_from[i]
@@ -418,8 +419,7 @@ class Engine:
 
     def _ensure_dense(self, a: int, b: int) -> None:
         """States at every position in ``[a, b)`` (for per-loss windows), computed step by step."""
-        dense = getattr(self, "_dense", {})
-        self._dense = {p: s for p, s in dense.items() if p >= a}
+        self._dense = {p: s for p, s in self._dense.items() if p >= a}
         missing = [p for p in range(a, b) if p not in self._dense]
         if not missing:
             return
