@@ -47,3 +47,24 @@ def test_readme_own_loop_snippet_runs_and_trains():
     assert runner.updates_done == 3 * 7 and runner.batches_done == 3  # ⌈50 / 8⌉ updates per batch
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert namespace["optimiser"].state_dict()["state"]  # the caller's optimiser stepped
+
+
+def test_the_plugins_in_docs_tasks_md_work_from_the_cli(tmp_path):
+    """The task, model and method plugins of docs/tasks.md, as files in a plugin folder: to-start keeps
+    every contribution (each window starts at step 1), so its estimate is the true gradient."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n# (my_\w+)/(\w+\.py)[^\n]*\n(.*?)```", (ROOT / "docs" / "tasks.md").read_text(), re.S)
+    assert sorted(name for _, name, _ in blocks) == ["ln_gru.py", "parity.py", "to_start.py"]
+    for _, name, code in blocks:
+        (tmp_path / name).write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "tbptt_bench.cli", "--plugins", str(tmp_path), "grad", "--task", "parity",
+                          "--model", "ln-gru", "--method", "to-start:k1=4", "--seq-len", "10", "--batch", "2",
+                          "--hidden", "4", "--dtype", "float64", "--json"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)["metrics"]["all"]
+    assert metrics["relative_error"] < 1e-12 and abs(metrics["cosine"] - 1) < 1e-12
