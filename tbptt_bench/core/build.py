@@ -66,14 +66,24 @@ def make_model(
     device: str | torch.device = "cpu",
     path: str = "fused",
 ) -> nn.Module:
-    """Build a registered model for a task with parameters drawn from ``seed``."""
+    """Build a registered model for a task with parameters drawn from ``seed``.
+
+    The parameters are drawn in float32 under a forked RNG whatever torch's default dtype is in the
+    calling process, then cast to ``dtype``: the same seed gives the same model from Python as from
+    the CLI (a float64 default would otherwise draw different numbers).
+    """
     factory = MODELS.get(name)
     if hidden_size < 1 or num_layers < 1:
         raise UsageError(f"hidden size and layers must be ≥ 1, got {hidden_size} and {num_layers}")
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kwargs: dict[str, Any] = {"num_layers": num_layers}
         if path != "fused":
             kwargs["path"] = path
-        model = factory(task, hidden_size, **kwargs)
+        torch.set_default_dtype(torch.float32)
+        try:
+            model = factory(task, hidden_size, **kwargs)
+        finally:
+            torch.set_default_dtype(default)
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Generator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,22 @@ def scale_grad(state: State, factor: float) -> State:
         return d + factor * (s - d)
 
     return map_state(scale, state)
+
+
+@dataclass
+class UpdateStep:
+    """One update of :meth:`Engine.steps`, before its backward pass.
+
+    ``index``: the update's position in the list run; ``loss``: ``Σ ℓ_t`` over its losses, whose
+    gradient is the update's ``G_j``; ``state``: the (detached) state after its last loss;
+    ``retain_graph``: what the backward call must pass (True only while kept graphs are reused).
+    """
+
+    index: int
+    update: Update
+    loss: torch.Tensor
+    state: State
+    retain_graph: bool = False
 
 
 @dataclass
@@ -186,6 +202,38 @@ class Engine:
         True if ``on_update`` only reads gradients. Either way an in-place change that bumps a
         parameter's version counter (any ``torch.optim`` step) is noticed and ends the reuse; a change
         through ``p.data`` is not, so do not pass True with such a callback.
+        This is :meth:`steps` with the backward pass done here.
+        """
+        check_state(state)
+        retain = on_update is None if fixed_params is None else fixed_params
+        # one preallocated vector, not a tensor object per update: memory stays flat in the length
+        losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
+        steps = self.steps(source, updates, state, fixed_params=retain)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                return RunResult(stop.value, losses)
+            if step.loss.requires_grad:
+                step.loss.backward(retain_graph=step.retain_graph)
+            self._chain_adjoints()
+            loss = step.loss.detach()
+            losses[step.index] = loss
+            if on_update is not None and on_update(step.index, step.update, loss):
+                steps.close()  # the callback asked to stop after this update
+                return RunResult(step.state, losses[: step.index + 1])
+
+    def steps(
+        self, source: Source, updates: Sequence[Update], state: State, *, fixed_params: bool = False
+    ) -> Generator[UpdateStep, None, State]:
+        """Yield each update's loss *before* its backward pass; return the final state.
+
+        The consumer calls ``step.loss.backward()`` (or ``manual_backward``, or a scaled backward)
+        and may step an optimiser before asking for the next update; the engine then goes on with the
+        state stored at the update's boundaries, so the gradient of each yielded loss is exactly the
+        update's ``G_j`` (docs/design.md §2.3, §7.4). ``fixed_params=True`` (θ unchanged between
+        updates) lets overlapping windows reuse kept graphs; their adjoints are chained when the
+        generator resumes, so the consumer must backpropagate with ``retain_graph=step.retain_graph``.
         """
         check_state(state)
         self._source = source
@@ -198,30 +246,23 @@ class Engine:
         keep_from = _later_minimum([self._earliest_needed(u) for u in updates])
         self._bank: dict[int, State] = {0: detach_state(state)}
         self._kept: dict[tuple[int, int], _Segment] = {}
-        self._retain = on_update is None if fixed_params is None else fixed_params
-        # one preallocated vector, not a tensor object per update: memory stays flat in the length
-        losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
+        self._dense: dict[int, State] = {}  # states of an earlier source are not this one's
+        self._retain = fixed_params
         for i, u in enumerate(updates):
             self._keep_from = keep_from[i]
             self._drop_stale_segments()
             self._links: list[tuple[State, State]] = []
             self._leaves: list[State] = []
             loss = self._update_loss(u)
-            if loss.requires_grad:
-                loss.backward(retain_graph=bool(self._leaves))
-            self._chain_adjoints()
-            loss = loss.detach()
-            losses[i] = loss
-            if on_update is not None and on_update(i, u, loss):
-                updates, losses = updates[: i + 1], losses[: i + 1]  # the callback asked to stop here
-                break
+            after = self._bank.get(u.loss_end, self._bank[max(self._bank)])
+            yield UpdateStep(i, u, loss, after, bool(self._leaves))
+            self._chain_adjoints()  # a no-op when the consumer (``run``) has chained already
             frontier = max(self._bank)
             self._bank = {p: s for p, s in self._bank.items() if p >= keep_from[i] or p == frontier}
             self._kept = {k: g for k, g in self._kept.items() if k[0] >= keep_from[i]}
         self._kept = {}
         end = updates[-1].loss_end if updates else 0
-        final = self._bank[end] if end in self._bank else self._bank[max(self._bank)]
-        return RunResult(final, losses)
+        return self._bank[end] if end in self._bank else self._bank[max(self._bank)]
 
     # -- one update ------------------------------------------------------------------------------
     def _update_loss(self, u: Update) -> torch.Tensor:
@@ -382,8 +423,7 @@ class Engine:
 
     def _ensure_dense(self, a: int, b: int) -> None:
         """States at every position in ``[a, b)`` (for per-loss windows), computed step by step."""
-        dense = getattr(self, "_dense", {})
-        self._dense = {p: s for p, s in dense.items() if p >= a}
+        self._dense = {p: s for p, s in self._dense.items() if p >= a}
         missing = [p for p in range(a, b) if p not in self._dense]
         if not missing:
             return

@@ -54,17 +54,17 @@ class AddingTask(Task):
         if seq_len < 2:
             raise UsageError(f"adding: seq_len must be at least 2 (one marker in each half), found {seq_len}")
         half = seq_len // 2
-        values = torch.rand(batch_size, seq_len, generator=generator)
+        values = torch.rand(batch_size, seq_len, generator=generator, dtype=torch.float32)  # not the default dtype
         first = torch.randint(0, half, (batch_size,), generator=generator)
         second = torch.randint(half, seq_len, (batch_size,), generator=generator)
         rows = torch.arange(batch_size)
-        markers = torch.zeros(batch_size, seq_len)
+        markers = torch.zeros(batch_size, seq_len, dtype=torch.float32)
         markers[rows, first] = 1.0
         markers[rows, second] = 1.0
         total = values[rows, first] + values[rows, second]
         inputs = torch.stack([values, markers], dim=-1)
         targets = total[:, None, None].expand(batch_size, seq_len, 1).contiguous()
-        weights = torch.zeros(batch_size, seq_len)
+        weights = torch.zeros(batch_size, seq_len, dtype=torch.float32)
         weights[:, -1] = 1.0
         return Batch(inputs, targets, weights)
 
