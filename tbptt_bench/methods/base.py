@@ -50,6 +50,8 @@ class Method(ABC):
     family: ClassVar[str]
     summary: ClassVar[str]
     schema: ClassVar[dict[str, Param]] = {}
+    #: True for methods that compute ĝ by forward-mode accumulation instead of a mask (docs/design.md §7.3).
+    forward_mode: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = validate(self.family, self.schema, params)
