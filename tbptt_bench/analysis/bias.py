@@ -70,7 +70,7 @@ def grid(families: Sequence[str], ks: Sequence[int]) -> list[Method]:
     """
     out: list[Method] = []
     for fam in families:
-        if ":" in fam or fam == "full":
+        if ":" in fam or fam == "full" or METHODS.get(fam).forward_mode:  # no K: taken once, as is
             out.append(parse_method(fam))
             continue
         if not ks:
@@ -212,7 +212,8 @@ def method_estimates(
                 if isinstance(m, Full) and m.checkpoint is None:
                     out[m] = truth
         todo = [m for m in todo if m not in out]
-        planned = plan([m for m in todo if not isinstance(m, Full)], data.length)[0] if ladders else []
+        mask_methods = [m for m in todo if not isinstance(m, Full) and not m.forward_mode]  # forward mode: no mask
+        planned = plan(mask_methods, data.length)[0] if ladders else []
         shared = [m for lad in planned if len(lad.methods) > 1 for m, _ in lad.methods]
         if shared:
             out.update(kcurve_gradients(model, data, loss_kind, shared, state))
@@ -470,7 +471,7 @@ def analyse_bias(
     for i, m in enumerate(methods):
         est_mat = np.stack(est_rows[m])
         bound = math.nan
-        if profile is not None:
+        if profile is not None and not m.forward_mode:  # the lag bound is a property of a mask
             bound = 0.0 if isinstance(m, Full) else profile.method_bound(m.updates(seq_len), seq_len)
         for group in (("all",) if probes else GROUPS):
             idx = groups.get(group)

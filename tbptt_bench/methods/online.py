@@ -47,7 +47,7 @@ DEFAULT_MAX_MIB = 1024
 
 
 def max_mib() -> Param:
-    return Param(float, float(DEFAULT_MAX_MIB), lambda v: v > 0, "a memory limit in MiB > 0", False)
+    return Param(int, DEFAULT_MAX_MIB, lambda v: v >= 1, "a memory limit in MiB, an integer ≥ 1", False)
 
 
 class OnlineMethod(Method):
