@@ -145,7 +145,9 @@ class PerfConfig:
             raise UsageError(f"perf: memory_limit must be a positive number of bytes, got {self.memory_limit}")
         resolve_dtype(self.dtype)
         resolve_device(self.device)
-        parse_method(self.method)
+        if parse_method(self.method).forward_mode:  # online training: docs/online.md, not done yet
+            raise UsageError(f"perf: {self.method} is an online (forward-mode) method, measured by grad and bias "
+                             "only so far; train it with a mask method such as tbptt:k1=1,k2=K")
         MODELS.get(self.model)
         task = make_task(self.task, **self.task_params)
         task.sample(1, self.seq_len, generator(0))  # a length the task rejects is a UsageError now

@@ -72,7 +72,9 @@ class TrainConfig:
             raise UsageError(f"learning rate must be > 0, got {self.lr}")
         if self.clip is not None and not self.clip > 0:
             raise UsageError(f"gradient clip must be > 0 (or none), got {self.clip}")
-        parse_method(self.method)
+        if parse_method(self.method).forward_mode:  # online training: docs/online.md, not done yet
+            raise UsageError(f"train: {self.method} is an online (forward-mode) method, measured by grad and bias "
+                             "only so far; train it with a mask method such as tbptt:k1=1,k2=K")
 
 
 class Diverged(RuntimeError):
