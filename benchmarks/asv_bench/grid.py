@@ -103,6 +103,9 @@ def families() -> list[str]:
     """Registered method families that have a representative spec (others are logged and left out)."""
     out = []
     for family in METHODS.names():
+        if METHODS.get(family).forward_mode:  # no perf workload for online methods yet (docs/online.md)
+            log.warning("method family %r left out of the asv grid: online methods are not trainable yet", family)
+            continue
         try:
             representative_spec(family, PROBE_LENGTH)
         except UsageError as exc:

@@ -163,7 +163,8 @@ def method_estimates(
                 if isinstance(m, Full) and m.checkpoint is None:
                     out[m] = truth
         todo = [m for m in todo if m not in out]
-        planned = plan([m for m in todo if not isinstance(m, Full)], data.length)[0] if ladders else []
+        mask_methods = [m for m in todo if not isinstance(m, Full) and not m.forward_mode]  # forward mode: no mask
+        planned = plan(mask_methods, data.length)[0] if ladders else []
         shared = [m for lad in planned if len(lad.methods) > 1 for m, _ in lad.methods]
         if shared:
             out.update(kcurve_gradients(model, data, loss_kind, shared, state))
@@ -468,7 +469,7 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
     for i, m in enumerate(methods):
         est_mat = np.stack(samples.est_rows[m])
         bound = math.nan
-        if profile is not None:
+        if profile is not None and not m.forward_mode:  # the extrapolation reads a mask
             bound = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(opts.seq_len), opts.seq_len)
         for group in (("all",) if opts.probes else GROUPS):
             idx = groups.get(group)

@@ -14,7 +14,9 @@ from torch import nn
 
 from tbptt_bench.core.engine import Engine, Source
 from tbptt_bench.methods.truncation import Full
+from tbptt_bench.core.forward_mode import run_forward_mode
 from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.methods.online import OnlineMethod
 from tbptt_bench.models.protocol import State, check_protocol, parameter_group
 
 Gradient = dict[str, torch.Tensor]
@@ -30,6 +32,9 @@ def method_gradient(
     """ĝ: the sum over the method's updates of each update's gradient, θ fixed throughout."""
     check_protocol(model)
     method = parse_method(method)
+    if isinstance(method, OnlineMethod):  # forward mode: no mask, no engine (docs/design.md §7.3)
+        h0 = model.initial_state(source.batch_size) if state is None else state
+        return run_forward_mode(model, source, loss_kind, h0, method.estimator).gradient
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     for p in params:

@@ -1,4 +1,4 @@
 """Gradient methods: the spec grammar (``base``) and one module per family; importing this package
 registers them."""
 
-from tbptt_bench.methods import adaptive, base, hybrid, randomised, schedules, truncation  # noqa: F401
+from tbptt_bench.methods import adaptive, base, hybrid, online, randomised, schedules, truncation  # noqa: F401

@@ -68,6 +68,8 @@ class Method(ABC):
     constant_k: ClassVar[bool] = True
     #: Whether the estimate is the true gradient itself (full BPTT: the reference every method is compared with).
     exact: ClassVar[bool] = False
+    #: True for methods that compute ĝ by forward-mode accumulation instead of a mask (docs/design.md §7.3).
+    forward_mode: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = validate(self.family, self.schema, params)

@@ -120,7 +120,9 @@ class RunConfig:
         if self.clip is not None and not self.clip > 0:
             raise UsageError(f"gradient clip must be > 0 (or none), got {self.clip}")
         resolve_dtype(self.dtype)
-        parse_method(self.method)
+        if parse_method(self.method).forward_mode:  # online training: docs/online.md, not done yet
+            raise UsageError(f"{self.method} is an online (forward-mode) method, measured by grad and bias only so "
+                             "far; train it with a mask method such as tbptt:k1=1,k2=K")
         probe = nn.Parameter(torch.zeros(2, 2))
         make_optimizer(self, [probe])
         if self.optimizer == NO_OPTIMIZER and self.lr_schedule is not None:

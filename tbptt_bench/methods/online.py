@@ -1,0 +1,129 @@
+"""Online (forward-mode) gradient estimators as methods: ``rtrl``, ``snap:n``, ``uoro``, ``rflo:tau``.
+
+They are not masks: each carries a stand-in for the influence matrix ``M_t = ∂s_t/∂θ`` forward in time
+and reads ``∂ℓ_t/∂θ ≈ ρ_t + (∂ℓ_t/∂s_t) M̂_t`` off it at every loss (docs/design.md §7.3). The runner
+and the recursions are in :mod:`tbptt_bench.core.forward_mode`; a family here declares its parameters,
+the models it is defined for and the estimator it carries.
+
+* ``rtrl`` — exact RTRL: ``M_t = D_t M_{t−1} + I_t``. At fixed θ, ``Σ_t`` of its estimates is the full
+  BPTT gradient. Memory ``B·S·P`` (≈ B·H³ for a tanh RNN), time ≈ ``B·S²·P`` per step (≈ B·H⁴).
+* ``snap:n=N`` — SnAp-N (Menick et al. 2021): RTRL with ``M_t`` masked after every step to the
+  entries a parameter can reach within N steps (N = 1: the pattern of ``I_t``). Computed densely
+  (same cost as RTRL); the estimate is SnAp's exactly, the cost is not a sparse implementation's.
+* ``uoro`` — UORO (Tallec & Ollivier 2017): a rank-one, unbiased ``M̂_t = h̃_t θ̃_tᵀ`` per row. Memory
+  ``B·(S + P)``, time a small multiple of a forward step. Signs come from a ``torch.Generator`` seeded
+  with ``derive_seed("online-signs", seed, spec)``; it advances across sequences, so successive
+  estimates (bias batches) use fresh draws.
+* ``rflo:tau=τ`` — RFLO's eligibility trace (Murray 2019) for the tanh RNN with the true read-out as
+  feedback: ``M_t = (1 − 1/τ) M_{t−1} + (1/τ) I_t``, the recurrence ``D_t`` dropped. The project's RNN
+  has no leak (τ = 1 in Murray's model), where the trace is the immediate Jacobian alone.
+
+Every family updates online: one update every ``every`` steps (default 1); at fixed θ the schedule
+does not change the estimate. ``updates()`` gives that schedule with the mask of the gradient the
+estimator approximates (every contribution kept), which is what ``explain`` shows; estimates never go
+through the mask. Families holding a dense influence matrix refuse, before allocating, a matrix above
+``max_mib`` MiB.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from tbptt_bench.core.forward_mode import (
+    CellFunction, Estimator, Influence, RankOne, check_influence_memory, itemsize, structural_pattern,
+)
+from tbptt_bench.core.mask import Update
+from tbptt_bench.errors import UsageError
+from tbptt_bench.methods.base import Method, Param, positive_int, register_method
+from tbptt_bench.models.recurrent import CELL_TYPES
+from tbptt_bench.seeding import derive_seed
+
+#: Default limit on a dense influence matrix, in MiB.
+DEFAULT_MAX_MIB = 1024
+
+
+def max_mib() -> Param:
+    return Param(int, DEFAULT_MAX_MIB, lambda v: v >= 1, "a memory limit in MiB, an integer ≥ 1", False)
+
+
+class OnlineMethod(Method):
+    """A method that computes its estimate by forward-mode accumulation instead of a mask."""
+
+    forward_mode: ClassVar[bool] = True
+    #: Cell types of the built-in models the estimator is defined for.
+    cells: ClassVar[tuple[str, ...]] = CELL_TYPES
+
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
+        every = self.params.get("every") or 1
+        return [Update(a, min(a + every, length), 0) for a in range(0, length, every)]
+
+    def estimator(self, cell: CellFunction, batch: int) -> Estimator:
+        """The estimator for this model and batch size; refuses models and sizes it is not defined for."""
+        if cell.cell not in self.cells:
+            raise UsageError(f"{self.spec} is defined for {', '.join(self.cells)} models only, not {cell.cell}; "
+                             f"use rtrl, snap or uoro for {cell.cell}")
+        return self._estimator(cell, batch)
+
+    @abstractmethod
+    def _estimator(self, cell: CellFunction, batch: int) -> Estimator: ...
+
+    def _check_memory(self, cell: CellFunction, batch: int) -> None:
+        dtype = next(cell.model.parameters()).dtype
+        check_influence_memory(cell, batch, self.params["max_mib"], self.spec, itemsize(dtype))
+
+
+@register_method
+class RTRL(OnlineMethod):
+    family = "rtrl"
+    summary = "real-time recurrent learning: exact influence matrix carried forward (online, forward mode)"
+    schema = {"every": positive_int(1, required=False), "max_mib": max_mib()}
+
+    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+        self._check_memory(cell, batch)
+        return Influence(cell, batch, "exact")
+
+
+@register_method
+class SnAp(OnlineMethod):
+    family = "snap"
+    summary = "SnAp-n: RTRL with the influence matrix kept to the entries reachable in n steps (Menick et al.)"
+    schema = {"n": positive_int(1, required=False), "every": positive_int(1, required=False), "max_mib": max_mib()}
+
+    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+        self._check_memory(cell, batch)
+        pattern = structural_pattern(cell, self.params["n"], torch.Generator().manual_seed(derive_seed("snap-pattern")))
+        return Influence(cell, batch, "exact", pattern=pattern.to(next(cell.model.parameters()).dtype))
+
+
+@register_method
+class UORO(OnlineMethod):
+    family = "uoro"
+    summary = "UORO: unbiased rank-one influence estimate with random signs (Tallec & Ollivier)"
+    schema = {"every": positive_int(1, required=False), "seed": Param(int, 0, lambda v: v >= 0, "an integer ≥ 0", False)}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._generator = torch.Generator().manual_seed(derive_seed("online-signs", self.params["seed"], self.spec))
+
+    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+        return RankOne(cell, batch, self._generator)
+
+
+@register_method
+class RFLO(OnlineMethod):
+    family = "rflo"
+    summary = "RFLO eligibility trace (Murray 2019), tanh RNN, true read-out as feedback: leaky immediate Jacobian"
+    cells = ("rnn",)
+    schema = {
+        "tau": Param(float, 1.0, lambda v: v >= 1.0, "a time constant ≥ 1", False),
+        "every": positive_int(1, required=False),
+        "max_mib": max_mib(),
+    }
+
+    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+        self._check_memory(cell, batch)
+        return Influence(cell, batch, "leak", tau=self.params["tau"])
