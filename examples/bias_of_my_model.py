@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     print(tb.explain_method("chunked:k=3", 6, picture=True))
     methods = [f"{family}:k={k}" for family in ("chunked", "sliding") for k in ks]
     curve = tb.bias_curve(model, task, methods, seq_len=seq_len, batch_size=4, n_batches=batches,
-                          n_boot=50 if args.small else 1000, max_lag=0)
+                          n_flips=50 if args.small else 1000, max_lag=0)
     print(curve[["spec", "relative_bias", "cosine_mean"]].to_string(index=False))
 
 

@@ -81,7 +81,7 @@ def bias_curve(
 
     One row per method (and per parameter group when ``group`` is None): ``relative_bias`` with its
     interval, cosine, relative error, variance and the Aicher et al. bound. A thin wrapper of
-    :func:`tbptt_bench.analysis.bias.measure_bias`; ``options`` go to it (e.g. ``n_boot``, ``probes``).
+    :func:`tbptt_bench.analysis.bias.measure_bias`; ``options`` go to it (e.g. ``n_flips``, ``probes``).
 
     >>> curve = bias_curve(model, "copy", [f"chunked:k={k}" for k in (1, 2, 4, 8)], seq_len=32)  # doctest: +SKIP
     """

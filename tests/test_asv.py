@@ -134,7 +134,7 @@ def cli_bias(task: str, spec: str, capsys: pytest.CaptureFixture[str]) -> dict:
     seq_len, batch, hidden = grid.tiny_size(task)
     argv = ["bias", "--task", task, "--model", grid.MODEL, "--method", spec, "--seq-len", str(seq_len),
             "--batch", str(batch), "--hidden", str(hidden), "--seed", str(grid.SEED),
-            "--batches", str(gradient_bias.N_BATCHES), "--dtype", gradient_bias.DTYPE, "--boot", "0",
+            "--batches", str(gradient_bias.N_BATCHES), "--dtype", gradient_bias.DTYPE, "--flips", "0",
             "--max-lag", "0", "--json"]
     capsys.readouterr()
     assert cli_main(argv) == 0

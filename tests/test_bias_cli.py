@@ -10,7 +10,7 @@ import pytest
 
 from tbptt_bench.cli import main
 
-SMALL = ["--model", "lstm", "--hidden", "4", "--batch", "2", "--batches", "2", "--boot", "50"]
+SMALL = ["--model", "lstm", "--hidden", "4", "--batch", "2", "--batches", "2", "--flips", "50"]
 
 
 @pytest.mark.parametrize("task, seq_len", [("copy", "24"), ("adding", "12"), ("char-lm", "16")])
@@ -86,7 +86,7 @@ def test_train_bias_at_records_snapshots(tmp_path: Path, capsys) -> None:  # typ
     save = tmp_path / "curve.json"
     code = main(["train", "--task", "copy", "--model", "lstm", "--method", "chunked:k=4", "--seq-len", "24",
                  "--batch", "2", "--hidden", "4", "--steps", "2", "--eval-every", "1", "--eval-batches", "1",
-                 "--bias-at", "0,2", "--bias-methods", "chunked:k=4,tbptt:k1=4,k2=8", "--bias-batches", "2",
+                 "--bias-at", "0,2", "--bias-methods", "chunked:k=4,tbptt:k1=4,k2=8", "--bias-batches", "4",
                  "--quiet", "--save", str(save)])
     assert code == 0
     curve = json.loads(save.read_text())["curve"]

@@ -61,7 +61,7 @@ model = "rnn"
 methods = ["window:len=2", "full", "window:len=4", "chunked:k=2", "chunked:k=4"]
 dtype = "float64"
 n_batches = 2
-n_boot = 50
+n_flips = 50
 """
 
 
@@ -103,7 +103,7 @@ def test_grid_rules_of_the_built_in_families() -> None:
 
 def test_bias_command_table_and_json(plugin_dir: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["bias", "--task", "adding", "--seq-len", "8", "--batch", "2", "--hidden", "4", "--batches", "2",
-            "--boot", "50", "--dtype", "float64", "--max-lag", "0", "--method", "window,chunked,full", "--k", "2,4"]
+            "--flips", "50", "--dtype", "float64", "--max-lag", "0", "--method", "window,chunked,full", "--k", "2,4"]
     assert main(argv + ["--json"]) == 0
     rows = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
     rows = rows[rows["group"] == "all"].set_index("spec")

@@ -254,11 +254,11 @@ def test_bias_path_measures_online_methods() -> None:
     torch.manual_seed(0)
     model = RecurrentNet("rnn", task.input_kind, task.input_size, task.output_size, 4, 1)
     table = measure_bias(task, model, ["rtrl", "snap", "chunked:k=2"], seq_len=8, batch_size=2, n_batches=3,
-                         seed=0, dtype="float64", n_boot=200, with_provenance=False)
+                         seed=0, dtype="float64", n_flips=200, with_provenance=False)
     rows = table[table.group == "all"].set_index("family")
     assert rows.loc["rtrl", "relative_error_mean"] < 1e-10
     assert rows.loc["snap", "relative_error_mean"] > 1e-4
-    assert math.isnan(rows.loc["rtrl", "bound"])
+    assert math.isnan(rows.loc["rtrl", "extrapolation"])
 
 
 def test_alignment_matrix_is_a_cosine_matrix() -> None:

@@ -32,7 +32,7 @@ BIAS_METHODS = ("full", "chunked:k=2", "chunked:k=4", "chunked:k=8", "tbptt:k1=2
                 "sliding:k=2", "sliding:k=4", "sliding:k=8")
 FAST = Options(n_resamples=300, formats=("png",), dpi=40)
 EXPECTED_FIGURES = {
-    "bias_vs_k", "cosine_vs_k", "lag_profile", "bias_bound", "cost_tokens_vs_k", "cost_ms_vs_k",
+    "bias_vs_k", "cosine_vs_k", "lag_profile", "bias_extrapolation", "cost_tokens_vs_k", "cost_ms_vs_k",
     "cost_tokens_vs_t", "cost_ms_vs_t", "memory_vs_t", "learning_curves", "bias_over_training", "final_metric",
     "time_to_target", "tradeoff_metric_cost", "tradeoff_bias_cost",
 }
@@ -101,7 +101,7 @@ def quick_tables(seeds: int = 2, *, failed: int = 0, diverged: int = 0, rng_seed
                         "seed": 7 + r, "n_batches": 8, **_common(key, "bias", r), "family": method.split(":")[0],
                         "spec": method, "k": k, "group": group, "relative_bias": rel, "relative_bias_lo": rel * 0.8,
                         "relative_bias_hi": rel * 1.2, "cosine_mean": 1 - rel / 2, "cosine_se": 0.01,
-                        "relative_error_mean": rel * 1.5, "bound": 0.0 if method == "full" else 2 * rel + 0.01})
+                        "relative_error_mean": rel * 1.5, "extrapolation": 0.0 if method == "full" else 2 * rel + 0.01})
             if method == "full":
                 for r in range(seeds):
                     for d in range(1, 13):

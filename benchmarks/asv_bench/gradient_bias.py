@@ -35,7 +35,7 @@ def bias_figures(task: str, method: str) -> dict[str, float]:
     task_obj, model = grid.task_and_model(task, dtype=DTYPE)
     spec = grid.representative_spec(method, seq_len)
     table = measure_bias(task_obj, model, [spec], seq_len=seq_len, batch_size=batch_size, n_batches=N_BATCHES,
-                         seed=grid.SEED, dtype=DTYPE, n_boot=0, max_lag=0, with_provenance=False)
+                         seed=grid.SEED, dtype=DTYPE, n_flips=0, max_lag=0, with_provenance=False)
     row = table[table["group"] == "all"].iloc[0]
     return {"relative_bias": float(row["relative_bias"]), "one_minus_cosine": 1.0 - float(row["cosine_mean"])}
 

@@ -5,13 +5,16 @@ method's estimate ĝ_n is compared with the true gradient g_n of the same loss f
 state (docs/design.md §3):
 
 * per batch: relative error ‖ĝ - g‖/‖g‖, cosine, norm ratio ‖ĝ‖/‖g‖ — means and standard errors;
-* bias proper: ``relative_bias = ‖mean(ĝ - g)‖ / ‖mean(g)‖`` with a bootstrap confidence interval over
-  batches (``scipy.stats.bootstrap``, BCa), and ``relative_bias_unbiased`` from the unbiased estimate
-  of ``‖E(ĝ - g)‖²`` (``Σ_{n≠m} D_nᵀD_m / N(N-1)``; the plug-in ``‖mean D‖²`` is inflated by
-  ``tr Cov(D)/N``);
-* noise: ``variance_trace = tr Cov(ĝ)`` over batches and ``snr = ‖mean ĝ‖ / √tr Cov(ĝ)``;
+* bias proper: ``relative_bias``, an estimate of ``‖E(ĝ - g)‖ / ‖E(g)‖`` from unbiased U-statistics
+  (the plug-in ``‖mean D‖²`` is inflated by ``tr Cov(D)/N``, so an unbiased method would look biased),
+  with an interval that can contain 0 and ``bias_p_value``, a test of ``E(ĝ - g) = 0``
+  (:mod:`tbptt_bench.analysis.expectation`, docs/statistics.md); the plug-in stays as
+  ``relative_bias_plugin``;
+* noise: ``variance_trace = tr Cov(ĝ)`` over batches, ``variance_trace_error = tr Cov(ĝ - g)`` and
+  ``snr = ‖mean ĝ‖ / √tr Cov(ĝ)``;
 * all of it overall (group ``all``) and per parameter group (input, recurrent, bias, readout);
-* the lag profile and, for each method, the Aicher et al. bound built from it (:mod:`tbptt_bench.core.lags`).
+* the lag profile and, for each method, the bias extrapolated from it after Aicher et al. — an estimate
+  under a geometric-decay assumption, not a bound (:mod:`tbptt_bench.core.lags`).
 
 Estimates come from the fastest exact route (``fast=True``): sliding methods from one lag
 decomposition, chunk-shaped grids from a K-curve ladder (:mod:`tbptt_bench.analysis.kcurve`), everything else
@@ -26,7 +29,6 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,6 +39,7 @@ from scipy import stats
 from torch import nn
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.analysis.expectation import DEFAULT_FLIPS, expectation_bias
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
 from tbptt_bench.core.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
@@ -177,51 +180,14 @@ def method_estimates(
 # -- statistics ----------------------------------------------------------------------------------
 
 
-def bootstrap_relative_bias(
-    diff: np.ndarray, true: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """``‖mean(diff)‖ / ‖mean(true)‖`` over rows, and its bootstrap (BCa) confidence interval.
+def group_metrics(est: np.ndarray, true: np.ndarray, *, n_flips: int, level: float, seed: int) -> dict[str, float]:
+    """All bias columns for one method and parameter group (rows: batches).
 
-    Resampling is over rows (batches). Only the row Gram matrices enter, so each resample costs N²
-    regardless of the parameter count.
+    The headline ``relative_bias`` is the noise-corrected estimate of ‖E[ĝ − g]‖ / ‖E[g]‖ with an
+    interval that reaches 0 when the data allow no bias, and ``bias_p_value`` tests E[ĝ − g] = 0
+    (:mod:`tbptt_bench.analysis.expectation`, docs/statistics.md); the plug-in ‖mean(ĝ − g)‖ /
+    ‖mean(g)‖, which noise pushes up, is kept as ``relative_bias_plugin``.
     """
-    n = diff.shape[0]
-    gd, gt = diff @ diff.T, true @ true.T
-
-    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        idx = np.moveaxis(np.asarray(idx), axis, -1).astype(int)
-        num = gd[idx[..., :, None], idx[..., None, :]].sum((-1, -2))
-        den = gt[idx[..., :, None], idx[..., None, :]].sum((-1, -2))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.sqrt(np.maximum(num, 0) / den)
-
-    value = float(statistic(np.arange(n)))
-    if n < 2 or n_boot < 1 or not math.isfinite(value):
-        return value, math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = stats.bootstrap((np.arange(n),), statistic, vectorized=True, n_resamples=n_boot,
-                              confidence_level=level, method="BCa", random_state=np.random.default_rng(seed),
-                              batch=max(1, 4_000_000 // (n * n)))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # degenerate (e.g. a constant statistic)
-        boot = res.bootstrap_distribution
-        if np.allclose(boot, value):
-            lo = hi = value
-    return value, lo, hi
-
-
-def _unbiased_sq_norm_of_mean(x: np.ndarray) -> float:
-    """Unbiased estimate of ‖E x‖² from rows: Σ_{n≠m} x_nᵀx_m / N(N-1)."""
-    n = x.shape[0]
-    if n < 2:
-        return math.nan
-    s = x.sum(0)
-    return float((s @ s - (x * x).sum()) / (n * (n - 1)))
-
-
-def group_metrics(est: np.ndarray, true: np.ndarray, *, n_boot: int, level: float, seed: int) -> dict[str, float]:
-    """All bias columns for one method and parameter group (rows: batches)."""
     n = est.shape[0]
     nt = np.linalg.norm(true, axis=1)
     ne = np.linalg.norm(est, axis=1)
@@ -230,22 +196,25 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_boot: int, level: floa
         rel = np.where(nt > 0, nd / nt, np.nan)
         cos = np.where((nt > 0) & (ne > 0), (est * true).sum(1) / (ne * nt), np.nan)
         ratio = np.where(nt > 0, ne / nt, np.nan)
-
-    diff = est - true
-    value, lo, hi = bootstrap_relative_bias(diff, true, n_boot=n_boot, level=level, seed=seed)
-    ub_num, ub_den = _unbiased_sq_norm_of_mean(diff), _unbiased_sq_norm_of_mean(true)
-    mean_est = est.mean(0)
-    var_est = float(est.var(0, ddof=1).sum()) if n > 1 else math.nan
-    var_true = float(true.var(0, ddof=1).sum()) if n > 1 else math.nan
-    out = {}
+    out: dict[str, float] = {}
     for name, arr in (("relative_error", rel), ("cosine", cos), ("norm_ratio", ratio)):
         out[f"{name}_mean"], out[f"{name}_se"] = mean_sem(arr)
+    diff = est - true
+    nan = math.nan
+    e = expectation_bias(diff, true, level=level, n_flips=n_flips, seed=seed) if n >= 2 else None
+    var_est = float(est.var(0, ddof=1).sum()) if n > 1 else nan
     out.update({
-        "relative_bias": value, "relative_bias_lo": lo, "relative_bias_hi": hi,
-        "relative_bias_unbiased": (math.sqrt(max(ub_num, 0.0) / ub_den) if ub_den and ub_den > 0 else math.nan),
-        "bias_norm": float(np.linalg.norm(diff.mean(0))), "true_mean_norm": float(np.linalg.norm(true.mean(0))),
-        "variance_trace": var_est, "variance_trace_true": var_true,
-        "snr": float(np.linalg.norm(mean_est) / math.sqrt(var_est)) if var_est and var_est > 0 else math.nan,
+        "relative_bias": e.relative_bias if e else nan,
+        "relative_bias_lo": e.relative_bias_lo if e else nan,
+        "relative_bias_hi": e.relative_bias_hi if e else nan,
+        "bias_p_value": e.p_value if e and n_flips > 0 else nan,
+        "relative_bias_plugin": (float(np.linalg.norm(diff.mean(0)) / np.linalg.norm(true.mean(0)))
+                                 if np.linalg.norm(true.mean(0)) > 0 else nan),
+        "bias_norm": e.bias_norm if e else nan, "bias_norm_lo": e.bias_norm_lo if e else nan,
+        "bias_norm_hi": e.bias_norm_hi if e else nan, "true_mean_norm": e.signal_norm if e else nan,
+        "variance_trace": var_est, "variance_trace_true": float(true.var(0, ddof=1).sum()) if n > 1 else nan,
+        "variance_trace_error": e.variance_trace if e else nan,
+        "snr": float(np.linalg.norm(est.mean(0)) / math.sqrt(var_est)) if var_est and var_est > 0 else nan,
         "n_params": int(est.shape[1]),
     })
     return out
@@ -276,7 +245,8 @@ def probe_metrics(est: np.ndarray, directions: np.ndarray, probed: np.ndarray, *
     var_est = float(est.var(0, ddof=1).sum()) if n_batches > 1 else math.nan
     out.update({
         "relative_bias": rb, "relative_bias_lo": max(0.0, rb - z * se), "relative_bias_hi": rb + z * se,
-        "relative_bias_unbiased": math.nan, "bias_norm": math.sqrt(max(pooled.sq_error, 0.0)),
+        "bias_p_value": math.nan, "relative_bias_plugin": math.nan, "bias_norm": math.sqrt(max(pooled.sq_error, 0.0)),
+        "bias_norm_lo": math.nan, "bias_norm_hi": math.nan, "variance_trace_error": math.nan,
         "true_mean_norm": math.sqrt(max(pooled.sq_true_norm, 0.0)), "variance_trace": var_est,
         "variance_trace_true": math.nan,
         "snr": float(np.linalg.norm(mean_est) / math.sqrt(var_est)) if var_est and var_est > 0 else math.nan,
@@ -321,7 +291,7 @@ class BiasOptions:
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     true_checkpoint: int | None = None
-    n_boot: int = 2000
+    n_flips: int = DEFAULT_FLIPS
     ci_level: float = 0.95
     split: str = "valid"
     warmup: int | None = None
@@ -457,7 +427,7 @@ def _meta(task: Task, model: nn.Module, opts: BiasOptions, dt: torch.dtype, lag_
         "dtype": str(dt).replace("torch.", ""), "split": opts.split, "streaming": bool(task.streaming),
         "warmup": (opts.seq_len if opts.warmup is None else opts.warmup) if task.streaming else 0,
         "true_method": f"probes:{opts.probes}" if opts.probes else Full(checkpoint=opts.true_checkpoint).spec,
-        "n_boot": opts.n_boot, "ci_level": opts.ci_level, "fast": opts.fast, "max_lag": lag_max, "seconds": seconds,
+        "n_flips": opts.n_flips, "ci_level": opts.ci_level, "fast": opts.fast, "max_lag": lag_max, "seconds": seconds,
     }
 
 
@@ -468,9 +438,9 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
     rows = []
     for i, m in enumerate(methods):
         est_mat = np.stack(samples.est_rows[m])
-        bound = math.nan
+        extrapolation = math.nan
         if profile is not None and not m.forward_mode:  # the extrapolation reads a mask
-            bound = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(opts.seq_len), opts.seq_len)
+            extrapolation = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(opts.seq_len), opts.seq_len)
         for group in (("all",) if opts.probes else GROUPS):
             idx = groups.get(group)
             if idx is None:
@@ -479,9 +449,9 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
             if opts.probes:
                 row.update(probe_metrics(est_mat, samples.directions, true_mat, level=opts.ci_level))
             else:
-                row.update(group_metrics(est_mat[:, idx], true_mat[:, idx], n_boot=opts.n_boot, level=opts.ci_level,
+                row.update(group_metrics(est_mat[:, idx], true_mat[:, idx], n_flips=opts.n_flips, level=opts.ci_level,
                                          seed=derive_seed("bootstrap", opts.seed, i, group)))
-            row["bound"] = bound
+            row["extrapolation"] = extrapolation
             row.update(constant)
             rows.append(row)
     table = pd.DataFrame(rows)
@@ -491,8 +461,8 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
 
 
 LAG_COLUMNS = ["lag", "mean", "q10", "q50", "q90", "mass", "n_pairs", "fitted", "fitted_robust", "rate",
-               "rate_robust", "rate_robust_lo", "rate_robust_hi", "fit_from", "fit_to", "tail", "lower_norm",
-               "bound", "horizon"]
+               "rate_robust", "rate_robust_lo", "rate_robust_hi", "fit_from", "fit_to", "r_squared", "tail",
+               "lower_norm", "extrapolation", "decay_geometric", "horizon"]
 
 
 def measure_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], options: BiasOptions | None = None,
@@ -519,7 +489,8 @@ def _group_index(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
 #: Learning-curve columns of a bias snapshot (group ``all``), and the bias-table column each comes from.
 SNAPSHOT_COLUMNS = {
     "relative_bias": "relative_bias", "relative_bias_lo": "relative_bias_lo", "relative_bias_hi": "relative_bias_hi",
-    "relative_error": "relative_error_mean", "cosine": "cosine_mean", "norm_ratio": "norm_ratio_mean", "snr": "snr",
+    "bias_p_value": "bias_p_value", "relative_error": "relative_error_mean", "cosine": "cosine_mean",
+    "norm_ratio": "norm_ratio_mean", "snr": "snr",
 }
 
 
@@ -546,7 +517,7 @@ def bias_snapshots(
     batch_size: int,
     n_batches: int = 4,
     seed: int = 0,
-    n_boot: int = 1000,
+    n_flips: int = 1000,
 ) -> Callable[[int, nn.Module], dict[str, Any]]:
     """An ``on_eval(update, model)`` hook for :func:`tbptt_bench.training.loop.train` that measures bias.
 
@@ -566,7 +537,7 @@ def bias_snapshots(
         if update not in wanted:
             return out
         table = measure_bias(task, model, methods, seq_len=seq_len, batch_size=batch_size, n_batches=n_batches,
-                             seed=derive_seed("bias-snapshot", seed), n_boot=n_boot, max_lag=0,
+                             seed=derive_seed("bias-snapshot", seed), n_flips=n_flips, max_lag=0,
                              with_provenance=False)
         rows = table[table["group"] == "all"].set_index("spec")
         for i, m in enumerate(methods):

@@ -23,7 +23,7 @@ FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
 def bias_figure(table: pd.DataFrame, lags: pd.DataFrame, title: str = "") -> Figure:
-    """Three panels: relative bias (with its CI and the lag-profile bound), cosine (±1.96 SE), profile."""
+    """Three panels: relative bias (with its CI and the lag-profile extrapolation), cosine (±1.96 SE), profile."""
     rows = table[(table["group"] == "all") & np.isfinite(table["k"].astype(float))]
     families = list(dict.fromkeys(rows["series"]))
     colors = dict(zip(families, sns.color_palette("colorblind", max(len(families), 1))))
@@ -41,10 +41,10 @@ def bias_figure(table: pd.DataFrame, lags: pd.DataFrame, title: str = "") -> Fig
         lo, hi = r["relative_bias_lo"].to_numpy(float), r["relative_bias_hi"].to_numpy(float)
         band = pos & np.isfinite(lo) & np.isfinite(hi) & (lo > 0)
         ax_bias.fill_between(k[band], lo[band], hi[band], color=c, alpha=0.25, linewidth=0)
-        if "bound" in r and np.isfinite(r["bound"].to_numpy(float)).any():
-            b = r["bound"].to_numpy(float)
+        if "extrapolation" in r and np.isfinite(r["extrapolation"].to_numpy(float)).any():
+            b = r["extrapolation"].to_numpy(float)
             ok = np.isfinite(b) & (b > 0)
-            ax_bias.plot(k[ok], b[ok], "--", color=c, alpha=0.8, label=f"{fam}: bound (lag profile)")
+            ax_bias.plot(k[ok], b[ok], "--", color=c, alpha=0.8, label=f"{fam}: extrapolated (lag profile)")
         mean, se = r["cosine_mean"].to_numpy(float), r["cosine_se"].to_numpy(float)
         ax_cos.plot(k, mean, "o-", color=c, label=fam)
         se = np.nan_to_num(se)

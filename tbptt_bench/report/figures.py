@@ -185,14 +185,14 @@ def _reference_lines(ax: plt.Axes, refs: pd.DataFrame | None, key: object) -> No
             ax.axhline(ref["y"], ls="--", lw=1.1, color="0.35", label=str(ref["label"]))
 
 
-def measured_vs_bound(
+def measured_vs_extrapolation(
     data: pd.DataFrame,
     *,
     x: str,
     y: str,
     low: str,
     high: str,
-    bound: str,
+    extrapolation: str,
     hue: str,
     panel: str | None = None,
     colours: dict[str, tuple[float, float, float]] | None = None,
@@ -200,13 +200,13 @@ def measured_vs_bound(
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
-    """Measured ``y`` (solid, with its band) and its ``bound`` (dashed, same colour) against ``x``, log-log.
+    """Measured ``y`` (solid, with its band) and its ``extrapolation`` (dashed, same colour) against ``x``.
 
-    Infinite bounds are left out of the line (a bound that does not exist is not drawn as a number).
+    Infinite extrapolations are left out of the line (no number is drawn where the profile does not decay).
     """
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
-    finite = data[bound].replace([np.inf, -np.inf], np.nan)
+    finite = data[extrapolation].replace([np.inf, -np.inf], np.nan)
     single = data[x].nunique() == 1
     logx = not single and _wants_log(data[x])
     logy = _wants_log(data[y], data[low], finite.dropna())
@@ -216,7 +216,7 @@ def measured_vs_bound(
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
             colour = colours.get(name)
-            b = line[bound].replace([np.inf, -np.inf], np.nan)
+            b = line[extrapolation].replace([np.inf, -np.inf], np.nan)
             if single:
                 _point(ax, i - 0.12, line.iloc[0], y, low, high, colour, None)
                 if b.notna().any():
@@ -225,10 +225,10 @@ def measured_vs_bound(
             ax.plot(line[x], line[y], marker="o", ms=3.5, lw=1.6, color=colour, label=f"{name}: measured")
             ax.fill_between(line[x], line[low], line[high], color=colour, alpha=0.2, lw=0)
             if b.notna().any():
-                ax.plot(line[x], b, ls="--", marker="^", ms=3.5, lw=1.2, color=colour, label=f"{name}: bound")
+                ax.plot(line[x], b, ls="--", marker="^", ms=3.5, lw=1.2, color=colour, label=f"{name}: extrapolated")
         if single:
             ax.errorbar([], [], yerr=[], fmt="o", color="0.3", label="measured (interval)")
-            ax.plot([], [], marker="^", ls="none", color="0.3", label="bound")
+            ax.plot([], [], marker="^", ls="none", color="0.3", label="extrapolated")
         _x_axis(ax, data[x], names if single else None, logx)
         if logy:
             ax.set_yscale("log")

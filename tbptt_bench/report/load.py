@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from tbptt_bench.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 MEASURES = ("train", "bias", "perf")
@@ -55,6 +58,7 @@ def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
         tables = {"results": _read_file(root)}
     else:
         tables = {name: read_results(root, name) for name in table_names(root)}
+    tables = {name: upgrade_bias_columns(df) for name, df in tables.items()}
     main = tables.get("results", pd.DataFrame())
     if main.empty:
         raise UsageError(f"results table in {root} is empty; run a suite into it first")
@@ -68,6 +72,21 @@ def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
             raise UsageError(f"{root}: {measure} rows lack column(s) {', '.join(lacking)}; "
                              "the table was not written by this version of tbptt-bench")
     return tables
+
+
+def upgrade_bias_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Bias rows written before the noise-corrected headline (store schema ≤ 1): their ``relative_bias``
+    was the plug-in and ``bound`` the lag-profile extrapolation. Rename, so that no old plug-in value is
+    read as the headline; the headline is then the old ``relative_bias_unbiased`` without an interval."""
+    if "relative_bias_unbiased" not in df.columns or "relative_bias_plugin" in df.columns:
+        return df
+    out = df.rename(columns={"relative_bias": "relative_bias_plugin", "bound": "extrapolation",
+                             "relative_bias_unbiased": "relative_bias"})
+    out["relative_bias_lo"] = float("nan")
+    out["relative_bias_hi"] = float("nan")
+    log.warning("bias rows of an older store: the headline is the noise-corrected estimate without its "
+                "interval; rerun the suite for intervals and the test of zero bias")
+    return out
 
 
 def _read_file(path: Path) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""The gradient-bias section: relative bias and cosine against K, the lag profile and the bound."""
+"""The gradient-bias section: relative bias and cosine against K, the lag profile and its extrapolation."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _bias_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[str, Any]) -> pd.DataFrame:
-    """Relative bias and cosine against K, the lag profile and the bias bound; returns the bias summary."""
+    """Relative bias and cosine against K, the lag profile and the extrapolated bias; returns the bias summary."""
     o = doc.options
     doc.section("bias", "Gradient bias")
     columns = ["task", "model", "method", "mean", "ci_low", "ci_high"]
@@ -58,7 +58,7 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         fig = figures.ci_lines(truncated, x="K", y="mean", low="ci_low", high="ci_high", hue="series",
                                panel="panel", logx=True, logy=True, xlabel="truncation length K",
                                ylabel="relative bias", title="Relative bias of the gradient against K")
-        doc.figure("bias_vs_k", fig, "Relative bias ‖mean(ĝ − g)‖/‖mean(g)‖ against K per method family; band: "
+        doc.figure("bias_vs_k", fig, "Relative bias ‖E(ĝ − g)‖/‖E(g)‖ (noise-corrected estimate) against K per method family; band: "
                    f"{o.confidence:.0%} interval. Full BPTT has zero bias by definition.")
     if cos is not None and not cos[cos["K"].notna()].empty:
         refs = pd.DataFrame({"panel": cos["panel"].unique(), "y": 1.0, "label": "full BPTT (cosine 1)"})
@@ -68,18 +68,20 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         doc.figure("cosine_vs_k", fig, f"Mean cosine between ĝ and g over batches against K; band: {o.confidence:.0%} "
                    "interval.")
     _lag_profile(doc, tables, bias)
-    if "bound" in bias.columns and np.isfinite(bias["bound"].astype(float)).any():
-        bound = bias.groupby(by, as_index=False, dropna=False)["bound"].median()
-        both = rel.merge(bound, on=by, how="left")
+    if "extrapolation" in bias.columns and np.isfinite(bias["extrapolation"].astype(float)).any():
+        extrapolated = bias.groupby(by, as_index=False, dropna=False)["extrapolation"].median()
+        both = rel.merge(extrapolated, on=by, how="left")
         both = both[both["K"].notna()]
         if not both.empty:
-            fig = figures.measured_vs_bound(both, x="K", y="mean", low="ci_low", high="ci_high", bound="bound",
-                                            hue="series", panel="panel", xlabel="truncation length K",
-                                            ylabel="relative bias", title="Measured relative bias and its bound")
-            doc.figure("bias_bound", fig, "Measured relative bias (solid, with its interval) next to the bound "
-                       "estimated from the lag profile (dashed, after Aicher, Foti & Fox 2019); the bound is "
-                       "conservative and may be infinite where the profile does not decay.")
-        rel = rel.merge(bound, on=by, how="left")
+            fig = figures.measured_vs_extrapolation(
+                both, x="K", y="mean", low="ci_low", high="ci_high", extrapolation="extrapolation", hue="series",
+                panel="panel", xlabel="truncation length K", ylabel="relative bias",
+                title="Measured relative bias and the lag-profile extrapolation")
+            doc.figure("bias_extrapolation", fig, "Measured relative bias (solid, with its interval) next to the "
+                       "bias extrapolated from the lag profile (dashed, after Aicher, Foti & Fox 2019). The "
+                       "extrapolation assumes geometric decay and a constant ∂h/∂θ; it is not a bound and can fall "
+                       "below the measured value.")
+        rel = rel.merge(extrapolated, on=by, how="left")
     rel["order"] = rel["method"].map(method_sort_key)
     rel = rel.sort_values(["panel", "order"]).drop(columns="order")
     shown = rel[["panel", "method", "n"]].copy()
@@ -89,8 +91,8 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         shown["cosine [CI]"] = merged.apply(_ci, axis=1, digits=5).to_numpy()
         rel = rel.merge(cos.rename(columns={"mean": "cosine", "ci_low": "cosine_low", "ci_high": "cosine_high"})
                         .drop(columns="n"), on=by, how="left")
-    if "bound" in rel.columns:
-        shown["bound"] = rel["bound"].map(_fmt).to_numpy()
+    if "extrapolation" in rel.columns:
+        shown["extrapolated (not a bound)"] = rel["extrapolation"].map(_fmt).to_numpy()
     doc.table("bias", shown, rel, caption="Gradient bias per method (whole parameter vector).")
     return rel[[c for c in columns if c in rel.columns] + ["panel"]]
 
