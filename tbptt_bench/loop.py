@@ -36,7 +36,7 @@ from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, parse_method
 from tbptt_bench.models.protocol import State, check_protocol, check_state, detach_state, map_state
-from tbptt_bench.seeding import derive_seed
+from tbptt_bench.seeding import method_rng
 from tbptt_bench.tasks.base import Batch
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class TBPTT:
         self.loss_kind = loss
         self.engine = Engine(model, loss, device=device, checkpoint=self.method.checkpoint)
         self.autocast = autocast
-        self.rng = np.random.default_rng(derive_seed("method", seed))
+        self.rng = method_rng(seed)
         #: Updates yielded so far (the global update count that hybrid and scheduled K follow).
         self.updates_done = 0
         #: Batches finished so far.

@@ -149,10 +149,12 @@ def method_estimates(
     ladders: bool = True,
     truth: Gradient | None = None,
     decomposition: LagDecomposition | None = None,
+    seed: int = 0,
 ) -> dict[Method, Gradient]:
     """ĝ of each method on one batch, by the fastest exact route (``fast``) or through the engine.
 
-    ``ladders=False`` leaves out the K-curve route (it keeps a graph of the whole sequence).
+    ``ladders=False`` leaves out the K-curve route (it keeps a graph of the whole sequence). Methods that
+    draw random choices draw them from ``method_rng(seed, spec)``: give each batch its own ``seed``.
     """
     out: dict[Method, Gradient] = {}
     todo = list(methods)
@@ -173,7 +175,7 @@ def method_estimates(
             out.update(kcurve_gradients(model, data, loss_kind, shared, state))
         todo = [m for m in todo if m not in out]
     for m in todo:
-        out[m] = method_gradient(model, data, m, loss_kind, state)
+        out[m] = method_gradient(model, data, m, loss_kind, state, seed=derive_seed(seed, m.spec))
     return out
 
 
@@ -410,7 +412,8 @@ def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOption
             out.true_rows.append(flatten(truth, names).cpu().numpy())
         # The K-curve route keeps one full-length graph: not when the caller asked for checkpointing.
         ests = method_estimates(mdl, data, task.loss_kind, methods, state, fast=opts.fast,
-                                ladders=opts.true_checkpoint is None, truth=truth, decomposition=dec)
+                                ladders=opts.true_checkpoint is None, truth=truth, decomposition=dec,
+                                seed=derive_seed("method-draws", opts.seed, n))
         for m in methods:
             out.est_rows[m].append(flatten(ests[m], names).cpu().numpy())
         log.info("bias batch %d/%d done (%.1f s)", n + 1, opts.n_batches, time.perf_counter() - t0)

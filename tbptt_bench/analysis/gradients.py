@@ -17,6 +17,7 @@ from tbptt_bench.methods.truncation import Full
 from tbptt_bench.core.forward_mode import run_forward_mode
 from tbptt_bench.methods.base import Method, parse_method
 from tbptt_bench.methods.online import OnlineMethod
+from tbptt_bench.seeding import method_rng
 from tbptt_bench.models.protocol import State, check_protocol, parameter_group
 
 Gradient = dict[str, torch.Tensor]
@@ -28,8 +29,13 @@ def method_gradient(
     method: Method | str,
     loss_kind: str,
     state: State | None = None,
+    *,
+    seed: int = 0,
 ) -> Gradient:
-    """ĝ: the sum over the method's updates of each update's gradient, θ fixed throughout."""
+    """ĝ: the sum over the method's updates of each update's gradient, θ fixed throughout.
+
+    A method that draws random choices (ARTBP's cut points) draws them from ``method_rng(seed)``
+    (docs/design.md §2.9): pass the run's seed, so that replicates are independent and reruns equal."""
     check_protocol(model)
     method = parse_method(method)
     if isinstance(method, OnlineMethod):  # forward mode: no mask, no engine (docs/design.md §7.3)
@@ -43,7 +49,7 @@ def method_gradient(
         engine = Engine(model, loss_kind, checkpoint=method.checkpoint)
         h0 = model.initial_state(source.batch_size) if state is None else state
         method.observe(0, model, source, h0, loss_kind)  # stateful methods (adaptive K) estimate at this θ
-        engine.run(source, method.updates(source.length), h0)
+        engine.run(source, method.updates(source.length, rng=method_rng(seed)), h0)
         return {
             name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
             for name, p in model.named_parameters()

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     batch = task.sample(args.batch, args.seq_len, generator(derive_seed("data", args.seed)))
     data = batch.to(args.device, model.readout.weight.dtype if hasattr(model, "readout") else None)
     state = model.initial_state(args.batch)
-    est = method_gradient(model, data, method, task.loss_kind, state)
+    est = method_gradient(model, data, method, task.loss_kind, state, seed=args.seed)
     true = true_gradient(model, data, task.loss_kind, state)
     metrics = {group: c.as_dict() for group, c in compare(est, true).items()}
     meta = {

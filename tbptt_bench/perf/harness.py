@@ -39,7 +39,7 @@ from tbptt_bench.perf.config import COLUMNS, PerfConfig
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.perf.memory import MemoryProbe, limit_cuda_memory, release_free_memory, set_heap_mode
 from tbptt_bench.provenance import provenance
-from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.seeding import derive_seed, generator, method_rng
 from tbptt_bench.training.run import build_run
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Workload:
         self.engine = self.run.engine
         # The batch stays on the CPU: the engine moves one chunk at a time, as in training.
         self.batch = self.task.sample(cfg.batch_size, cfg.seq_len, generator(derive_seed("perf-data", cfg.seed)))
-        self.rng = np.random.default_rng(derive_seed("perf-method", cfg.seed))
+        self.rng = method_rng(cfg.seed, "perf")
         self.updates_done = 0
 
     def compile(self) -> float:

@@ -28,7 +28,7 @@ from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method
 from tbptt_bench.models.protocol import State, detach_state
-from tbptt_bench.seeding import derive_seed, generator
+from tbptt_bench.seeding import derive_seed, generator, method_rng
 from tbptt_bench.tasks.base import Batch, Task
 from tbptt_bench.training.run import NO_OPTIMIZER, ComposedConfig, Run, RunConfig, build_run
 
@@ -133,7 +133,7 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, run: Run, on_eval: Callable[[int, nn.Module], dict[str, Any]] | None,
                  progress: Callable[[int, int], None] | None) -> None:
         self.cfg, self.run, self.on_eval, self.progress = cfg, run, on_eval, progress
-        self.rng = np.random.default_rng(derive_seed("method", cfg.seed))
+        self.rng = method_rng(cfg.seed)
         self.curve: list[dict[str, Any]] = []
         self.k_used: list[int | None] = []
         self.updates = 0
