@@ -97,7 +97,8 @@ def test_every_benchmark_runs_once_on_its_tiny_cell():
             try:
                 bench.setup(*params)
             except NotImplementedError:
-                assert not torch.cuda.is_available() and cls.__name__ == "GPUUpdate"
+                assert (not torch.cuda.is_available() and cls.__name__ == "GPUUpdate") or (
+                    cls.__name__ == "KCurveCost" and params[1] not in ("chunked", "tbptt"))
                 continue
             for name in benchmark_methods(cls):
                 value = getattr(bench, name)(*params)

@@ -42,13 +42,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from tbptt_bench.analysis.gradients import true_gradient
 from tbptt_bench.core.engine import Source, step_loss_sum
+from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, parse_method
 from tbptt_bench.models.protocol import State, check_protocol
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import (
     blocked, cat_states, core_fn, leaf, like, parts, prepare, readout_fn, shift_rows, states_every,
 )
+from tbptt_bench.models.protocol import map_state
 
 log = logging.getLogger(__name__)
 
@@ -326,3 +329,112 @@ def kcurve_gradients(
         log.debug("k-curve ladder %s (base %d) for %s", ladder.levels, ladder.base, [m.spec for m, _ in ladder.methods])
         out.update(_ladder_gradients(model, data, loss_kind, h0, ladder, names, params))
     return out
+
+
+# --------------------------------------------------------------------------- long horizons
+
+
+@dataclass
+class StreamedCurve:
+    """chunked(K) gradients for a nested grid of K and (optionally) the true gradient, over one source."""
+
+    gradients: dict[int, Gradient]
+    truth: Gradient | None
+    span: int
+    checkpoint: int
+
+
+def _check_grid(ks: Sequence[int], length: int) -> list[int]:
+    """The grid sorted; refuses K outside 1..T and grids whose K do not divide each other."""
+    grid = sorted(set(int(k) for k in ks))
+    if not grid:
+        raise UsageError("the K grid is empty; give at least one chunk length K ≥ 1")
+    if grid[0] < 1 or grid[-1] > length:
+        raise UsageError(f"every K must lie in 1..T = 1..{length}, got {grid}")
+    bad = [(a, b) for a, b in zip(grid, grid[1:]) if b % a]
+    if bad:
+        raise UsageError(f"the streamed K curve needs nested K (each dividing the next), but {bad[0][0]} does "
+                         f"not divide {bad[0][1]}; use dyadic K (1, 2, 4, …) or kcurve_gradients for other grids")
+    return grid
+
+
+def _default_span(grid: list[int], length: int) -> int:
+    """The largest grid K not above ~2√T (at least the smallest K): the ladder's block length."""
+    cap = max(grid[0], 2 * math.isqrt(length))
+    return max(k for k in grid if k <= cap)
+
+
+def _accumulate(total: Gradient | None, part: Gradient) -> Gradient:
+    if total is None:
+        return {n: t.clone() for n, t in part.items()}
+    for n, t in part.items():
+        total[n] += t
+    return total
+
+
+def streamed_chunked_curve(
+    model: nn.Module,
+    source: Source,
+    loss_kind: str,
+    ks: Sequence[int],
+    *,
+    state: State | None = None,
+    span: int | None = None,
+    checkpoint: int | None = None,
+    with_truth: bool = True,
+) -> StreamedCurve:
+    """chunked(K) for every K of a nested grid, and g, with memory independent of T up to O(T/span) states.
+
+    Exact because a chunk of K never crosses a multiple of a larger grid K (docs/design.md §2.5: chunked
+    cuts at multiples of K, the trailing chunk an update of its own, §2.6). K ≤ ``span`` (default: the
+    largest grid K ≤ 2√T): the nested ladder (:func:`kcurve_gradients`) on consecutive slices of
+    ``span`` steps, each from the state the slice starts in; memory one ladder graph of ``span`` steps.
+    K > ``span``: the sum over chunks of full BPTT on each chunk from its stored start state, with
+    activations recomputed per ``checkpoint`` steps (default ``span``); memory ~K/C + C states.
+    g: ``full:checkpoint=C`` (§3.8). Data are read one slice at a time (``source.slice``).
+    """
+    check_protocol(model)
+    T = source.length
+    grid = _check_grid(ks, T)
+    span = _default_span(grid, T) if span is None else span
+    if span < 1 or any(k <= span and span % k for k in grid):
+        raise UsageError(f"span must be a positive multiple of every grid K it covers, got span={span} for K={grid}")
+    checkpoint = span if checkpoint is None else checkpoint
+    if checkpoint < 1:
+        raise UsageError(f"checkpoint must be ≥ 1 steps, got {checkpoint}")
+    h = model.initial_state(source.batch_size) if state is None else state
+    small = [k for k in grid if k <= span]
+    large = [k for k in grid if k > span]
+    grads: dict[int, Gradient | None] = {k: None for k in grid}
+    starts: dict[int, State] = {}
+    core = core_fn(model)
+    first = next(model.parameters())
+    for a in range(0, T, span):
+        b = min(a + span, T)
+        starts[a] = map_state(lambda s: s.detach(), h)
+        piece = source.slice(a, b)
+        if small:
+            specs = {k: f"chunked:k={k}" for k in small}
+            out = kcurve_gradients(model, piece, loss_kind, list(specs.values()), state=h)
+            by_spec = {m.spec: g for m, g in out.items()}
+            for k, spec in specs.items():
+                grads[k] = _accumulate(grads[k], by_spec[spec])
+        with torch.no_grad():
+            _, h = core(piece.to(first.device, first.dtype).inputs, h)
+    for k in large:
+        for a in range(0, T, k):
+            part = true_gradient(model, source.slice(a, min(a + k, T)), loss_kind, state=starts[a],
+                                 checkpoint=checkpoint)
+            grads[k] = _accumulate(grads[k], part)
+        log.debug("streamed chunked(%d): %d chunks", k, math.ceil(T / k))
+    truth = None
+    if with_truth:
+        h0 = model.initial_state(source.batch_size) if state is None else state
+        truth = true_gradient(model, source, loss_kind, state=h0, checkpoint=checkpoint)
+    return StreamedCurve({k: g for k, g in grads.items() if g is not None}, truth, span, checkpoint)
+
+
+def effective_context(relative_bias: dict[int, float], level: float) -> int | None:
+    """The smallest K whose relative bias is at most ``level`` (None if no K of the curve reaches it)."""
+    ok = [k for k, v in sorted(relative_bias.items()) if v <= level]
+    return ok[0] if ok else None
