@@ -65,8 +65,13 @@ def make_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     path: str = "fused",
+    model_params: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Build a registered model for a task with parameters drawn from ``seed``."""
+    """Build a registered model for a task with parameters drawn from ``seed``.
+
+    ``model_params``: extra keyword arguments of the model's factory (e.g. ``{"memory": 32}`` for ``xl``);
+    one it does not accept is a UsageError.
+    """
     factory = MODELS.get(name)
     if hidden_size < 1 or num_layers < 1:
         raise UsageError(f"hidden size and layers must be ≥ 1, got {hidden_size} and {num_layers}")
@@ -75,5 +80,9 @@ def make_model(
         kwargs: dict[str, Any] = {"num_layers": num_layers}
         if path != "fused":
             kwargs["path"] = path
-        model = factory(task, hidden_size, **kwargs)
+        kwargs.update(model_params or {})
+        try:
+            model = factory(task, hidden_size, **kwargs)
+        except TypeError as exc:
+            raise UsageError(f"model {name!r} does not accept parameters {model_params or {}}: {exc}") from None
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
