@@ -46,7 +46,7 @@ from tbptt_bench.analysis.gradients import true_gradient
 from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, parse_method
-from tbptt_bench.models.protocol import State, check_protocol
+from tbptt_bench.models.protocol import State, check_protocol, cross_cut_parts
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import (
     blocked, cat_states, core_fn, leaf, like, parts, prepare, readout_fn, shift_rows, states_every,
@@ -316,9 +316,13 @@ def kcurve_gradients(
     """ĝ of every chunk-shaped method in ``methods`` (others are left out), sharing work along ladders.
 
     Returns ``{method: {parameter name: gradient}}``, equal to :func:`~tbptt_bench.analysis.gradients.method_gradient`
-    of each method up to floating-point rounding.
+    of each method up to floating-point rounding. A model with state parts that cross a cut
+    (docs/design.md §7.1) gets nothing here: the nesting assumes a cut detaches the whole state, so its
+    callers fall back to one engine run per method.
     """
     check_protocol(model)
+    if cross_cut_parts(model):
+        return {}
     T = source.length
     ladders, _ = plan(methods, T)
     if not ladders:

@@ -21,6 +21,8 @@ def add_run_args(p: argparse.ArgumentParser, *, seq_len: int = 64, batch: int = 
     p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                    help="task constructor parameter, repeatable (e.g. --task-param corpus=text --task-param path=f.txt)")
     p.add_argument("--model", default="lstm", help="model name (see `tbptt-bench tasks`)")
+    p.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="model factory parameter, repeatable (e.g. --model-param memory=32 for xl)")
     p.add_argument("--hidden", type=int, default=hidden, help="hidden size")
     p.add_argument("--layers", type=int, default=1, help="number of recurrent layers")
     p.add_argument("--seq-len", type=int, default=seq_len, help="sequence (or stream segment) length T")
@@ -31,12 +33,12 @@ def add_run_args(p: argparse.ArgumentParser, *, seq_len: int = 64, batch: int = 
     p.add_argument("--path", default="fused", choices=["fused", "cell"], help="execution path of built-in models")
 
 
-def parse_task_params(items: list[str]) -> dict[str, Any]:
+def parse_task_params(items: list[str], option: str = "--task-param") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"malformed --task-param {item!r}; expected KEY=VALUE")
+            raise UsageError(f"malformed {option} {item!r}; expected KEY=VALUE")
         out[key] = _coerce(value)
     return out
 
@@ -61,7 +63,8 @@ def build(args: argparse.Namespace) -> tuple[Task, nn.Module]:
     check_sizes(args)
     task = make_task(args.task, **parse_task_params(args.task_param))
     model = make_model(args.model, task, args.hidden, args.layers, seed=args.seed, dtype=args.dtype,
-                       device=args.device, path=args.path)
+                       device=args.device, path=args.path,
+                       model_params=parse_task_params(getattr(args, "model_param", []), "--model-param"))
     return task, model
 
 

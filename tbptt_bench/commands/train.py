@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     check_sizes(args)
+    if args.model_param:
+        raise UsageError("train does not take --model-param yet (grad and bias do); train the registered defaults")
     return TrainConfig(
         task=args.task, model=args.model, method=args.method, steps=args.steps, seq_len=args.seq_len,
         batch_size=args.batch, hidden_size=args.hidden, num_layers=args.layers, **optimizer_values(args),

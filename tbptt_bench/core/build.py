@@ -65,12 +65,15 @@ def make_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     path: str = "fused",
+    model_params: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build a registered model for a task with parameters drawn from ``seed``.
 
     The parameters are drawn in float32 under a forked RNG whatever torch's default dtype is in the
     calling process, then cast to ``dtype``: the same seed gives the same model from Python as from
     the CLI (a float64 default would otherwise draw different numbers).
+    ``model_params``: extra keyword arguments of the model's factory (e.g. ``{"memory": 32}`` for ``xl``);
+    one it does not accept is a UsageError.
     """
     factory = MODELS.get(name)
     if hidden_size < 1 or num_layers < 1:
@@ -81,9 +84,12 @@ def make_model(
         kwargs: dict[str, Any] = {"num_layers": num_layers}
         if path != "fused":
             kwargs["path"] = path
+        kwargs.update(model_params or {})
         torch.set_default_dtype(torch.float32)
         try:
             model = factory(task, hidden_size, **kwargs)
+        except TypeError as exc:
+            raise UsageError(f"model {name!r} does not accept parameters {model_params or {}}: {exc}") from None
         finally:
             torch.set_default_dtype(default)
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))

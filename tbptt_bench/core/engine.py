@@ -15,7 +15,11 @@ fused calls as the mask allows:
   per segment). A parameter change seen in the version counters (an optimiser step) drops the kept
   graphs and the run recomputes from then on, so the gradients are the same either way;
 * steps before the window (k2 < k1) run without gradient and give only the read-out's direct term;
-* per-loss windows (``sliding``) are stacked along the batch dimension and run as one call.
+* per-loss windows (``sliding``) are stacked along the batch dimension and run as one call;
+* a model that declares state parts differentiable across a cut (docs/design.md §7.1) is run on the
+  simple path only: its updates must be consecutive chunks (window start = first loss, no lag limit,
+  no scales), each chunk is forwarded once from the state the previous chunk left, the cut keeps the
+  declared parts' graphs, and every backward retains the graph for later updates to reach through.
 
 Data come from the source one segment at a time, so a long stream is never on the device whole; on
 CUDA each chunk goes through page-locked memory with a non-blocking copy, and nothing in an update
@@ -36,7 +40,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from tbptt_bench.core.mask import Update
-from tbptt_bench.models.protocol import State, check_state, detach_state, has_readout, map_state
+from tbptt_bench.errors import UsageError
+from tbptt_bench.models.protocol import (
+    State, check_state, cross_cut_parts, detach_state, has_readout, map_state, truncate_state,
+)
 from tbptt_bench.tasks.base import Batch
 
 log = logging.getLogger(__name__)
@@ -146,6 +153,18 @@ def _pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t)
 
 
+def _check_chunk_shaped(updates: Sequence[Update], model_name: str) -> None:
+    """Refuse updates the engine cannot run for a model with parts that cross a cut (docs/design.md §7.1)."""
+    for u in updates:
+        if u.window_start != u.loss_start or u.max_lag is not None or u.scales:
+            raise UsageError(
+                f"model {model_name} keeps state parts differentiable across a cut, which the engine supports only "
+                f"for consecutive-chunk updates (full, chunked:k, tbptt with k1 = k2); this method has an update "
+                f"with losses {u.loss_start}..{u.loss_end - 1}, window start {u.window_start}, max_lag {u.max_lag}, "
+                f"scales {list(u.scales)}"
+            )
+
+
 class Engine:
     """Runs updates of a gradient method for one model on one device.
 
@@ -180,6 +199,7 @@ class Engine:
         self.max_fused_steps = max_fused_steps
         self.split_readout = has_readout(model)
         self._params = list(model.parameters())
+        self.keep_parts = cross_cut_parts(model)
 
     # -- public ----------------------------------------------------------------------------------
     def run(
@@ -236,6 +256,8 @@ class Engine:
         generator resumes, so the consumer must backpropagate with ``retain_graph=step.retain_graph``.
         """
         check_state(state)
+        if self.keep_parts:
+            _check_chunk_shaped(updates, type(self.model).__name__)
         self._source = source
         self._batch_size = source.batch_size
         splits = {0}
@@ -247,7 +269,7 @@ class Engine:
         self._bank: dict[int, State] = {0: detach_state(state)}
         self._kept: dict[tuple[int, int], _Segment] = {}
         self._dense: dict[int, State] = {}  # states of an earlier source are not this one's
-        self._retain = fixed_params
+        self._retain = fixed_params and not self.keep_parts
         for i, u in enumerate(updates):
             self._keep_from = keep_from[i]
             self._drop_stale_segments()
@@ -255,7 +277,7 @@ class Engine:
             self._leaves: list[State] = []
             loss = self._update_loss(u)
             after = self._bank.get(u.loss_end, self._bank[max(self._bank)])
-            yield UpdateStep(i, u, loss, after, bool(self._leaves))
+            yield UpdateStep(i, u, loss, after, bool(self._leaves) or bool(self.keep_parts))
             self._chain_adjoints()  # a no-op when the consumer (``run``) has chained already
             frontier = max(self._bank)
             self._bank = {p: s for p, s in self._bank.items() if p >= keep_from[i] or p == frontier}
@@ -325,7 +347,7 @@ class Engine:
                 loss = self._loss(features, data, lo, hi)
             total = loss if total is None else total + loss
             if y in self._splits:
-                self._bank[y] = detach_state(state)
+                self._bank[y] = truncate_state(state, self.keep_parts)
         return total if total is not None else torch.zeros((), device=self.device, dtype=self.dtype)
 
     # -- frozen θ: reuse the graphs of overlapping windows ---------------------------------------

@@ -51,7 +51,7 @@ from torch import nn
 from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import Update, update_owner
-from tbptt_bench.models.protocol import State, check_protocol
+from tbptt_bench.models.protocol import State, check_protocol, cross_cut_parts
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import core_fn, dense_states, leaf, parts, prepare, readout_fn, rows
 
@@ -141,6 +141,11 @@ def lag_decomposition(
 ) -> LagDecomposition:
     """The exact per-lag gradients ``G_0..G_{D-1}`` of a sequence (and its lag profile φ_1..φ_D)."""
     check_protocol(model)
+    if cross_cut_parts(model):
+        raise UsageError(
+            f"model {type(model).__name__} keeps state parts differentiable across a cut (docs/design.md §7.1), so "
+            "lags and sliding windows are not defined for it; use --max-lag 0 and chunk-shaped methods"
+        )
     T, B = source.length, source.batch_size
     if not 1 <= max_lag <= T:
         raise UsageError(f"the maximum lag D must be between 1 and the sequence length T={T}, got {max_lag}")

@@ -6,6 +6,10 @@ A model is an ``nn.Module`` with
   batch (``[layers, B, H]`` as in ``nn.LSTM``); and
 * ``forward(inputs[B, L, ...], state) -> (outputs[B, L, ...], new_state)``.
 
+Optionally it declares ``cross_cut_parts``: the indices of the state tuple's parts that a truncation
+leaves differentiable (docs/design.md §7.1), e.g. stored past states an attention layer reads. Without
+it a cut detaches the whole state.
+
 Optionally it splits ``forward`` into ``core(inputs, state) -> (features, new_state)`` and
 ``readout(features) -> outputs``. Parameters used only in ``readout`` act outside the recurrence:
 every method keeps their direct gradient term (docs/design.md §2). Without the split every parameter is
@@ -67,7 +71,28 @@ def map_state(fn, state: State) -> State:  # type: ignore[no-untyped-def]
 
 
 def detach_state(state: State) -> State:
+    """Every tensor of the state detached: the default cut (docs/design.md §2.4)."""
     return map_state(lambda s: s.detach(), state)
+
+
+def cross_cut_parts(model: object) -> tuple[int, ...]:
+    """The state parts ``model`` declares differentiable across a cut (docs/design.md §7.1); () by default."""
+    declared = getattr(model, "cross_cut_parts", ())
+    if not isinstance(declared, tuple) or not all(isinstance(i, int) and i >= 0 for i in declared):
+        raise UsageError(
+            f"model {type(model).__name__}: cross_cut_parts must be a tuple of state-part indices ≥ 0, got {declared!r}"
+        )
+    return declared
+
+
+def truncate_state(state: State, keep: tuple[int, ...]) -> State:
+    """The state after a cut: every part detached except the parts indexed by ``keep`` (docs/design.md §7.1)."""
+    if not keep:
+        return detach_state(state)
+    if not isinstance(state, tuple) or max(keep) >= len(state):
+        n = len(state) if isinstance(state, tuple) else 1
+        raise UsageError(f"cross_cut_parts {keep} name parts beyond the model's {n}-part state; index parts 0..{n - 1}")
+    return tuple(s if i in keep else s.detach() for i, s in enumerate(state))
 
 
 
