@@ -90,3 +90,21 @@ def test_adamw_with_schedule_trains_and_records_the_rate(capsys: pytest.CaptureF
                      "--lr-schedule-args", "step_size=1", "--clip-norm", "0.5"])
     assert code == 0 and '"optimizer": "rmsprop"' in capsys.readouterr().out
     assert cli_main(["train", "--optimizer", "adamm", "--steps", "1"]) == 2
+
+
+def test_curves_record_equal_compute_axes() -> None:
+    """Each curve row carries tokens and the compute proxy (recurrent steps forwarded + backpropagated,
+    × batch), accumulated from the method's own updates (docs/design.md §3.7)."""
+    from tbptt_bench.core.mask import update_steps
+    from tbptt_bench.methods.base import parse_method
+    from tbptt_bench.training.loop import TrainConfig, train
+
+    cfg = TrainConfig(task="copy", model="rnn", method="tbptt:k1=4,k2=7", seq_len=24, batch_size=2, hidden_size=4,
+                      steps=5, eval_every=1, eval_batches=1, seed=0)
+    curve = train(cfg).curve
+    per_sequence = parse_method("tbptt:k1=4,k2=7").updates(24)
+    steps = [sum(update_steps(u)) * 2 for u in per_sequence]
+    for row in curve:
+        n = row["update"]
+        assert row["tokens"] == sum(u.loss_end - u.loss_start for u in per_sequence[:n]) * 2
+        assert row["compute_steps"] == sum(steps[:n])

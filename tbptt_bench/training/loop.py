@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tbptt_bench.core.engine import step_loss_sum
-from tbptt_bench.core.mask import Update
+from tbptt_bench.core.mask import Update, update_steps
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method
 from tbptt_bench.models.protocol import State, detach_state
@@ -138,6 +138,7 @@ class _Trainer:
         self.k_used: list[int | None] = []
         self.updates = 0
         self.tokens = 0
+        self.compute_steps = 0
         self.train_time = 0.0
         self.diverged_at: int | None = None
         self.finished = False
@@ -159,6 +160,7 @@ class _Trainer:
         self.window_loss = self.window_loss + loss.to(torch.float64)
         self.window_steps += float(segment.weights[:, u.loss_start : u.loss_end].sum()) / cfg.batch_size
         self.tokens += (u.loss_end - u.loss_start) * cfg.batch_size
+        self.compute_steps += sum(update_steps(u)) * cfg.batch_size
         if self.progress is not None:
             self.progress(self.updates, cfg.steps)
         done = self.updates >= cfg.steps or (cfg.max_tokens is not None and self.tokens >= cfg.max_tokens)
@@ -176,7 +178,7 @@ class _Trainer:
             return
         run = self.run
         row: dict[str, Any] = {"update": update, "train_loss": loss, "wall_time": self.train_time,
-                               "tokens": self.tokens}
+                               "tokens": self.tokens, "compute_steps": self.compute_steps}
         k = self.k_used[-1] if self.k_used else run.method.k_used(0)
         if k is not None:
             row["k_used"] = k
