@@ -37,6 +37,7 @@ from scipy import stats
 from torch import nn
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
 from tbptt_bench.core.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
@@ -406,11 +407,7 @@ def analyse_bias(
         raise UsageError(f"the number of batches must be ≥ 1, got {n_batches}")
     if seq_len < 1:
         raise UsageError(f"seq_len must be ≥ 1, got {seq_len}")
-    for m in methods:
-        for key in ("k", "k1", "k2"):
-            v = m.params.get(key)
-            if v is not None and key != "k2" and v > seq_len:
-                raise UsageError(f"{m.spec}: {key}={v} is larger than the sequence length T={seq_len}; use K ≤ T")
+    warn_long_windows(methods, seq_len)
     if true_checkpoint is not None and true_checkpoint < 1:
         raise UsageError(f"the checkpoint length must be ≥ 1, got {true_checkpoint}")
     if not 0 < ci_level < 1:

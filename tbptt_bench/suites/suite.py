@@ -45,7 +45,9 @@ from tbptt_bench.suites.cells import MEASURES, REQUIRED, SEED_KEYS, Cell, Measur
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.seeding import derive_seed
-from tbptt_bench.core.build import resolve_device
+from tbptt_bench.core.build import resolve_device, resolve_dtype
+from tbptt_bench.methods.length import warn_long_windows
+from tbptt_bench.validation import check_run_size, finite_float
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,7 @@ def coerce(value: Any, hint: Any, what: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = finite_float(what, value) if ok else value
     elif base is str:
         ok = isinstance(value, str)
     elif base in (list, tuple, typing.Sequence):
@@ -311,11 +313,25 @@ def _canonical_method(spec: str, where: str) -> str:
 
 def _check(measure: Measure, params: dict[str, Any], where: str) -> None:
     try:
+        check_values(params)
         measure.check(dict(params))
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: invalid parameters: {exc}") from None
+
+
+def check_values(params: Mapping[str, Any]) -> None:
+    """What every measurement shares, checked as the suite is read (docs/reliability.md): the dtype,
+    sizes whose tensors fit in memory, and truncation lengths against seq_len (docs/design.md §2.10)."""
+    if "dtype" in params:
+        resolve_dtype(params["dtype"])
+    sizes = [params.get(k) for k in ("batch_size", "seq_len", "hidden_size", "num_layers")]
+    if all(isinstance(v, int) and v >= 1 for v in sizes):
+        check_run_size(*sizes, itemsize=8 if params.get("dtype") == "float64" else 4)  # type: ignore[misc]
+    if isinstance(params.get("seq_len"), int) and params["seq_len"] >= 1:
+        specs = [params["method"]] if isinstance(params.get("method"), str) else params.get("methods") or []
+        warn_long_windows(specs, params["seq_len"])
 
 
 def _as_list(value: Any) -> list[Any]:
