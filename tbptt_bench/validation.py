@@ -43,9 +43,13 @@ def finite_float(name: str, value: Any, lo: float | None = None, hi: float | Non
     low_bad = lo is not None and (number <= lo if lo_open else number < lo)
     high_bad = hi is not None and (number >= hi if hi_open else number > hi)
     if low_bad or high_bad:
-        left = "any" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
-        right = "any" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
-        raise UsageError(f"{name} must be in {left}, {right}, got {number:g}")
+        if lo is not None and hi is not None:
+            rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            rule = f"{'>' if lo_open else '≥'} {lo:g}"
+        else:
+            rule = f"{'<' if hi_open else '≤'} {hi:g}"
+        raise UsageError(f"{name} must be {rule}, got {number:g}")
     return number
 
 

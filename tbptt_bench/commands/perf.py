@@ -146,11 +146,11 @@ def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
 
 def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)
-    for config in configs:
-        warn_long_windows([config.method], config.seq_len)
     if args.save:
         check_output_path(Path(args.save))
     check_output(args.save, "--save")
+    for config in configs:
+        warn_long_windows([config.method], config.seq_len)
     console = Console(stderr=True)
 
     def progress(row: dict[str, Any]) -> None:

@@ -64,8 +64,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
-    warn_long_windows([cfg.method], cfg.seq_len)
     check_output(args.save, "--save")
+    warn_long_windows([cfg.method], cfg.seq_len)
     show = not (args.quiet or args.json)
     with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), disable=not show, transient=True) as bar:
