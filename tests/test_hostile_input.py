@@ -154,7 +154,7 @@ def check_promise(argv: list[str], out: Path) -> int:
 
 
 COMMANDS = ["tasks", "explain", "grad", "train", "bias", "perf", "run", "report"]
-EXAMPLES = {"tasks": 5, "explain": 25, "grad": 25, "train": 20, "bias": 20, "perf": 20, "run": 20, "report": 12}
+EXAMPLES = {"tasks": 5, "explain": 40, "grad": 40, "train": 30, "bias": 30, "perf": 30, "run": 30, "report": 20}
 _counter = itertools.count()
 
 
