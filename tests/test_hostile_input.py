@@ -240,9 +240,13 @@ def test_sizes_that_cannot_be_allocated_are_refused(argv: list[str]) -> None:
     assert code == 2 and "use smaller sizes" in err and err.count("\n") == 1, err
 
 
-def test_a_huge_suite_cell_is_refused_while_the_suite_is_read(world: dict[str, Path]) -> None:
-    code, err = run_cli(["run", str(world["root"] / "huge.toml"), "--list"])
-    assert code == 2 and "use smaller sizes" in err and err.count("\n") == 1, err
+def test_a_huge_suite_cell_is_read_without_a_crash(world: dict[str, Path]) -> None:
+    """Checking a cell whose data cannot be allocated here does not crash the reading of the suite: the
+    cell stays in the grid (it may run on a larger Ray node; where it does not fit it is recorded as oom)."""
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()) as err:
+        code = main(["run", str(world["root"] / "huge.toml"), "--list"])
+    assert code == 0 and "1 cells" in out.getvalue() and "Traceback" not in err.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("argv", [
