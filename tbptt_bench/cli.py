@@ -1,6 +1,7 @@
 """The ``tbptt-bench`` command line. Each sub-command lives in ``tbptt_bench.commands.<name>``.
 
-Bad input (a UsageError) prints one line ``tbptt-bench: error: ...`` and exits with status 2.
+Bad input (a UsageError, an argument the parser rejects, a size that cannot be allocated) prints one
+line ``tbptt-bench[ CMD]: error: ...`` on stderr and exits with status 2 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.registry import add_plugin_dirs
+from tbptt_bench.validation import is_allocation_failure
 
 COMMANDS = ("tasks", "explain", "grad", "train", "bias", "perf", "run", "report")
 
@@ -28,8 +31,16 @@ def _available_commands() -> list[object]:
     return modules
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``tbptt-bench CMD: error: ...``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        first = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {first}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tbptt-bench",
         description="Gradient bias, cost and learning outcomes of truncated backpropagation through time.",
     )
@@ -44,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line argument error (2)
+        return exc.code if isinstance(exc.code, int) else 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -53,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except UsageError as exc:
         print(f"tbptt-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        print(f"tbptt-bench: error: not enough memory ({' '.join(str(exc).split())[:160]}); use smaller sizes",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tbptt-bench: interrupted", file=sys.stderr)

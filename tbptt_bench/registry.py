@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Generic, Iterable, TypeVar
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.validation import identifier
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str, item: T, *, replace: bool = False) -> T:
+        """Add ``item`` under ``name`` (a non-empty identifier-like string); a clash needs ``replace``."""
+        identifier(f"{self.kind} name", name)
         if not replace and name in self._items and self._items[name] is not item:
             raise UsageError(f"{self.kind} {name!r} is already registered; pass replace=True to override it")
         self._items[name] = item

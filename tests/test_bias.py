@@ -167,7 +167,6 @@ class ListState(nn.Module):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"methods": ["chunked:k=30"]}, "larger than the sequence length"),
     ({"methods": ["chunked:k=2"], "n_batches": 0}, "batches must be ≥ 1"),
     ({"methods": ["chunked:k=2"], "max_lag": 30}, "maximum lag D"),
     ({"methods": []}, "no methods"),

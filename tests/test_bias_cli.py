@@ -48,7 +48,6 @@ def test_bias_command_with_probes(capsys) -> None:  # type: ignore[no-untyped-de
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--k", "40"], "larger than the sequence length"),
     (["--k", "2", "--batches", "0"], "--batches must be"),
     (["--k", "2", "--max-lag", "30"], "maximum lag D"),
     (["--k", "2", "--probes", "1"], "number of probes"),

@@ -64,7 +64,7 @@ def test_grad_json_and_npz_verified_independently(tmp_path, capsys):
         (["grad", "--method", "full", "--device", "cuda"] if not torch.cuda.is_available() else ["grad", "--method", "x y"], ""),
         (["grad", "--method", "full", "--save", "/nonexistent/dir/g.npz"], "does not exist"),
         (["explain", "tbptt:k1=2,k2=2", "--seq-len", "0"], "--seq-len must be ≥ 1"),
-        (["train", "--method", "full", "--lr", "-1"], "learning rate must be > 0"),
+        (["train", "--method", "full", "--lr", "-1"], "--lr must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):

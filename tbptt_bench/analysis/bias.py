@@ -40,6 +40,7 @@ from torch import nn
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.analysis.expectation import DEFAULT_FLIPS, expectation_bias
+from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
 from tbptt_bench.core.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
@@ -328,11 +329,7 @@ class BiasOptions:
             raise UsageError(f"the number of batches must be ≥ 1, got {self.n_batches}")
         if self.seq_len < 1:
             raise UsageError(f"seq_len must be ≥ 1, got {self.seq_len}")
-        for m in methods:
-            k = m.grid_k
-            if k is not None and k > self.seq_len:
-                raise UsageError(f"{m.spec}: {m.k_name()}={k} is larger than the sequence length T={self.seq_len}; "
-                                 "use K ≤ T")
+        warn_long_windows(methods, self.seq_len)  # K > T: windows clipped at step 1 (docs/design.md §2.10)
         if self.true_checkpoint is not None and self.true_checkpoint < 1:
             raise UsageError(f"the checkpoint length must be ≥ 1, got {self.true_checkpoint}")
         if not 0 < self.ci_level < 1:

@@ -17,12 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 from tbptt_bench.analysis.bias import analyse_bias, grid
-from tbptt_bench.commands.common import add_run_args, build, emit_json
+from tbptt_bench.commands.common import add_run_args, build, check_counts, check_output, check_sizes, emit_json
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, describe, split_specs
+from tbptt_bench.validation import finite_float, integer
 
 TABLE_FORMATS = (".csv", ".parquet")
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,11 +62,9 @@ def parse_ks(text: str) -> list[int]:
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
         try:
-            k = int(item)
-        except ValueError:
+            k = integer("--k", item, lo=1)
+        except UsageError:
             raise UsageError(f"--k takes integers ≥ 1 separated by commas, e.g. 1,2,4,8; got {item!r}") from None
-        if k < 1:
-            raise UsageError(f"--k takes integers ≥ 1, got {k}")
         out.append(k)
     return out
 
@@ -93,15 +93,17 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     methods = methods_from_args(args)
-    for name, value, low in (("--batches", args.batches, 1), ("--flips", args.flips, 0),
-                             ("--profile-batches", args.profile_batches, 0), ("--fit-from", args.fit_from, 1)):
-        if value < low:
-            raise UsageError(f"{name} must be ≥ {low}, got {value}")
-    for target in (args.save, args.figure):
-        if target and not Path(target).parent.exists():
-            raise UsageError(f"cannot write {target}: folder {Path(target).parent} does not exist")
+    check_counts(args, {"batches": 1, "flips": 0, "profile_batches": 0, "fit_from": 1, "probes": 0,
+                        "true_checkpoint": 1, "max_lag": 0, "warmup": 0})
+    finite_float("--ci", args.ci, 0, 1, lo_open=True, hi_open=True)
+    check_sizes(args)
     if args.save and Path(args.save).suffix not in TABLE_FORMATS:
         raise UsageError(f"cannot write {args.save}: use a file ending in .csv or .parquet")
+    check_output(args.save, "--save")
+    check_output(str(lags_path(Path(args.save))) if args.save else None, "the lag table")
+    if args.figure and Path(args.figure).suffix.lower() not in FIGURE_SUFFIXES:
+        raise UsageError(f"cannot write {args.figure}: use a figure file ending in {', '.join(FIGURE_SUFFIXES)}")
+    check_output(args.figure, "--figure")
     task, model = build(args)
     report = analyse_bias(
         task, model, methods, seq_len=args.seq_len, batch_size=args.batch, n_batches=args.batches, seed=args.seed,

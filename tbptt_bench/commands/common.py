@@ -13,6 +13,7 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.tasks.base import Task
 from tbptt_bench.training.run import parse_kwargs
+from tbptt_bench.validation import check_run_size, integer, writable_file
 
 
 def add_run_args(p: argparse.ArgumentParser, *, seq_len: int = 64, batch: int = 16, hidden: int = 32) -> None:
@@ -34,6 +35,7 @@ def add_run_args(p: argparse.ArgumentParser, *, seq_len: int = 64, batch: int = 
 
 
 def parse_task_params(items: list[str], option: str = "--task-param") -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict; numbers become int or float (non-finite ones are refused by the task)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -52,10 +54,35 @@ def _coerce(value: str) -> Any:
     return value
 
 
+ITEMSIZE = {"float32": 4, "float64": 8}
+MAX_SEED = 2**63 - 1
+
+
 def check_sizes(args: argparse.Namespace) -> None:
+    """Sizes are integers ≥ 1 whose tensors fit in memory, and the seed is in range (docs/reliability.md)."""
     for name in ("hidden", "layers", "seq_len", "batch"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+        integer(f"--{name.replace('_', '-')}", getattr(args, name), lo=1)
+    integer("--seed", args.seed, lo=0, hi=MAX_SEED)
+    check_run_size(args.batch, args.seq_len, args.hidden, args.layers, ITEMSIZE.get(args.dtype, 8))
+
+
+#: The largest count (steps, batches, resamples, repeats...) any flag accepts: a documented cap, so that
+#: a count typed by mistake (10**20) is an error instead of a run that never ends (docs/reliability.md).
+MAX_COUNT = 2**31 - 1
+
+
+def check_counts(args: argparse.Namespace, lows: dict[str, int]) -> None:
+    """Each named attribute (None allowed) is an integer between its low bound and :data:`MAX_COUNT`."""
+    for attr, low in lows.items():
+        value = getattr(args, attr)
+        if value is not None:
+            integer(f"--{attr.replace('_', '-')}", value, lo=low, hi=MAX_COUNT)
+
+
+def check_output(path: str | None, name: str) -> None:
+    """A file that the command will write: its folder must exist and be writable (checked before any work)."""
+    if path is not None:
+        writable_file(path, name)
 
 
 def build(args: argparse.Namespace) -> tuple[Task, nn.Module]:

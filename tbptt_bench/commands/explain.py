@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import explain, render_mask
 from tbptt_bench.methods.base import parse_method
+from tbptt_bench.methods.length import warn_long_windows
+from tbptt_bench.validation import integer
+
+#: The longest sequence whose mask is printed.
+MAX_PRINTED = 2000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,11 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be ≥ 1, got {args.seq_len}")
-    if args.seq_len > 2000:
-        raise UsageError(f"--seq-len {args.seq_len} is too long to print; use at most 2000")
+    integer("--seq-len", args.seq_len, lo=1, hi=MAX_PRINTED)
     method = parse_method(args.spec)
+    warn_long_windows([method], args.seq_len)
     updates = method.updates(args.seq_len)
     print(f"{method.spec} over T = {args.seq_len}: {len(updates)} update(s); steps and updates are 1-based")
     print(explain(updates, args.seq_len))

@@ -11,9 +11,10 @@ import torch
 
 from tbptt_bench import __version__
 from tbptt_bench.atomic import atomic_path, check_parent
-from tbptt_bench.commands.common import add_run_args, build, emit_json
+from tbptt_bench.commands.common import add_run_args, build, check_output, check_sizes, emit_json
 from tbptt_bench.analysis.gradients import compare, method_gradient, true_gradient
 from tbptt_bench.methods.base import parse_method
+from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.seeding import derive_seed, generator
 
 LOSS_NORMALISATION = "L = sum over steps t of l_t; l_t = (1/B) * sum over rows b of w[b,t] * loss(b,t)"
@@ -30,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     method = parse_method(args.method)
+    check_sizes(args)
+    check_output(args.save, "--save")
+    warn_long_windows([method], args.seq_len)
     task, model = build(args)
     batch = task.sample(args.batch, args.seq_len, generator(derive_seed("data", args.seed)))
     data = batch.to(args.device, model.readout.weight.dtype if hasattr(model, "readout") else None)

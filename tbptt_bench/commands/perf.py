@@ -17,12 +17,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tbptt_bench.commands.common import add_optimizer_args, emit_json, optimizer_values, parse_task_params
+from tbptt_bench.commands.common import (ITEMSIZE, MAX_SEED, add_optimizer_args, check_counts, check_output,
+                                         emit_json, optimizer_values, parse_task_params)
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import split_specs
+from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.perf.child import perf_grid
 from tbptt_bench.perf.config import PerfConfig
 from tbptt_bench.perf.tables import check_output_path, expand_grid, save_table
+from tbptt_bench.validation import check_run_size, finite_float, integer
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +70,11 @@ def split_methods(items: list[str]) -> list[str]:
 
 
 def int_list(text: str, name: str) -> list[int]:
+    """``"256,1024"`` → ``[256, 1024]``, each an integer ≥ 1."""
     try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--{name} takes integers separated by commas, e.g. 256,1024; got {text!r}") from None
+        values = [integer(f"--{name}", v, lo=1) for v in text.split(",")]
+    except UsageError:
+        raise UsageError(f"--{name} takes integers ≥ 1 separated by commas, e.g. 256,1024; got {text!r}") from None
     return values
 
 
@@ -82,10 +86,27 @@ def parse_size(text: str | None) -> int | None:
     if not match:
         raise UsageError(f"--memory-limit {text!r} is not a size; expected e.g. 2G, 512M or a number of bytes")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
+    size = finite_float("--memory-limit", match.group(1), 0, lo_open=True) * scale
+    return integer("--memory-limit", float(min(size, 2.0**62)) // 1, lo=1)
+
+
+def check_args(args: argparse.Namespace) -> dict[str, list[int]]:
+    """Counts, rates and the size grid checked before anything is built; the size lists by flag."""
+    check_counts(args, {"threads": 1, "warmup": 0, "repeats": 1})
+    integer("--seed", args.seed, lo=0, hi=MAX_SEED)
+    finite_float("--lr", args.lr, 0, lo_open=True)
+    if args.timeout is not None:
+        finite_float("--timeout", args.timeout, 0, lo_open=True)
+    sizes = {name: int_list(getattr(args, name.replace("-", "_")), name)
+             for name in ("layers", "hidden", "batch", "seq-len")}
+    check_run_size(max(sizes["batch"]), max(sizes["seq-len"]), max(sizes["hidden"]), max(sizes["layers"]),
+                   ITEMSIZE.get(args.dtype, 8))
+    return sizes
 
 
 def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
+    """The grid of configurations the flags describe (every value checked first)."""
+    sizes = check_args(args)
     base = PerfConfig(task=args.task, device=args.device, dtype=args.dtype, threads=args.threads,
                       warmup=args.warmup, repeats=args.repeats, seed=args.seed, **optimizer_values(args),
                       compile=args.compile, task_params=parse_task_params(args.task_param),
@@ -94,11 +115,11 @@ def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
         base,
         model=[m.strip() for m in args.model.split(",")],
         path=[p.strip() for p in args.path.split(",")],
-        num_layers=int_list(args.layers, "layers"),
-        hidden_size=int_list(args.hidden, "hidden"),
-        batch_size=int_list(args.batch, "batch"),
+        num_layers=sizes["layers"],
+        hidden_size=sizes["hidden"],
+        batch_size=sizes["batch"],
         method=split_methods(args.method or ["chunked:k=64"]),
-        seq_len=int_list(args.seq_len, "seq-len"),
+        seq_len=sizes["seq-len"],
     )
 
 
@@ -106,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)
     if args.save:
         check_output_path(Path(args.save))
-    if args.timeout is not None and not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    check_output(args.save, "--save")
+    for config in configs:
+        warn_long_windows([config.method], config.seq_len)
     console = Console(stderr=True)
 
     def progress(row: dict[str, Any]) -> None:

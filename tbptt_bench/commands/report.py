@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 
+import pandas as pd
+
+from tbptt_bench.commands.common import MAX_SEED
 from tbptt_bench.errors import UsageError
 from tbptt_bench.report.figures import FORMATS
 from tbptt_bench.methods.base import parse_method
@@ -12,7 +15,11 @@ from tbptt_bench.report.document import Options
 from tbptt_bench.report.load import load_tables
 from tbptt_bench.report.report import build_report
 from tbptt_bench.report.stats import TESTS
+from tbptt_bench.tasks import TASKS
+from tbptt_bench.validation import finite_float, integer, writable_dir
 
+#: The most bootstrap resamples --resamples accepts (each figure's interval costs resamples × rows).
+MAX_RESAMPLES = 10**7
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -43,14 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def options_from(args: argparse.Namespace) -> Options:
     """The report options the command line asks for, checked."""
-    if not 0 < args.alpha < 1:
-        raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
-    if not 0 < args.confidence < 1:
-        raise UsageError(f"--confidence must be in (0, 1), got {args.confidence}")
-    if args.resamples < 100:
-        raise UsageError(f"--resamples must be ≥ 100, got {args.resamples}")
-    if not 20 <= args.dpi <= 600:
-        raise UsageError(f"--dpi must be between 20 and 600, got {args.dpi}")
+    finite_float("--alpha", args.alpha, 0, 1, lo_open=True, hi_open=True)
+    finite_float("--confidence", args.confidence, 0, 1, lo_open=True, hi_open=True)
+    integer("--resamples", args.resamples, lo=100, hi=MAX_RESAMPLES)
+    integer("--dpi", args.dpi, lo=20, hi=600)
+    integer("--seed", args.seed, lo=0, hi=MAX_SEED)
     formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -58,12 +62,31 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(title=args.title, confidence=args.confidence, alpha=args.alpha, test=args.test,
                    n_resamples=args.resamples, seed=args.seed, formats=formats, dpi=args.dpi,
                    comparisons=tuple(parse_comparison(c) for c in args.compare),
-                   targets=dict(parse_target(t) for t in args.target))
+                   targets=dict(_target(t) for t in args.target))
+
+
+def _target(text: str) -> tuple[str, float]:
+    """``TASK=VALUE`` with a registered task name and a finite value."""
+    task, value = parse_target(text)
+    if task not in TASKS:
+        raise UsageError(f"--target {text!r}: unknown task {task!r}; accepted: {', '.join(TASKS.names())}")
+    return task, finite_float(f"--target {task}", value)
+
+
+def check_targets(targets: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
+    """Every task named by --target has rows in the results (a target for another task would be ignored)."""
+    present = sorted(set(map(str, tables["results"].get("task", pd.Series(dtype=str)).dropna())))
+    for task in targets:
+        if task not in present:
+            raise UsageError(f"--target {task}=…: the results hold no {task!r} rows; tasks there: "
+                             f"{', '.join(present) or 'none'}")
 
 
 def run(args: argparse.Namespace) -> int:
     options = options_from(args)
+    writable_dir(args.out, "--out")
     tables = load_tables(args.results)
+    check_targets(options.targets, tables)
     files = build_report(tables, args.out, options)
     print(f"wrote {files.markdown} and {files.html}: {len(files.figures)} figures, {len(files.tables)} tables")
     return 0

@@ -13,10 +13,12 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from tbptt_bench.commands.common import check_counts
 from tbptt_bench.suites.jobs import CELL_STATUSES, GridPoint, JobResult
 from tbptt_bench.suites.executors import EXECUTORS, make_executor
 from tbptt_bench.suites.store import ResultStore, read_results, store_dir
 from tbptt_bench.suites.suite import Suite, check_devices, load_suite, select
+from tbptt_bench.validation import writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,11 @@ def list_cells(suite: Suite, cells: list[GridPoint], root: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_counts(args, {"jobs": 1, "threads": 1})
     suite = load_suite(args.suite)
     cells = select(suite.cells, args.only)
+    if not args.list:
+        writable_dir(args.results, "--results")
     root = store_dir(args.results, suite.name)
     if args.list:
         return list_cells(suite, cells, root)

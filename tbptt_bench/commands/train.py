@@ -13,13 +13,17 @@ from tbptt_bench.atomic import check_parent, write_text
 from tbptt_bench.commands.common import (
     add_optimizer_args,
     add_run_args,
+    check_counts,
+    check_output,
     check_sizes,
     emit_json,
     optimizer_values,
     parse_task_params,
 )
 from tbptt_bench.errors import UsageError
+from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.training.loop import TrainConfig, train
+from tbptt_bench.validation import finite_float, integer
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration the flags describe, every value checked (docs/reliability.md)."""
     check_sizes(args)
     if args.model_param:
         raise UsageError("train does not take --model-param yet (grad and bias do); train the registered defaults")
+    check_counts(args, {"steps": 1, "eval_every": 1, "eval_batches": 1, "bias_batches": 1})
+    if args.max_tokens is not None:
+        integer("--max-tokens", args.max_tokens, lo=1, hi=2**62)
+    finite_float("--lr", args.lr, 0, lo_open=True)
+    finite_float("--clip-norm", args.clip_norm, 0)
     return TrainConfig(
         task=args.task, model=args.model, method=args.method, steps=args.steps, seq_len=args.seq_len,
         batch_size=args.batch, hidden_size=args.hidden, num_layers=args.layers, **optimizer_values(args),
@@ -62,8 +72,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
-    if args.save:
-        check_parent(Path(args.save))
+    check_output(args.save, "--save")
+    warn_long_windows([cfg.method], cfg.seq_len)
     show = not (args.quiet or args.json)
     with Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), disable=not show, transient=True) as bar:

@@ -7,6 +7,7 @@ suites, benchmarks and the Python API build runs the same way.
 from __future__ import annotations
 
 import logging
+import typing
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.models import MODELS
 from tbptt_bench.tasks import TASKS
 from tbptt_bench.tasks.base import Task
+from tbptt_bench.validation import finite_float, integer, is_allocation_failure
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,42 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def make_task(name: str, **params: Any) -> Task:
-    """Instantiate a registered task; unknown parameters are a UsageError."""
+    """Instantiate a registered task; unknown or non-finite parameters are a UsageError."""
     cls = TASKS.get(name)
+    params = check_task_params(name, cls, params)
     try:
         return cls(**params)
-    except TypeError as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, UsageError):
+            raise
         raise UsageError(f"task {name!r} does not accept parameters {params}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        raise UsageError(f"task {name!r} with parameters {params} does not fit in memory; use smaller values") from None
+
+
+def check_task_params(name: str, cls: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Task parameters checked against the constructor's annotations: ``int`` ones are integers, ``float``
+    ones finite numbers, and no number anywhere is inf or nan (docs/reliability.md)."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an unresolvable annotation in a user's task: check the values alone
+        hints = {}
+    out = {}
+    for key, value in params.items():
+        what = f"task {name!r}: {key}"
+        hint = hints.get(key)
+        allowed = set(typing.get_args(hint)) or {hint}
+        numeric_only = str not in allowed and value is not None
+        if numeric_only and int in allowed and float not in allowed:
+            value = integer(what, value, lo=None)
+        elif numeric_only and float in allowed:
+            value = finite_float(what, value)
+        elif isinstance(value, float):
+            value = finite_float(what, value)
+        out[key] = value
+    return out
 
 
 def make_model(

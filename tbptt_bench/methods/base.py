@@ -11,6 +11,7 @@ The families live in their own modules (``truncation``, ``hybrid``, ``randomised
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.mask import Update
 from tbptt_bench.registry import Registry
+from tbptt_bench.validation import finite_float, integer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -211,10 +213,13 @@ def validate(family: str, schema: dict[str, Param], params: dict[str, Any]) -> d
             continue
         value = params[name]
         try:
-            value = p.kind(value)
-            if p.kind is int and float(params[name]) != value:
-                raise ValueError
-        except (TypeError, ValueError):
+            if p.kind is int:
+                value = integer(name, value, lo=None)
+            elif p.kind is float:
+                value = finite_float(name, value)
+            else:
+                value = p.kind(value)
+        except (TypeError, ValueError, OverflowError):
             raise UsageError(f"method {family!r}: {name}={params[name]!r} must be {p.rule}") from None
         if not p.check(value):
             raise UsageError(f"method {family!r}: {name}={value} must be {p.rule}")
@@ -250,11 +255,15 @@ def parse_method(spec: str | Method) -> Method:
 
 
 def _number(text: str, spec: str) -> int | float | str:
+    """A spec value as int, float or word; a number that is not finite (inf, nan, 1e400) is a UsageError."""
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"method spec {spec!r}: {text} is not a finite number; give a finite value")
+        return value
     return text
 
 

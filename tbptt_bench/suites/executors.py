@@ -176,6 +176,33 @@ class LocalExecutor:
                 pool.shutdown(wait=False, cancel_futures=True)
 
 
+AUTH_HINT = ("; if the cluster uses token authentication, copy the head node's ~/.ray/auth_token here or set "
+             "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH); RAY_AUTH_MODE=disabled turns it off")
+
+
+def use_token_auth() -> bool:
+    """Send Ray's authentication token when connecting by address, if one is available (README, Ray).
+
+    ``ray start --head`` turns token authentication on when a token exists (``~/.ray/auth_token``,
+    ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``), but a client given an explicit address does not
+    send it unless ``RAY_AUTH_MODE=token``. So with ``RAY_AUTH_MODE`` unset and a token available,
+    this sets it (a cluster without authentication accepts such a client too). True when it did.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or path.is_file()):
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # a Ray imported before this point caches its configuration: refresh it
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass
+    return True
+
+
 def _ray_task(cell: GridPoint, concurrency: int, plugin_dirs: Sequence[str], threads: int | None,
               level: int) -> JobResult:
     _init_worker(plugin_dirs, threads, level)
@@ -225,13 +252,16 @@ class RayExecutor:
             kwargs["num_cpus"] = self.jobs
         try:
             ray.init(address=self.address, **kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
+        except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-            raise UsageError(f"cannot connect to {where}: {exc}; check --ray-address "
-                             "(e.g. ray://HEAD:10001 or HEAD:6379), or omit it for a local instance") from None
+            hint = AUTH_HINT if self.address else ""
+            raise UsageError(f"cannot connect to {where}: {str(exc).splitlines()[0] if str(exc) else exc}; check "
+                             f"--ray-address (e.g. HEAD:6379 or ray://HEAD:10001){hint}") from None
         return True
 
     def run(self, cells: Sequence[GridPoint]) -> Iterator[JobResult]:
+        if self.address:
+            use_token_auth()
         try:
             import ray
         except ModuleNotFoundError:

@@ -45,7 +45,9 @@ from tbptt_bench.suites.jobs import MEASURES, NO_DEFAULT, SEED_KEYS, GridPoint, 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.seeding import derive_seed
-from tbptt_bench.core.build import resolve_device
+from tbptt_bench.core.build import resolve_device, resolve_dtype
+from tbptt_bench.methods.length import warn_long_windows
+from tbptt_bench.validation import finite_float, is_allocation_failure
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,7 @@ def coerce(value: Any, hint: Any, what: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = finite_float(what, value) if ok else value
     elif base is str:
         ok = isinstance(value, str)
     elif base in (list, tuple, typing.Sequence):
@@ -311,11 +313,28 @@ def _canonical_method(spec: str, where: str) -> str:
 
 def _check(measure: Measure, params: dict[str, Any], where: str) -> None:
     try:
+        check_values(params)
         measure.check(dict(params))
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:  # the check itself could not allocate: the cell will say oom
+        if not is_allocation_failure(exc):
+            raise
+        log.info("%s: checking a cell needed more memory than is free here; it runs (and is recorded as oom "
+                 "where it does not fit)", where)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: invalid parameters: {exc}") from None
+
+
+def check_values(params: Mapping[str, Any]) -> None:
+    """What every measurement shares, checked as the suite is read (docs/reliability.md): the dtype and
+    truncation lengths against seq_len (docs/design.md §2.10). Memory is not checked here: a cell runs
+    where the executor puts it (a Ray node may have more), and one that does not fit is recorded as oom."""
+    if "dtype" in params:
+        resolve_dtype(params["dtype"])
+    if isinstance(params.get("seq_len"), int) and params["seq_len"] >= 1:
+        specs = [params["method"]] if isinstance(params.get("method"), str) else params.get("methods") or []
+        warn_long_windows(specs, params["seq_len"])
 
 
 def _as_list(value: Any) -> list[Any]:
