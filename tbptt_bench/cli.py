@@ -31,6 +31,17 @@ def _available_commands() -> list[object]:
     return modules
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, unless the help text already states it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, ``tbptt-bench CMD: error: ...``, and exit status 2."""
 
@@ -50,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _available_commands():
         module.add_parser(sub)  # type: ignore[attr-defined]
+    for command in sub.choices.values():  # every flag's --help shows its default
+        command.formatter_class = DefaultsFormatter
     return parser
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tbptt_bench.analysis.bias import analyse_bias, bias_batches, grid, group_metrics, measure_bias
+from tbptt_bench.analysis.bias import analyse_bias, bias_batches, group_metrics, measure_bias
+from tbptt_bench.methods.base import grid
 from tbptt_bench.methods.base import split_specs
 from tbptt_bench.errors import UsageError
 from tbptt_bench.core.build import make_model, make_task

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from tbptt_bench import registry
-from tbptt_bench.analysis.bias import grid
+from tbptt_bench.methods.base import grid
 from tbptt_bench.cli import main
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import METHODS, describe, order_specs, parse_method, split_specs

@@ -44,7 +44,7 @@ from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
 from tbptt_bench.core.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
-from tbptt_bench.methods.base import METHODS, Method, parse_method
+from tbptt_bench.methods.base import Method, parse_method
 from tbptt_bench.methods.truncation import Full
 from tbptt_bench.models.protocol import State, check_protocol, check_state, parameter_group
 from tbptt_bench.provenance import provenance
@@ -58,25 +58,6 @@ from tbptt_bench.analysis.truegrad import (directional_derivatives, estimate_fro
 log = logging.getLogger(__name__)
 
 GROUPS = ("all", "input", "recurrent", "bias", "readout", "other")
-
-def grid(families: Sequence[str], ks: Sequence[int]) -> list[Method]:
-    """Methods for every family and K, by each family's own grid rule (:meth:`Method.at_k`): e.g.
-    ``chunked:k=K``, ``sliding:k=K``, ``tbptt:k1=K,k2=2K-1`` (docs/design.md §3).
-
-    A complete spec, or a bare family with no K axis and nothing required (``full``), is taken once, as is.
-    """
-    out: list[Method] = []
-    for item in families:
-        cls = METHODS.get(item) if item in METHODS else None
-        if cls is None or cls.taken_once():
-            out.append(parse_method(item))
-            continue
-        if not ks:
-            raise UsageError(f"method family {item!r} needs a K grid (--k 1,2,4,...) or a complete spec like "
-                             f"{item}:k=8")
-        out.extend(cls.at_k(k) for k in ks)
-    return list(dict.fromkeys(out))
-
 
 def method_columns(method: Method) -> dict[str, Any]:
     """The columns that identify a method in the bias table (family, spec, series, k, label), from its own

@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from tbptt_bench.analysis.bias import analyse_bias, grid
 from tbptt_bench.commands.common import add_run_args, build, check_counts, check_output, check_sizes, emit_json
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
-from tbptt_bench.methods.base import Method, describe, split_specs
+from tbptt_bench.methods.base import Method, describe, grid, split_specs
 from tbptt_bench.validation import finite_float, integer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLE_FORMATS = (".csv", ".parquet")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -80,7 +81,7 @@ def lags_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.lags{path.suffix}")
 
 
-def write_table(df: pd.DataFrame, path: Path) -> None:
+def write_table(df: "pd.DataFrame", path: Path) -> None:
     """CSV or Parquet by suffix, atomically (temporary file in the same folder, then rename)."""
     if path.suffix not in TABLE_FORMATS:
         raise UsageError(f"cannot write {path}: use a file ending in .csv or .parquet")
@@ -92,6 +93,8 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tbptt_bench.analysis.bias import analyse_bias  # imported here: the CLI starts without scipy
+
     methods = methods_from_args(args)
     check_counts(args, {"batches": 1, "flips": 0, "profile_batches": 0, "fit_from": 1, "probes": 0,
                         "true_checkpoint": 1, "max_lag": 0, "warmup": 0})
@@ -127,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _records(df: pd.DataFrame) -> list[dict]:  # type: ignore[type-arg]
+def _records(df: "pd.DataFrame") -> list[dict]:  # type: ignore[type-arg]
+    import pandas as pd
+
     out = []
     for rec in df.to_dict(orient="records"):
         out.append({k: (None if v is pd.NA or isinstance(v, float) and not math.isfinite(v) else v)
@@ -136,6 +141,8 @@ def _records(df: pd.DataFrame) -> list[dict]:  # type: ignore[type-arg]
 
 
 def _print_summary(report) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
     m = report.meta
     print(f"{m['task']}: T={m['seq_len']}, B={m['batch_size']}, N={m['n_batches']} batches, true gradient "
           f"{m['true_method']}, {m['dtype']}, {m['seconds']:.1f} s")

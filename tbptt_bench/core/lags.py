@@ -40,12 +40,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
-from scipy import stats
 from torch import nn
 
 from tbptt_bench.core.engine import Source, step_loss_sum
@@ -54,6 +52,9 @@ from tbptt_bench.core.mask import Update, update_owner
 from tbptt_bench.models.protocol import State, check_protocol, cross_cut_parts
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import core_fn, dense_states, leaf, parts, prepare, readout_fn, rows
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,8 @@ def fit_decay(lags: np.ndarray, values: np.ndarray, fit_from: int = 1, fit_to: i
     resid = y - (intercept + slope * x)
     spread = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((resid**2).sum()) / spread if spread > 0 else 1.0
+    from scipy import stats  # imported where used: the CLI starts without scipy
+
     ts = stats.theilslopes(y, x, alpha=0.95)
     return DecayFit(float(np.exp(slope)), float(intercept), float(np.exp(ts.slope)), float(ts.intercept),
                     float(np.exp(ts.low_slope)), float(np.exp(ts.high_slope)), fit_from, fit_to, int(len(x)), r2)
@@ -390,7 +393,7 @@ class LagProfile:
         return DecayCheck(not reason, reason or "geometric decay fits the measured lags",
                           f.r_squared, self.rate, f.rate_robust_hi, share)
 
-    def to_frame(self) -> pd.DataFrame:
+    def to_frame(self) -> "pd.DataFrame":
         """One row per lag d: statistics, fitted curves and rates, tail and extrapolated bias of sliding(K = d)."""
         f = self.fit
         lower = self.lower_norm()
@@ -398,6 +401,8 @@ class LagProfile:
         robust = (np.exp(f.intercept_robust + self.lags * np.log(f.rate_robust))
                   if math.isfinite(f.rate_robust) else np.full(len(self.lags), math.nan))
         tails = np.array([self.tail(int(k)) for k in self.lags])
+        import pandas as pd  # imported where used: the CLI starts without pandas
+
         return pd.DataFrame({
             "lag": self.lags, "mean": self.mean, "q10": self.q10, "q50": self.q50, "q90": self.q90,
             "mass": self.mean * np.array([self._reach(int(d)) for d in self.lags]),

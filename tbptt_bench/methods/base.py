@@ -15,7 +15,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
@@ -309,3 +309,22 @@ def describe(spec: str | Method) -> dict[str, Any]:
 def order_specs(specs: Iterable[str]) -> list[str]:
     """Distinct specs in the methods' own order (:attr:`Method.sort_key`)."""
     return sorted(dict.fromkeys(str(s) for s in specs), key=lambda s: describe(s)["sort_key"])
+
+
+def grid(families: Sequence[str], ks: Sequence[int]) -> list[Method]:
+    """Methods for every family and K, by each family's own grid rule (:meth:`Method.at_k`): e.g.
+    ``chunked:k=K``, ``sliding:k=K``, ``tbptt:k1=K,k2=2K-1`` (docs/design.md §3).
+
+    A complete spec, or a bare family with no K axis and nothing required (``full``), is taken once, as is.
+    """
+    out: list[Method] = []
+    for item in families:
+        cls = METHODS.get(item) if item in METHODS else None
+        if cls is None or cls.taken_once():
+            out.append(parse_method(item))
+            continue
+        if not ks:
+            raise UsageError(f"method family {item!r} needs a K grid (--k 1,2,4,...) or a complete spec like "
+                             f"{item}:k=8")
+        out.extend(cls.at_k(k) for k in ks)
+    return list(dict.fromkeys(out))
