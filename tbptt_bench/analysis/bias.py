@@ -336,11 +336,11 @@ class _Samples:
 
 
 def analyse_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], options: BiasOptions | None = None,
-                 **fields: Any) -> BiasReport:
+                 *, progress: Callable[[int, int], None] | None = None, **fields: Any) -> BiasReport:
     """Measure every method against the true gradient at the model's current θ (see module doc).
 
     Options come as a :class:`BiasOptions` or as its fields by keyword (``seq_len=64, ...``), keywords
-    overriding ``options``. With ``probes > 0`` only group ``all`` is measured; the interval is ±z·SE over
+    overriding ``options``. ``progress(done, total)`` is called after each batch. With ``probes > 0`` only group ``all`` is measured; the interval is ±z·SE over
     probes (see :func:`probe_metrics`).
     """
     check_protocol(model)
@@ -353,7 +353,7 @@ def analyse_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], 
     mdl = in_dtype(model, dt).to(dev)
     check_state(mdl.initial_state(opts.batch_size))
     names = [n for n, p in mdl.named_parameters() if p.requires_grad]
-    samples = _collect(task, mdl, methods, opts, lag_max, names, dev, dt)
+    samples = _collect(task, mdl, methods, opts, lag_max, names, dev, dt, progress)
     profile = decomposition_profile(samples.decompositions, opts.fit_from) if samples.decompositions else None
     meta = _meta(task, model, opts, dt, lag_max, samples.seconds)
     prov = provenance(dev) if opts.with_provenance else {}
@@ -365,7 +365,7 @@ def analyse_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], 
 
 
 def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOptions, lag_max: int, names: list[str],
-             dev: torch.device, dt: torch.dtype) -> _Samples:
+             dev: torch.device, dt: torch.dtype, progress: Callable[[int, int], None] | None = None) -> _Samples:
     """Every batch's true gradient (or probes), each method's estimate, and the lag decompositions."""
     out = _Samples(est_rows={m: [] for m in methods})
     fixed_max = max([m.fixed_lags for m in methods if m.fixed_lags is not None], default=0)
@@ -395,6 +395,8 @@ def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOption
         for m in methods:
             out.est_rows[m].append(flatten(ests[m], names).cpu().numpy())
         log.info("bias batch %d/%d done (%.1f s)", n + 1, opts.n_batches, time.perf_counter() - t0)
+        if progress is not None:
+            progress(n + 1, opts.n_batches)
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tbptt_bench.commands.common import add_run_args, build, check_counts, check_output, check_sizes, emit_json
+from tbptt_bench.commands.common import (add_run_args, build, check_counts, check_output, check_sizes, emit_json,
+                                         progress_bar)
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, describe, grid, split_specs
@@ -108,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {args.figure}: use a figure file ending in {', '.join(FIGURE_SUFFIXES)}")
     check_output(args.figure, "--figure")
     task, model = build(args)
-    report = analyse_bias(
-        task, model, methods, seq_len=args.seq_len, batch_size=args.batch, n_batches=args.batches, seed=args.seed,
-        device=args.device, dtype=args.dtype, true_checkpoint=args.true_checkpoint, n_flips=args.flips,
-        ci_level=args.ci, split=args.split, warmup=args.warmup, max_lag=args.max_lag,
-        profile_batches=args.profile_batches, fit_from=args.fit_from, fast=not args.engine,
-        labels={"model": args.model, "hidden": args.hidden, "layers": args.layers}, probes=args.probes,
-    )
+    with progress_bar(f"bias {args.task}/{args.model}: batches", args.batches, quiet=args.json) as update:
+        report = analyse_bias(
+            task, model, methods, progress=update, seq_len=args.seq_len, batch_size=args.batch,
+            n_batches=args.batches, seed=args.seed, device=args.device, dtype=args.dtype,
+            true_checkpoint=args.true_checkpoint, n_flips=args.flips, ci_level=args.ci, split=args.split,
+            warmup=args.warmup, max_lag=args.max_lag, profile_batches=args.profile_batches, fit_from=args.fit_from,
+            fast=not args.engine, labels={"model": args.model, "hidden": args.hidden, "layers": args.layers},
+            probes=args.probes,
+        )
     if args.save:
         write_table(report.table, Path(args.save))
         write_table(report.lags, lags_path(Path(args.save)))

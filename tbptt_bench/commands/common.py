@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -125,3 +126,18 @@ def optimizer_values(args: argparse.Namespace) -> dict[str, Any]:
         "lr_schedule_args": parse_kwargs(args.lr_schedule_args, "--lr-schedule-args") or None,
         "clip": args.clip_norm or None,
     }
+
+
+@contextmanager
+def progress_bar(label: str, total: int, *, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr while ``label`` runs, shown only when stderr is a terminal (logs stay
+    clean); yields ``update(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    show = not quiet and console.is_terminal
+    with Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=console, disable=not show, transient=True) as bar:
+        job = bar.add_task(label, total=total)
+        yield lambda done, of: bar.update(job, completed=done, total=of)
