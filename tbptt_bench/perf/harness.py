@@ -40,7 +40,7 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.perf.config import COLUMNS, PerfConfig
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.perf.memory import MemoryProbe, limit_cuda_memory, release_free_memory, set_heap_mode
-from tbptt_bench.provenance import LoadProbe, provenance
+from tbptt_bench.provenance import BUSY_LOAD_MARGIN, BUSY_OTHER_CORES, LoadProbe, provenance
 from tbptt_bench.seeding import derive_seed, generator, method_rng
 from tbptt_bench.training.run import build_run
 
@@ -170,12 +170,14 @@ def timing_stats(seconds: list[float], updates: list[int], tokens_per_sequence: 
 
 
 def busy_message(row: dict[str, Any]) -> str:
-    """One line saying how busy the machine was during a row's timed repeats."""
-    other, load = row.get("other_cpu_fraction"), row.get("load_avg_1m")
-    parts = [f"other processes used {other:.2f} cores" if other is not None else "",
-             f"load average {load:.2f}" if load is not None else ""]
-    return (f"measured on a busy machine ({', '.join(p for p in parts if p)}; "
-            f"the measurement used {row.get('threads')} threads)")
+    """One line saying why a row's timed repeats count as measured on a busy machine."""
+    other, load, threads = row.get("other_cpu_fraction"), row.get("load_avg_1m"), row.get("threads")
+    if other is not None and other > BUSY_OTHER_CORES:
+        why = f"other processes used {other:.2f} cores' worth of CPU time while it ran"
+    else:
+        loads = [v for v in (load, row.get("load_avg_1m_end")) if v is not None]
+        why = f"1-minute load average {max(loads, default=float('nan')):.2f} above {threads} threads + {BUSY_LOAD_MARGIN}"
+    return f"measured on a busy machine ({why}; using {threads} threads)"
 
 
 def refuse_if_busy(row: dict[str, Any]) -> dict[str, Any]:
