@@ -1,4 +1,5 @@
-"""The measurement harness: row schema, units, fresh-process isolation, memory, out-of-memory rows, CLI."""
+"""The measurement harness: row schema, units, fresh-process isolation, memory, out-of-memory rows, CLI,
+the child's code origin, stale temporary folders and busy-machine detection."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tbptt_bench.perf import gpu_check
+from tbptt_bench import provenance as prov
+from tbptt_bench import registry
+from tbptt_bench.perf import child, gpu_check, harness
 from tbptt_bench.cli import main as cli_main
 from tbptt_bench.commands.perf import parse_size, split_methods
 from tbptt_bench.errors import UsageError
@@ -249,3 +255,170 @@ def test_gpu_check_writes_its_files_on_cpu(tmp_path):
     assert table["status"].tolist() == table["expected_status"].tolist()
     assert json.loads((tmp_path / "summary.json").read_text())["ok"] is True
     assert summary["pytest_rc"] in (0, 5) and "fused_over_cell_throughput" in summary["ratios"]
+
+
+# ---------------------------------------------------------------------------------- the child's code, temp folders
+
+STRAY_INIT = "raise RuntimeError('stray tbptt_bench imported from the current folder')\n"
+PLUGIN_TASK = (
+    "from tbptt_bench.tasks import register_task\n"
+    "from tbptt_bench.tasks.copy import CopyTask\n\n"
+    "@register_task\n"
+    "class PluginCopy(CopyTask):\n"
+    "    name = 'copy-perf-plugin'\n"
+)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_fresh_child_runs_the_parents_package_not_a_stray_one(tmp_path, monkeypatch):
+    """A stray tbptt_bench/ in the working folder and on PYTHONPATH shadows the package in a plain
+    interpreter, but not in the measuring child; a plugin folder still reaches the child; the child's
+    temporary folder is named with this pid and removed, a dead pid's folder is cleaned, a live one kept."""
+    stray = tmp_path / "stray"
+    (stray / "tbptt_bench").mkdir(parents=True)
+    (stray / "tbptt_bench" / "__init__.py").write_text(STRAY_INIT)
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "copy_plugin.py").write_text(PLUGIN_TASK)
+    temp = tmp_path / "temp"
+    dead, live = temp / f"tbptt-perf-{_dead_pid()}-old", temp / f"tbptt-perf-{os.getpid()}-mine"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(stray)
+    monkeypatch.setenv("PYTHONPATH", str(stray))
+    monkeypatch.setenv(registry.PLUGIN_ENV, str(plugins))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    plain = subprocess.run([sys.executable, "-c", "import tbptt_bench"], capture_output=True, text=True)
+    assert plain.returncode != 0 and "stray tbptt_bench imported" in plain.stderr  # the hazard is real
+    row = child.measure_in_fresh_process(PerfConfig(method="chunked:k=8", seq_len=24, **{
+        **TINY, "task": "copy-perf-plugin", "repeats": 1}))
+    assert row["status"] == "ok", row["error"]
+    assert row["fresh_process"] and row["pid"] != os.getpid() and row["task"] == "copy-perf-plugin"
+    assert sorted(p.name for p in temp.glob("tbptt-perf-*")) == [live.name]
+
+
+def test_child_refuses_a_package_other_than_the_parents(tmp_path, capsys):
+    import tbptt_bench
+
+    cmd = child.child_command(tmp_path / "c.json", tmp_path / "r.json")
+    assert cmd[:3] == [sys.executable, "-I", "-c"] and cmd[4] == str(Path(tbptt_bench.__file__).resolve().parents[1])
+    assert f"tbptt_bench={Path(tbptt_bench.__file__).resolve()}" in cmd
+    rc = child.main(["--child", str(tmp_path / "c.json"), str(tmp_path / "r.json"),
+                     "--expect", f"tbptt_bench={tmp_path / 'other' / '__init__.py'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "imported tbptt_bench from" in err and str(tmp_path / "other") in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_stale_temp_folders_of_dead_runs_only_are_removed(tmp_path):
+    dead_pid = _dead_pid()
+    dead = tmp_path / f"tbptt-perf-{dead_pid}-abc"
+    live = tmp_path / f"tbptt-perf-{os.getpid()}-def"
+    unnamed = tmp_path / "tbptt-perf-k2j4h_x1"  # the old naming, no pid: not ours to judge
+    for folder in (dead, live, unnamed):
+        (folder / "sub").mkdir(parents=True)
+    not_a_folder = tmp_path / f"tbptt-perf-{dead_pid}-file"
+    not_a_folder.write_text("x")
+    assert child.remove_stale_temp_dirs(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unnamed.name, not_a_folder.name])
+    assert child.remove_stale_temp_dirs(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------- busy machine
+
+STAT = """cpu  999 999 999 999 999 999 999 999 0 0
+cpu0 10 1 2 300 40 5 6 7 0 0
+cpu1 20 2 4 600 80 10 12 14 0 0
+intr 12345
+"""
+
+
+def test_cpu_busy_seconds_reads_busy_fields_of_allowed_cpus():
+    tick = prov.clock_tick_seconds()
+    # user + nice + system + irq + softirq + steal; idle and iowait are not busy; the total line is skipped
+    assert prov.cpu_busy_seconds({0}, STAT) == pytest.approx((10 + 1 + 2 + 5 + 6 + 7) * tick)
+    assert prov.cpu_busy_seconds(None, STAT) == pytest.approx((31 + 62) * tick)
+    assert prov.cpu_busy_seconds({5}, STAT) is None
+
+
+def test_busy_rule():
+    assert prov.judge_busy(0.30, 0.01, 0.0, 1) is True
+    assert prov.judge_busy(0.30, 0.10, 9.0, 1) is False  # within the counters' resolution of 0.25
+    assert prov.judge_busy(0.10, 0.01, 9.0, 1) is False  # the CPU counters decide when they can
+    assert prov.judge_busy(0.10, 0.50, 1.6, 1) is True  # window too short: the load average decides
+    assert prov.judge_busy(None, float("inf"), 2.4, 2) is False
+    assert prov.judge_busy(None, float("inf"), None, 1) is None
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * prov.clock_tick_seconds()  # utime, stime
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
+def test_load_probe_sees_another_process_spinning():
+    """A spinning process's CPU time, read independently from /proc/PID/stat, is inside other_cpu_fraction."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        probe = prov.LoadProbe(threads=1)
+        spin0, t0 = _process_cpu_seconds(spinner.pid), time.perf_counter()
+        probe.start()
+        time.sleep(1.0)
+        cols = probe.stop()
+        spin1, wall = _process_cpu_seconds(spinner.pid), time.perf_counter() - t0
+    finally:
+        spinner.kill()
+        spinner.wait()
+    n_cpus = len(os.sched_getaffinity(0))
+    resolution = (2 * n_cpus + 2) * prov.clock_tick_seconds() / wall
+    assert set(cols) == {"load_avg_1m", "load_avg_1m_end", "other_cpu_fraction", "busy"}
+    assert (spin1 - spin0) / wall - resolution <= cols["other_cpu_fraction"] <= n_cpus + resolution
+    if (spin1 - spin0) / wall > 0.25 + 2 * resolution:
+        assert cols["busy"] is True
+
+
+class _FakeProbe:
+    """Stands in for LoadProbe so that the CLI's handling of a quiet or busy machine is deterministic."""
+
+    busy = False
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> dict:
+        if self.busy:
+            return {"load_avg_1m": 3.0, "load_avg_1m_end": 3.1, "other_cpu_fraction": 1.5, "busy": True}
+        return {"load_avg_1m": 0.5, "load_avg_1m_end": 0.5, "other_cpu_fraction": 0.01, "busy": False}
+
+
+def test_cli_exit_status_and_strict_busy_refusal(monkeypatch, capsys):
+    base = ["perf", "--method", "full", "--seq-len", "24", "--batch", "2", "--repeats", "1", "--threads", "1",
+            "--in-process", "--json"]
+    monkeypatch.setattr(harness, "LoadProbe", _FakeProbe)
+    assert cli_main([*base, "--hidden", f"8,{2**20}"]) == 1  # the second runs out of memory
+    captured = capsys.readouterr()
+    assert [r["status"] for r in json.loads(captured.out)] == ["ok", "oom"]
+    assert "1 of 2 configurations not ok (oom 1); exit status 1" in captured.err
+    monkeypatch.setattr(_FakeProbe, "busy", True)
+    assert cli_main([*base, "--hidden", "8"]) == 0  # busy is a warning without --strict
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)[0]
+    assert row["status"] == "ok" and row["busy"] is True and row["other_cpu_fraction"] == 1.5
+    assert "all 1 configurations ok; 1 measured on a busy machine" in captured.err
+    assert cli_main([*base, "--hidden", "8", "--strict"]) == 1
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)[0]
+    assert row["status"] == "busy" and "other processes used 1.50 cores" in row["error"]
+    assert row["tokens_per_s"] > 0  # the numbers stay, marked
+    assert "(busy 1); exit status 1" in captured.err

@@ -2,6 +2,8 @@
 
 Lists are comma-separated: ``--seq-len 256,1024``, ``--method chunked:k=64,full`` (a method's own
 ``KEY=VALUE`` parameters stay with it: ``--method tbptt:k1=16,k2=64,full`` is two methods).
+Exit status 0 when every configuration's status is ``ok``, 1 otherwise (``oom``, ``failed``,
+``timeout``, or ``busy`` under ``--strict``), 2 for bad input; one line on stderr says which.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import math
 import re
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per configuration before it is abandoned")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (faster; memory columns then depend on what ran before)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse timings taken on a busy machine: status busy, exit status 1 (docs/perf.md)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="write the table: .csv, .parquet or .json")
     p.set_defaults(run=run)
@@ -136,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             console.print(f"[dim]{row['model']} {row['path']} {row['method']} T={row['seq_len']}: {row['status']}[/]")
 
-    frame = perf_grid(configs, fresh=not args.in_process, timeout=args.timeout, on_row=progress)
+    frame = perf_grid(configs, fresh=not args.in_process, timeout=args.timeout, on_row=progress, strict=args.strict)
     if args.save:
         save_table(frame, args.save)
     if args.json:
@@ -146,13 +152,33 @@ def run(args: argparse.Namespace) -> int:
         if not out.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
             out = Console(width=200)
         out.print(render_table(frame.to_dict("records")))
-    return 0
+    rc, line = outcome(frame.to_dict("records"))
+    print(line, file=sys.stderr)
+    return rc
+
+
+def outcome(rows: list[dict[str, Any]]) -> tuple[int, str]:
+    """Exit status (0 every row ``ok``, else 1) and the one stderr line that says so."""
+    counts = Counter(str(r["status"]) for r in rows)
+    busy = sum(1 for r in rows if r.get("busy") is True and r["status"] == "ok")
+    note = f"; {busy} measured on a busy machine (see the warnings; --strict refuses them)" if busy else ""
+    bad = {s: n for s, n in counts.items() if s != "ok"}
+    if not bad:
+        return 0, f"tbptt-bench perf: all {len(rows)} configurations ok{note}"
+    listed = ", ".join(f"{s} {n}" for s, n in sorted(bad.items()))
+    return 1, f"tbptt-bench perf: {sum(bad.values())} of {len(rows)} configurations not ok ({listed}){note}; exit status 1"
 
 
 def _num(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, fmt)
+
+
+def _status_cell(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"[red]{row['status']}[/]"
+    return "[yellow]ok, busy[/]" if row.get("busy") is True else "ok"
 
 
 def render_table(rows: list[dict[str, Any]]) -> Table:
@@ -173,7 +199,7 @@ def render_table(rows: list[dict[str, Any]]) -> Table:
         table.add_row(
             str(r["model"]), str(r["path"]) + ("+compile" if r.get("compile") else ""), str(r["method"]),
             str(r["seq_len"]), str(r["batch_size"]), str(r["hidden_size"]),
-            str(r["status"]) if r["status"] == "ok" else f"[red]{r['status']}[/]",
+            _status_cell(r),
             _num(r.get("tokens_per_s"), ",.0f"), _num(r.get("ms_per_update"), ".3f"),
             f"{_num(r.get('ms_per_update_p10'), '.3f')}–{_num(r.get('ms_per_update_p90'), '.3f')}",
             _num(None if delta is None or math.isnan(delta) else delta / mib, ".1f"),

@@ -25,7 +25,7 @@ RESULT_COLUMNS = [
     "ms_per_update", "ms_per_update_p10", "ms_per_update_p90",
     "seconds_per_sequence", "repeat_seconds", "first_sequence_s", "compile_s", "setup_s",
     "mem_baseline_bytes", "mem_peak_bytes", "mem_delta_bytes", "mem_sequence_bytes",
-    "mem_reserved_peak_bytes", "mem_source",
+    "mem_reserved_peak_bytes", "mem_source", "load_avg_1m", "load_avg_1m_end", "other_cpu_fraction", "busy",
 ]
 PROVENANCE_COLUMNS = list(provenance("cpu"))
 #: Every column of a result row, in table order (provenance's ``device`` is the device type used).

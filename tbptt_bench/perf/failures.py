@@ -6,8 +6,8 @@ import torch
 
 #: Statuses of a perf row: ``ok`` measured; ``oom`` out of memory (CPU allocator, CUDA, or the process killed by SIGKILL, as
 #: the kernel's out-of-memory killer does); ``failed`` any other error; ``timeout`` a fresh process
-#: that gave no result in time.
-PERF_STATUSES = ("ok", "oom", "failed", "timeout")
+#: that gave no result in time; ``busy`` measured, but on a busy machine and refused (``strict``).
+PERF_STATUSES = ("ok", "oom", "failed", "timeout", "busy")
 
 
 def is_out_of_memory(exc: BaseException, limited: bool = False) -> bool:

@@ -14,6 +14,8 @@ the engine streams it to the device chunk by chunk), methods that estimate somet
 region is bracketed by ``torch.cuda.synchronize`` before and after, and nothing inside it waits on the
 device. The thread count is set with ``torch.set_num_threads`` and recorded.
 
+How busy the machine was during the timed repeats is recorded by :class:`tbptt_bench.provenance.LoadProbe`
+(columns ``load_avg_1m``, ``load_avg_1m_end``, ``other_cpu_fraction``, ``busy``; :func:`refuse_if_busy`).
 Memory is read by :mod:`tbptt_bench.perf.memory`, failures classified by :mod:`tbptt_bench.perf.failures`,
 the fresh-process protocol is :mod:`tbptt_bench.perf.child`, grids and table files :mod:`tbptt_bench.perf.tables`.
 Column names are listed in docs/perf.md; :data:`tbptt_bench.perf.config.COLUMNS` is the same list.
@@ -38,7 +40,7 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.perf.config import COLUMNS, PerfConfig
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.perf.memory import MemoryProbe, limit_cuda_memory, release_free_memory, set_heap_mode
-from tbptt_bench.provenance import provenance
+from tbptt_bench.provenance import BUSY_LOAD_MARGIN, BUSY_OTHER_CORES, LoadProbe, provenance
 from tbptt_bench.seeding import derive_seed, generator, method_rng
 from tbptt_bench.training.run import build_run
 
@@ -167,6 +169,24 @@ def timing_stats(seconds: list[float], updates: list[int], tokens_per_sequence: 
     }
 
 
+def busy_message(row: dict[str, Any]) -> str:
+    """One line saying why a row's timed repeats count as measured on a busy machine."""
+    other, load, threads = row.get("other_cpu_fraction"), row.get("load_avg_1m"), row.get("threads")
+    if other is not None and other > BUSY_OTHER_CORES:
+        why = f"other processes used {other:.2f} cores' worth of CPU time while it ran"
+    else:
+        loads = [v for v in (load, row.get("load_avg_1m_end")) if v is not None]
+        why = f"1-minute load average {max(loads, default=float('nan')):.2f} above {threads} threads + {BUSY_LOAD_MARGIN}"
+    return f"measured on a busy machine ({why}; using {threads} threads)"
+
+
+def refuse_if_busy(row: dict[str, Any]) -> dict[str, Any]:
+    """``--strict``: a row measured ``ok`` on a busy machine gets status ``busy`` (numbers kept, not to be used)."""
+    if row.get("status") == "ok" and row.get("busy") is True:
+        row = {**row, "status": "busy", "error": busy_message(row)}
+    return row
+
+
 def empty_row(cfg: PerfConfig, device: torch.device) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(provenance(device))
@@ -217,10 +237,13 @@ def measure(cfg: PerfConfig, *, limit_memory: Callable[[], None] | None = None, 
             release_free_memory()
             time_sequence(run, device)
         seconds_list, update_counts = [], []
+        load = LoadProbe(cfg.resolved_threads())
+        load.start()
         for _ in range(cfg.repeats):
             seconds, n = time_sequence(run, device)
             seconds_list.append(seconds)
             update_counts.append(n)
+        row.update(load.stop())
         row.update(timing_stats(seconds_list, update_counts, cfg.batch_size * cfg.seq_len))
         row["status"] = "ok"
     except UsageError:
