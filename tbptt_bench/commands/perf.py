@@ -26,9 +26,7 @@ from tbptt_bench.commands.common import (ITEMSIZE, MAX_SEED, add_optimizer_args,
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import split_specs
 from tbptt_bench.methods.length import warn_long_windows
-from tbptt_bench.perf.child import perf_grid
 from tbptt_bench.perf.config import PerfConfig
-from tbptt_bench.perf.tables import check_output_path, expand_grid, save_table
 from tbptt_bench.validation import check_run_size, finite_float, integer
 
 log = logging.getLogger(__name__)
@@ -112,6 +110,8 @@ def check_args(args: argparse.Namespace) -> dict[str, list[int]]:
 
 def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
     """The grid of configurations the flags describe (every value checked first)."""
+    from tbptt_bench.perf.tables import expand_grid  # imported where used: the CLI starts without pandas
+
     sizes = check_args(args)
     base = PerfConfig(task=args.task, device=args.device, dtype=args.dtype, threads=args.threads,
                       warmup=args.warmup, repeats=args.repeats, seed=args.seed, **optimizer_values(args),
@@ -130,6 +130,9 @@ def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tbptt_bench.perf.child import perf_grid
+    from tbptt_bench.perf.tables import check_output_path, save_table
+
     configs = configs_from_args(args)
     if args.save:
         check_output_path(Path(args.save))
