@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -23,13 +24,11 @@ def expand_grid(base: PerfConfig | None = None, **axes: Iterable[Any]) -> list[P
     unknown = sorted(set(axes) - names)
     if unknown:
         raise UsageError(f"perf: unknown configuration field {unknown[0]!r}; accepted: {', '.join(sorted(names))}")
-    configs = [base]
-    for name, values in axes.items():
-        values = list(values)
+    grid = {name: list(values) for name, values in axes.items()}
+    for name, values in grid.items():
         if not values:
             raise UsageError(f"perf: no values given for {name}")
-        configs = [dataclasses.replace(c, **{name: v}) for c in configs for v in values]
-    return configs
+    return [dataclasses.replace(base, **dict(zip(grid, combo))) for combo in itertools.product(*grid.values())]
 
 
 def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
