@@ -305,7 +305,8 @@ def stamp(cell: GridPoint, tables: Tables, *, status: str, error: str, diverged_
         "started": started, "finished": finished, "duration_s": duration_s,
         "executor": executor, "concurrency": concurrency,
     }
-    base = {**provenance(cell.device), **flatten_params(cell.params)}
+    where = provenance(cell.device)  # a parameter left at None (threads) does not hide what the cell ran with
+    base = {**where, **{k: v for k, v in flatten_params(cell.params).items() if v is not None or k not in where}}
     stamped: Tables = {CELLS: [{**{k: v for k, v in base.items() if k in SHARED}, **common}]}
     tables = {cell.measure: [], **tables}
     for name, rows in tables.items():
