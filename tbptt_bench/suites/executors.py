@@ -41,6 +41,9 @@ from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
+STARTED = "started"
+#: Seconds a cell's process may take to start (fork, plugins) before its time limit starts to count.
+STARTUP_S = 120.0
 CRASHED = ("the worker process running this cell died abruptly (killed by a signal, e.g. by the "
            "out-of-memory killer, or crashed)")
 
@@ -108,6 +111,7 @@ def _child_main(cell: GridPoint, conn: Connection, initargs: tuple[Any, ...], ex
     except OSError:
         pass
     _init_worker(*initargs)
+    conn.send(STARTED)  # the time limit counts from here: process start-up is not the cell's time
     result = run_cell(cell, executor=executor, concurrency=concurrency)
     try:
         conn.send(result)
@@ -124,7 +128,7 @@ class CellProcess:
         self.cell, self.executor, self.concurrency = cell, executor, concurrency
         self.conn, child = ctx.Pipe(duplex=False)
         self.started, self.t0 = utc_now(), time.monotonic()
-        self.deadline = self.t0 + cell.time_limit if cell.time_limit else math.inf
+        self.deadline = self.t0 + STARTUP_S + cell.time_limit if cell.time_limit else math.inf
         self.proc = ctx.Process(target=_child_main, args=(cell, child, initargs, executor, concurrency),
                                 name=f"cell-{cell.key}")
         self.proc.start()
@@ -132,13 +136,17 @@ class CellProcess:
 
     def poll(self, now: float) -> JobResult | None:
         """The cell's result once it has one (finished, crashed or past its limit); None while it runs."""
-        if self.conn.poll():
+        while self.conn.poll():
             try:
-                result: JobResult = self.conn.recv()
+                result: JobResult | str = self.conn.recv()
             except (EOFError, OSError):
                 result = self._failed(CRASHED)
+            if result == STARTED:
+                self.started, self.t0 = utc_now(), time.monotonic()
+                self.deadline = self.t0 + self.cell.time_limit if self.cell.time_limit else math.inf
+                continue
             self._reap()
-            return result
+            return result  # type: ignore[return-value]
         if not self.proc.is_alive():
             log.warning("cell %s (%s): %s", self.cell.key, self.cell.label, CRASHED)
             self._reap()
