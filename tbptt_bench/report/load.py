@@ -53,11 +53,15 @@ def _is_store(path: Path) -> bool:
 def report_frames(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The store's per-measurement tables (docs/suites.md) in the form the report sections read:
     one ``results`` frame with the rows of ``train``, ``bias`` and ``perf`` (a ``measure`` column tells
-    them apart), ``update`` for ``n_updates`` and the task parameters as JSON text in ``task_params``."""
+    them apart), ``update`` for ``n_updates``, the task parameters as JSON text in ``task_params`` and
+    integer columns with gaps as floats with NaN."""
     from tbptt_bench.suites.schema import unflatten
 
     def legacy(frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.rename(columns={"n_updates": "update"})
+        for name in frame.columns:  # the sections expect NaN, not pd.NA, in integer columns with gaps
+            if isinstance(frame[name].dtype, pd.Int64Dtype):
+                frame[name] = frame[name].astype("float64") if frame[name].isna().any() else frame[name].astype("int64")
         task_columns = [c for c in frame.columns if c.startswith("task.")]
         if "task_params" not in frame.columns and "task" in frame.columns:
             frame["task_params"] = [json.dumps(unflatten(row, "task"), sort_keys=True)

@@ -138,8 +138,12 @@ def to_arrow(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:
-    """An Arrow table as pandas: integer columns stay integers (``Int64`` where some value is empty)."""
+    """An Arrow table as pandas: integer columns stay integers (``Int64`` where some value is empty);
+    a column without any value is float NaN."""
     frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    for field in table.schema:
+        if pa.types.is_null(field.type):  # a column no row has a value in: NaN, as pandas reads a missing number
+            frame[field.name] = frame[field.name].astype("float64")
     for name in frame.columns:
         if isinstance(frame[name].dtype, pd.Int64Dtype) and name not in NULLABLE_INT and not frame[name].isna().any():
             frame[name] = frame[name].astype("int64")
