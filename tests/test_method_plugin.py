@@ -137,10 +137,10 @@ def test_store_and_report(plugin_dir: Path, tmp_path: Path, capsys: pytest.Captu
                  "--quiet"]) == 0
     capsys.readouterr()
     store = tmp_path / "results" / "plug"
-    table = read_results(store)
-    rows = table[(table["measure"] == "bias") & (table["group"] == "all")].set_index("spec")
+    table = read_results(store, "bias")
+    rows = table[table["group"] == "all"].set_index("spec")
     assert rows.loc["window:len=2,stride=1", "series"] == "window (stride=1)"
-    assert rows.loc["window:len=4,stride=1", "k"] == 4 and np.isnan(float(rows.loc["full", "k"]))
+    assert rows.loc["window:len=4,stride=1", "k"] == 4 and pd.isna(rows.loc["full", "k"])
     for k in (2, 4):
         assert rows.loc[f"window:len={k},stride=1", "relative_bias"] == \
             pytest.approx(rows.loc[f"chunked:k={k}", "relative_bias"], rel=1e-9)

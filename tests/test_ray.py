@@ -41,7 +41,7 @@ steps = 2
 """
 
 PARAMS = ["task", "model", "method", "seed", "replicate", "steps", "seq_len", "batch_size", "hidden_size"]
-METRICS = ["status", "train_loss", "eval_loss", "eval_metric", "update", "tokens", "baseline"]
+METRICS = ["status", "train_loss", "eval_loss", "eval_metric", "n_updates", "tokens", "baseline"]
 
 
 def test_ray_executor_matches_local_executor(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -56,15 +56,15 @@ def test_ray_executor_matches_local_executor(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
 
     keys = sorted(c.key for c in load_suite(str(suite_file)).cells)
-    local = read_results(tmp_path / "local" / "raytiny").sort_values("key").reset_index(drop=True)
-    remote = read_results(tmp_path / "ray" / "raytiny").sort_values("key").reset_index(drop=True)
+    local = read_results(tmp_path / "local" / "raytiny", "train").sort_values("key").reset_index(drop=True)
+    remote = read_results(tmp_path / "ray" / "raytiny", "train").sort_values("key").reset_index(drop=True)
     assert list(local["key"]) == list(remote["key"]) == keys
     assert set(local["executor"]) == {"local"} and set(remote["executor"]) == {"ray"}
     pd.testing.assert_frame_equal(local[PARAMS + METRICS], remote[PARAMS + METRICS])
     assert (local["error"] == remote["error"]).all()
     assert (local["status"] == "ok").sum() == 8
 
-    columns = ["key", "update", "train_loss", "eval_loss", "eval_metric"]
+    columns = ["key", "n_updates", "train_loss", "eval_loss", "eval_metric"]
     local_curves = read_results(tmp_path / "local" / "raytiny", "curves")[columns].sort_values(columns[:2])
     ray_curves = read_results(tmp_path / "ray" / "raytiny", "curves")[columns].sort_values(columns[:2])
     pd.testing.assert_frame_equal(local_curves.reset_index(drop=True), ray_curves.reset_index(drop=True))

@@ -127,9 +127,11 @@ def write_store(tables: dict[str, pd.DataFrame], root: Path) -> Path:
     """Commit the tables into a real result store, one cell per key."""
     with ResultStore(root) as store:
         for key, rows in tables["results"].groupby("key"):
-            cell = {"results": rows.to_dict("records")}
+            rows = rows.rename(columns={"update": "n_updates"})
+            measure = str(rows["measure"].iloc[0])
+            cell = {"cells": rows.iloc[:1].to_dict("records"), measure: rows.to_dict("records")}
             for name in ("curves", "lags"):
-                frame = tables[name]
+                frame = tables.get(name, pd.DataFrame()).rename(columns={"update": "n_updates"})
                 if len(frame):
                     cell[name] = frame[frame["key"] == key].to_dict("records")
             store.commit(str(key), cell)

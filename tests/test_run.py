@@ -98,11 +98,36 @@ def suicide(task, hidden_size, num_layers=1):
 """
 
 
+HANG_PLUGIN = """
+import os
+import time
+
+from tbptt_bench.tasks.adding import AddingTask
+from tbptt_bench.tasks.base import register_task
+
+
+@register_task
+class HangTask(AddingTask):
+    \"\"\"The adding task whose batches never come (but the one-row check of a suite file): writes its
+    pid, then sleeps for an hour.\"\"\"
+
+    name = "hang"
+
+    def sample(self, batch_size, seq_len, generator, split="train"):
+        if batch_size > 1:
+            with open(os.path.join(os.path.dirname(__file__), "hang.pids"), "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            time.sleep(3600)
+        return super().sample(batch_size, seq_len, generator, split)
+"""
+
+
 @pytest.fixture(scope="module")
 def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One plugin folder per test module: a model is registered once per process."""
     folder = tmp_path_factory.mktemp("plugins")
     write(folder / "suicide.py", SUICIDE_PLUGIN)
+    write(folder / "hang.py", HANG_PLUGIN)
     return folder
 
 
@@ -160,6 +185,7 @@ def test_resume_after_sigkill_has_every_cell_exactly_once(tmp_path: Path, capsys
             os.killpg(proc.pid, signal.SIGKILL)
     store = results / "tiny"
     partial = read_results(store)
+    partial_train = read_results(store, "train")
     assert 4 <= len(partial) < 12 and not partial["key"].duplicated().any()
 
     assert main(cmd[3:]) == 0
@@ -170,9 +196,11 @@ def test_resume_after_sigkill_has_every_cell_exactly_once(tmp_path: Path, capsys
     assert sorted(final["key"]) == sorted(c.key for c in suite.cells), "every cell exactly once"
     assert (final["status"] == "ok").all()
     curves = read_results(store, "curves")
-    assert sorted(curves.groupby("key")["update"].apply(list).map(sorted).map(tuple).unique()) == [(0, 2, 4)]
+    assert sorted(curves.groupby("key")["n_updates"].apply(list).map(sorted).map(tuple).unique()) == [(0, 2, 4)]
     assert len(curves) == 3 * 12
-    merged = partial.merge(final, on="key", suffixes=("_before", "_after"))
+    final_train = read_results(store, "train")
+    merged = partial_train.merge(final_train, on="key", suffixes=("_before", "_after"))
+    assert len(merged) == len(partial)
     assert (merged["eval_loss_before"] == merged["eval_loss_after"]).all(), "finished cells are kept as they were"
 
     # one cell alone, by key prefix, rerun in place: the same numbers (its seed depends on the cell only)
@@ -180,9 +208,9 @@ def test_resume_after_sigkill_has_every_cell_exactly_once(tmp_path: Path, capsys
     assert main(["run", str(suite_file), "--results", str(results), "--only", cell.key[:8], "--rerun", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"[1/1] ok       {cell.label}" in out and "ran 1" in out
-    again = read_results(store)
+    again = read_results(store, "train")
     assert sorted(again["key"]) == sorted(final["key"]), "a rerun cell replaces its rows"
-    alone, row = again.set_index("key").loc[cell.key], final.set_index("key").loc[cell.key]
+    alone, row = again.set_index("key").loc[cell.key], final_train.set_index("key").loc[cell.key]
     assert alone["finished"] > row["finished"]
     for column in ("seed", "train_loss", "eval_loss", "eval_metric"):
         assert alone[column] == row[column]
@@ -197,10 +225,10 @@ def test_diverged_oom_failed_and_crashed_cells_are_recorded(tmp_path: Path, plug
     args = ["--plugins", str(plugins), "run", str(suite_file), "--results", str(tmp_path / "res"), "--quiet"]
     assert main(args) == 1, "a failed cell makes the exit status 1"
     out = capsys.readouterr().out
-    assert "ran 5" in out and "1 ok, 1 diverged, 1 oom, 2 failed" in out
+    assert "ran 5" in out and "1 ok, 1 diverged, 1 oom, 0 timeout, 2 failed" in out
 
     suite = load_suite(str(suite_file))
-    frame = read_results(tmp_path / "res" / "failing").set_index("key")
+    frame = read_results(tmp_path / "res" / "failing", "train").set_index("key")
     status = {c.params["model"] + "/" + c.params["task"]: frame.loc[c.key] for c in suite.cells}
 
     diverged = status["lstm/adding"]
@@ -211,8 +239,8 @@ def test_diverged_oom_failed_and_crashed_cells_are_recorded(tmp_path: Path, plug
     assert "non-finite" in diverged["error"]
     curve = read_results(tmp_path / "res" / "failing", "curves")
     kept = curve[curve["key"] == cell.key]
-    assert list(kept["update"]) == [r["update"] for r in direct.curve] and len(kept) >= 1
-    assert kept["update"].max() < diverged["diverged_at"], "the partial curve stops before the divergence"
+    assert list(kept["n_updates"]) == [r["update"] for r in direct.curve] and len(kept) >= 1
+    assert kept["n_updates"].max() < diverged["diverged_at"], "the partial curve stops before the divergence"
 
     oom = status["rnn/adding"]
     assert oom["status"] == "oom" and "allocate" in oom["error"]
@@ -233,7 +261,7 @@ def test_diverged_oom_failed_and_crashed_cells_are_recorded(tmp_path: Path, plug
     failed_key = next(c.key for c in suite.cells if c.params["task"] == "char-lm")
     assert main(args + ["--retry-failed", "--only", failed_key]) == 1
     out = capsys.readouterr().out
-    assert "ran 1" in out and "0 ok, 0 diverged, 0 oom, 1 failed" in out and "earlier" not in out
+    assert "ran 1" in out and "0 ok, 0 diverged, 0 oom, 0 timeout, 1 failed" in out and "earlier" not in out
     assert len(read_results(tmp_path / "res" / "failing")) == 5
 
 
@@ -296,7 +324,7 @@ def test_list_shows_keys_seeds_and_stored_status(tmp_path: Path, capsys: pytest.
     suite = load_suite(str(suite_file))
     with ResultStore(tmp_path / "res" / "tiny") as store:
         cell = suite.cells[0]
-        store.commit(cell.key, {"results": [{"key": cell.key, "status": "diverged"}]})
+        store.commit(cell.key, {"cells": [{"key": cell.key, "status": "diverged"}]})
     assert main(["run", str(suite_file), "--results", str(tmp_path / "res"), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "12 cells" in lines[0]
@@ -324,7 +352,88 @@ def test_a_crash_among_parallel_jobs_blames_only_the_crashing_cell(tmp_path: Pat
     argv = ["--plugins", str(plugins), "run", str(suite_file), "--results", str(tmp_path / "res"), "--jobs", "2",
             "--quiet"]
     assert main(argv) == 1
-    assert "2 ok, 0 diverged, 0 oom, 1 failed" in capsys.readouterr().out
-    frame = read_results(tmp_path / "res" / "crash").set_index("model")
+    assert "2 ok, 0 diverged, 0 oom, 0 timeout, 1 failed" in capsys.readouterr().out
+    frame = read_results(tmp_path / "res" / "crash", "train").set_index("model")
     assert frame.loc["suicide", "status"] == "failed" and "died abruptly" in frame.loc["suicide", "error"]
     assert (frame.loc[["gru", "rnn"], "status"] == "ok").all()
+
+
+HANGING = """
+[suite]
+name = "hanging"
+[defaults]
+seq_len = 8
+batch_size = 2
+hidden_size = 4
+steps = 2
+eval_batches = 1
+time_limit = 60
+[[train]]
+task = "hang"
+model = "rnn"
+method = "full"
+time_limit = 3
+[[train]]
+task = "adding"
+model = "rnn"
+method = "full"
+[[bias]]
+task = "hang"
+model = "rnn"
+methods = ["full"]
+seq_len = 8
+batch_size = 2
+n_batches = 1
+time_limit = 4
+"""
+
+
+def test_a_hanging_cell_is_stopped_at_its_time_limit_and_the_sweep_goes_on(
+        tmp_path: Path, plugins: Path, capsys: pytest.CaptureFixture) -> None:
+    pids = plugins / "hang.pids"
+    suite_file = write(tmp_path / "hanging.toml", HANGING)
+    t0 = time.monotonic()
+    argv = ["--plugins", str(plugins), "run", str(suite_file), "--results", str(tmp_path / "res"), "--quiet",
+            "--jobs", "2"]
+    assert main(argv) == 1, "a timeout fails the exit status"
+    assert time.monotonic() - t0 < 60
+    assert "1 ok, 0 diverged, 0 oom, 2 timeout, 0 failed" in capsys.readouterr().out
+    suite = load_suite(str(suite_file))  # after main() loaded the plugin task
+    assert sorted(c.time_limit for c in suite.cells) == [3.0, 4.0, 60.0], "block values override [defaults]"
+    cells = read_results(tmp_path / "res" / "hanging").set_index("key")
+    for cell in suite.cells:
+        row = cells.loc[cell.key]
+        if cell.params["task"] == "hang":
+            assert row["status"] == "timeout" and "time limit" in row["error"]
+            assert cell.time_limit <= row["duration_s"] < cell.time_limit + 10
+        else:
+            assert row["status"] == "ok"
+    bias = read_results(tmp_path / "res" / "hanging", "bias")
+    assert list(bias["status"]) == ["timeout"], "a stopped cell has its row in its measurement's table"
+    hung = [int(p) for p in pids.read_text().split()]
+    assert 1 <= len(hung) <= 2, "the hanging sample was reached (a slow start may be stopped before it)"
+    for pid in hung:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], \
+            f"the hanging process {pid} was stopped"
+    assert main(argv) == 1 and "skipped 3" in capsys.readouterr().out
+
+
+def test_a_damaged_part_file_exits_2_before_any_file_is_written(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    suite_file = write(tmp_path / "tiny.toml", TINY)
+    suite = load_suite(str(suite_file))
+    store = tmp_path / "res" / "tiny"
+    assert main(["run", str(suite_file), "--results", str(tmp_path / "res"), "--quiet", "--only",
+                 suite.cells[0].key]) == 0
+    with ResultStore(store) as writer:  # a committed cell not yet compacted, then damaged
+        first = read_results(store, "train").iloc[0].to_dict()
+        writer.commit(suite.cells[1].key, {"cells": [{"key": suite.cells[1].key, "status": "ok"}],
+                                           "train": [{**first, "key": suite.cells[1].key}]})
+    damaged = store / "parts" / suite.cells[1].key / "train.parquet"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    capsys.readouterr()
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()}
+    assert main(["run", str(suite_file), "--results", str(tmp_path / "res"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(damaged) in err and "damaged" in err and len(err.splitlines()) == 1
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()} == before

@@ -30,14 +30,14 @@ def key_of(i: int) -> str:
 
 def cell_tables(i: int, status: str = "ok") -> dict[str, list[dict]]:
     """Deterministic rows of a fake cell: one results row and (when ok) three curve rows."""
-    tables = {"results": [{"key": key_of(i), "status": status, "value": i * 0.5, "name": f"cell{i}"}]}
+    tables = {"cells": [{"key": key_of(i), "status": status, "value": i * 0.5, "name": f"cell{i}"}]}
     if status == "ok":
-        tables["curves"] = [{"key": key_of(i), "update": u, "loss": i + u / 10} for u in range(3)]
+        tables["curves"] = [{"key": key_of(i), "n_updates": u, "loss": i + u / 10} for u in range(3)]
     return tables
 
 
 def expected_frames(n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    results = pd.DataFrame([cell_tables(i)["results"][0] for i in range(n)])
+    results = pd.DataFrame([cell_tables(i)["cells"][0] for i in range(n)])
     curves = pd.DataFrame([row for i in range(n) for row in cell_tables(i)["curves"]])
     return results, curves
 
@@ -51,7 +51,7 @@ def test_commit_read_and_compact_round_trip(tmp_path: Path) -> None:
         for i in range(4):
             store.commit(key_of(i), cell_tables(i))
         before = read_results(tmp_path)
-        assert (tmp_path / "parts").is_dir() and not (tmp_path / "results.parquet").exists()
+        assert (tmp_path / "parts").is_dir() and not (tmp_path / "cells.parquet").exists()
         store.compact()
         assert not list((tmp_path / "parts").iterdir())
         assert store.statuses() == {key_of(i): "ok" for i in range(4)}
@@ -61,9 +61,9 @@ def test_commit_read_and_compact_round_trip(tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(normalised(frame, list(results.columns), ["key"]), results)
     assert (after["schema_version"] == SCHEMA_VERSION).all()
     got_curves = read_results(tmp_path, "curves")
-    pd.testing.assert_frame_equal(normalised(got_curves, list(curves.columns), ["key", "update"]), curves)
-    assert table_names(tmp_path) == ["curves", "results"]
-    meta = pq.read_schema(tmp_path / "results.parquet").metadata
+    pd.testing.assert_frame_equal(normalised(got_curves, list(curves.columns), ["key", "n_updates"]), curves)
+    assert table_names(tmp_path) == ["cells", "curves"]
+    meta = pq.read_schema(tmp_path / "cells.parquet").metadata
     assert meta[b"tbptt_bench.schema_version"] == str(SCHEMA_VERSION).encode()
 
 
@@ -99,9 +99,9 @@ def test_a_rerun_cell_replaces_its_rows_in_every_table(tmp_path: Path) -> None:
 
 def test_columns_of_different_cells_and_types_merge(tmp_path: Path) -> None:
     with ResultStore(tmp_path) as store:
-        store.commit(key_of(1), {"results": [{"key": key_of(1), "status": "ok", "a": 1, "x": None}]})
-        store.commit(key_of(2), {"results": [{"key": key_of(2), "status": "ok", "b": "text", "x": 2.5}]})
-        store.commit(key_of(3), {"results": [{"key": key_of(3), "status": "ok", "a": "mixed"}]})
+        store.commit(key_of(1), {"cells": [{"key": key_of(1), "status": "ok", "a": 1, "x": None}]})
+        store.commit(key_of(2), {"cells": [{"key": key_of(2), "status": "ok", "b": "text", "x": 2.5}]})
+        store.commit(key_of(3), {"cells": [{"key": key_of(3), "status": "ok", "a": "mixed"}]})
         store.compact()
     frame = read_results(tmp_path).set_index("key")
     assert frame.loc[key_of(2), "x"] == 2.5 and frame.loc[key_of(2), "b"] == "text"
@@ -112,7 +112,7 @@ def test_corrupted_results_file_is_reported_and_never_overwritten(tmp_path: Path
     with ResultStore(tmp_path) as store:
         store.commit(key_of(1), cell_tables(1))
         store.compact()
-    path = tmp_path / "results.parquet"
+    path = tmp_path / "cells.parquet"
     data = path.read_bytes()
     damaged = data[: len(data) // 2] + b"\x00garbage" + data[len(data) // 2 + 8:]
     path.write_bytes(damaged)
@@ -132,7 +132,7 @@ def test_corrupted_results_file_is_reported_and_never_overwritten(tmp_path: Path
 def test_other_schema_version_is_refused(tmp_path: Path) -> None:
     table = pa.table({"key": [key_of(1)], "status": ["ok"]}).replace_schema_metadata(
         {b"tbptt_bench.schema_version": b"99"})
-    pq.write_table(table, tmp_path / "results.parquet")
+    pq.write_table(table, tmp_path / "cells.parquet")
     with pytest.raises(UsageError, match="schema version 99; this tbptt-bench reads and writes version"):
         with ResultStore(tmp_path):
             pass
@@ -223,6 +223,121 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) 
     results, curves = expected_frames(n)
     pd.testing.assert_frame_equal(normalised(read_results(tmp_path), list(results.columns), ["key"]), results)
     pd.testing.assert_frame_equal(normalised(read_results(tmp_path, "curves"), list(curves.columns),
-                                             ["key", "update"]), curves)
+                                             ["key", "n_updates"]), curves)
     assert not [p for p in (tmp_path / "parts").iterdir()], "every part was compacted and removed"
     assert not list(tmp_path.glob(".*.tmp-*")), "no temporary file is left behind"
+
+
+def _v1_file(rows: list[dict], path: Path) -> None:
+    """A table as the schema-version-1 writer wrote it: one wide frame, version 1 in the metadata."""
+    table = pa.Table.from_pandas(pd.DataFrame(rows).assign(schema_version=1), preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({b"tbptt_bench.schema_version": b"1"}), path)
+
+
+def _v1_store(root: Path) -> None:
+    """A small store in the old layout, with the old column names and types (written by hand)."""
+    common = {"suite": "old", "replicate": 0, "seed": 7, "error": "", "diverged_at": None, "threads": 1,
+              "git_commit": "abc"}
+    train = {**common, "key": key_of(1), "measure": "train", "status": "ok", "task": "copy", "model": "rnn",
+             "method": "chunked:k=4", "task_params": '{"n_remember": 3}', "update": 8, "eval_loss": 0.5,
+             "k_used": 4.0}
+    failed = {**common, "key": key_of(2), "measure": "train", "status": "failed", "error": "boom", "task": "adding",
+              "model": "gru", "method": "full", "task_params": "{}"}
+    bias = [{**common, "key": key_of(3), "measure": "bias", "status": "ok", "task": "adding", "model": "rnn",
+             "methods": '["full", "chunked:k=4"]', "task_params": "{}", "spec": spec, "k": k, "k1": k,
+             "group": "all", "relative_bias": rb} for spec, k, rb in (("full", float("nan"), 0.0),
+                                                                     ("chunked:k=4", 4.0, 0.25))]
+    _v1_file([train, failed, *bias], root / "results.parquet")
+    _v1_file([{**common, "key": key_of(1), "measure": "train", "status": "ok", "task_params": '{"n_remember": 3}',
+               "update": u, "k_used": 4.0} for u in (0, 8)], root / "curves.parquet")
+    _v1_file([{**common, "key": key_of(3), "measure": "bias", "status": "ok", "lag": lag, "mean": 1.0 / (lag + 1)}
+              for lag in range(3)], root / "lags.parquet")
+
+
+def _check_converted(root: Path) -> None:
+    train = read_results(root, "train").set_index("key")
+    assert list(train.index) == [key_of(1), key_of(2)] and "update" not in train.columns
+    assert train.loc[key_of(1), "n_updates"] == 8 and train["n_updates"].dtype == "Int64"
+    assert train.loc[key_of(1), "task.n_remember"] == 3 and train["task.n_remember"].dtype == "Int64"
+    assert "task_params" not in train.columns and train.loc[key_of(2), "status"] == "failed"
+    bias = read_results(root, "bias").set_index("spec")
+    assert bias["k"].dtype == "Int64" and pd.isna(bias.loc["full", "k"]) and bias.loc["chunked:k=4", "k"] == 4
+    assert list(bias.loc["full", "methods"]) == ["full", "chunked:k=4"]
+    cells = read_results(root, "cells")
+    assert sorted(cells["key"]) == [key_of(i) for i in (1, 2, 3)], "every cell exactly once"
+    assert cells["seed"].dtype == "int64" and (cells["schema_version"] == SCHEMA_VERSION).all()
+    curves = read_results(root, "curves")
+    assert list(curves["n_updates"]) == [0, 8] and curves["k_used"].dtype == "Int64"
+    assert list(read_results(root, "lags")["lag"]) == [0, 1, 2]
+    assert table_names(root) == ["bias", "cells", "curves", "lags", "train"]
+
+
+def test_a_version_1_store_is_converted_on_read_and_on_the_first_write(tmp_path: Path) -> None:
+    _v1_store(tmp_path)
+    originals = {p.name: p.read_bytes() for p in tmp_path.glob("*.parquet")}
+    _check_converted(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.parquet")} == originals, "reading writes nothing"
+    with ResultStore(tmp_path) as store:
+        assert store.statuses() == {key_of(1): "ok", key_of(2): "failed", key_of(3): "ok"}
+    assert not (tmp_path / "results.parquet").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "backup-v1").glob("*.parquet")} == originals
+    assert '"schema_version": 2' in (tmp_path / "manifest.json").read_text()
+    _check_converted(tmp_path)
+    for name in ("cells", "train", "bias", "curves", "lags"):
+        assert pq.read_schema(tmp_path / f"{name}.parquet").metadata[b"tbptt_bench.schema_version"] == b"2"
+
+
+def test_an_interrupted_conversion_resumes_from_the_backup(tmp_path: Path) -> None:
+    _v1_store(tmp_path)
+    with ResultStore(tmp_path):
+        pass
+    (tmp_path / "manifest.json").unlink()  # the state of a kill after the tables, before the manifest
+    (tmp_path / "curves.parquet").write_bytes(b"half written")
+    _check_converted(tmp_path)
+    with ResultStore(tmp_path):
+        pass
+    _check_converted(tmp_path)
+
+
+def test_shared_columns_have_the_same_names_and_types_in_every_table(tmp_path: Path) -> None:
+    from tbptt_bench.suites.schema import SHARED
+
+    _v1_store(tmp_path)
+    with ResultStore(tmp_path):
+        pass
+    for name in ("cells", "train", "bias", "curves", "lags"):
+        schema = pq.read_schema(tmp_path / f"{name}.parquet")
+        assert [(f.name, f.type) for f in schema][:len(SHARED)] == list(SHARED.items()), name
+
+
+def test_a_damaged_part_stops_the_writer_before_any_file_changes(tmp_path: Path) -> None:
+    with ResultStore(tmp_path) as store:
+        for i in range(3):
+            store.commit(key_of(i), cell_tables(i))
+        store.compact()
+        store.commit(key_of(5), cell_tables(5))
+        store.commit(key_of(6), cell_tables(6))
+    damaged = tmp_path / "parts" / key_of(6) / "curves.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-20])
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError) as info:
+        with ResultStore(tmp_path):
+            pass
+    assert str(damaged) in str(info.value) and "left untouched" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "no file was written, replaced or removed"
+
+
+def test_a_table_missing_from_the_manifest_is_refused(tmp_path: Path) -> None:
+    with ResultStore(tmp_path) as store:
+        store.commit(key_of(1), cell_tables(1))
+        store.compact()
+    shutil.copy(tmp_path / "curves.parquet", tmp_path / "extra.parquet")
+    with pytest.raises(UsageError, match="extra.parquet is not listed in"):
+        with ResultStore(tmp_path):
+            pass
+    (tmp_path / "extra.parquet").unlink()
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(UsageError, match="manifest.json is damaged"):
+        read_results(tmp_path)

@@ -22,7 +22,9 @@ from tbptt_bench.validation import writable_dir
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = ("failed", "oom")
+RETRY_STATUSES = ("failed", "oom", "timeout")
+#: Statuses that make the exit status 1.
+FAILING = ("failed", "timeout")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="address of an existing Ray cluster (e.g. ray://head:10001); default: a local instance")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads per cell for cells that time nothing (default 1; timing cells set their own)")
-    p.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed or oom")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed, oom or timeout")
     p.add_argument("--rerun", action="store_true",
                    help="rerun the selected cells even if they are in the store (their rows are replaced)")
     p.add_argument("--list", action="store_true", help="list the cells, their keys and stored status; run nothing")
@@ -124,11 +126,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  skipped {skipped} (already in the store)")
     if stale:
         print(f"  kept {stale} cells in the store that this suite no longer defines")
-    failed = [c for c in cells if after.get(c.key) == "failed"]
+    failed = [c for c in cells if after.get(c.key) in FAILING]
     if failed:
         ran_now = {c.key for c in todo}
         earlier = sum(1 for c in failed if c.key not in ran_now)
         print(f"  {len(failed)} cell{'s' if len(failed) != 1 else ''} failed"
+              + " or timed out" * any(after.get(c.key) == "timeout" for c in failed)
               + (f" ({earlier} in earlier runs)" if earlier else "")
               + "; rerun them with --retry-failed; their errors are in the 'error' column")
         for cell in failed[:10]:

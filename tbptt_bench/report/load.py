@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -34,9 +35,9 @@ def find_store(path: str | Path) -> Path:
         raise UsageError(f"results path {root} does not exist; pass a store directory such as results/quick")
     if root.is_file():
         return root
-    if any(root.glob("*.parquet")) or (root / "parts").is_dir():
+    if _is_store(root):
         return root
-    stores = sorted(p for p in root.iterdir() if p.is_dir() and (any(p.glob("*.parquet")) or (p / "parts").is_dir()))
+    stores = sorted(p for p in root.iterdir() if p.is_dir() and _is_store(p))
     if len(stores) == 1:
         return stores[0]
     if stores:
@@ -45,19 +46,48 @@ def find_store(path: str | Path) -> Path:
     raise UsageError(f"{root} holds no results (no .parquet table); run a suite first, e.g. tbptt-bench run quick")
 
 
+def _is_store(path: Path) -> bool:
+    return (path / "manifest.json").is_file() or any(path.glob("*.parquet")) or (path / "parts").is_dir()
+
+
+def report_frames(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The store's per-measurement tables (docs/suites.md) in the form the report sections read:
+    one ``results`` frame with the rows of ``train``, ``bias`` and ``perf`` (a ``measure`` column tells
+    them apart), ``update`` for ``n_updates``, the task parameters as JSON text in ``task_params`` and
+    integer columns with gaps as floats with NaN."""
+    from tbptt_bench.suites.schema import unflatten
+
+    def legacy(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.rename(columns={"n_updates": "update"})
+        for name in frame.columns:  # the sections expect NaN, not pd.NA, in integer columns with gaps
+            if isinstance(frame[name].dtype, pd.Int64Dtype):
+                frame[name] = frame[name].astype("float64") if frame[name].isna().any() else frame[name].astype("int64")
+        task_columns = [c for c in frame.columns if c.startswith("task.")]
+        if "task_params" not in frame.columns and "task" in frame.columns:
+            frame["task_params"] = [json.dumps(unflatten(row, "task"), sort_keys=True)
+                                    for row in frame[task_columns].to_dict("records")]
+        return frame
+
+    measured = [legacy(tables[m]) for m in MEASURES if m in tables and not tables[m].empty]
+    out = {name: legacy(frame) for name, frame in tables.items() if name not in MEASURES}
+    out["results"] = pd.concat(measured, ignore_index=True) if measured else pd.DataFrame()
+    return out
+
+
 def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
-    """Every table of a store (``results``, ``curves``, ``lags``, …), or one Parquet/CSV file as ``results``.
+    """Every table of a store, assembled for the report (:func:`report_frames`), or one Parquet/CSV file
+    as ``results``.
 
     Raises UsageError for a path that does not exist, an empty table, or a table that is not a
     tbptt-bench result table (no key/measure/status columns).
     """
-    from tbptt_bench.suites.store import read_results, table_names
+    from tbptt_bench.suites.store import read_tables
 
     root = find_store(path)
     if root.is_file():
         tables = {"results": _read_file(root)}
     else:
-        tables = {name: read_results(root, name) for name in table_names(root)}
+        tables = report_frames(read_tables(root))
     tables = {name: upgrade_bias_columns(df) for name, df in tables.items()}
     main = tables.get("results", pd.DataFrame())
     if main.empty:

@@ -5,10 +5,10 @@ cells finish; the caller (the driver) alone writes them into the store. Both run
 does not time anything first, in parallel, and then the timing cells (``perf``) strictly one at a
 time, so that no timing shares the machine with another cell of the sweep.
 
-``local`` runs cells in fresh worker processes (``--jobs N`` of them; one by default), so a cell
-that crashes its process (a segfault, the out-of-memory killer) is recorded as ``failed`` and the
-sweep goes on. When a pool with several workers breaks, the cells that were in flight are rerun one
-at a time to find the one that crashes.
+``local`` runs every cell in a fresh process of its own (``--jobs N`` at a time; one by default),
+forked from a server that imported torch once, so a cell that crashes its process (a segfault, the
+out-of-memory killer) is recorded as ``failed``, a cell past its time limit is stopped with its
+process group and recorded as ``timeout``, and the sweep goes on.
 
 ``ray`` submits each cell as a Ray task (``num_cpus=1``, plus ``num_gpus=1`` for a cell on
 ``cuda``) to the cluster at ``--ray-address``, or to a local Ray instance started for the run. The
@@ -20,25 +20,30 @@ as Ray schedules.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import tbptt_bench
 from tbptt_bench.suites.jobs import GridPoint, JobResult, crashed_result, run_cell
+from tbptt_bench.suites.schema import utc_now
 from tbptt_bench.errors import UsageError
 from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
+STARTED = "started"
+#: Seconds a cell's process may take to start (fork, plugins) before its time limit starts to count.
+STARTUP_S = 120.0
 CRASHED = ("the worker process running this cell died abruptly (killed by a signal, e.g. by the "
            "out-of-memory killer, or crashed)")
 
@@ -98,12 +103,91 @@ def _init_worker(plugin_dirs: Sequence[str], threads: int | None, level: int, dr
         torch.set_num_threads(threads)
 
 
-def _work(cell: GridPoint, executor: str, concurrency: int) -> JobResult:
-    return run_cell(cell, executor=executor, concurrency=concurrency)
+def _child_main(cell: GridPoint, conn: Connection, initargs: tuple[Any, ...], executor: str,
+                concurrency: int) -> None:
+    """A cell's own process: a process group of its own (so that a time limit stops its children too)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    _init_worker(*initargs)
+    conn.send(STARTED)  # the time limit counts from here: process start-up is not the cell's time
+    result = run_cell(cell, executor=executor, concurrency=concurrency)
+    try:
+        conn.send(result)
+    except Exception as exc:  # a result that cannot be pickled
+        conn.send(crashed_result(cell, f"could not return its result: {type(exc).__name__}: {exc}",
+                                 executor=executor, concurrency=concurrency))
+    conn.close()
+
+
+class CellProcess:
+    """One cell running in a fresh process, stopped (with its process group) at its time limit."""
+
+    def __init__(self, ctx: Any, cell: GridPoint, initargs: tuple[Any, ...], executor: str, concurrency: int) -> None:
+        self.cell, self.executor, self.concurrency = cell, executor, concurrency
+        self.conn, child = ctx.Pipe(duplex=False)
+        self.started, self.t0 = utc_now(), time.monotonic()
+        self.deadline = self.t0 + STARTUP_S + cell.time_limit if cell.time_limit else math.inf
+        self.proc = ctx.Process(target=_child_main, args=(cell, child, initargs, executor, concurrency),
+                                name=f"cell-{cell.key}")
+        self.proc.start()
+        child.close()
+
+    def poll(self, now: float) -> JobResult | None:
+        """The cell's result once it has one (finished, crashed or past its limit); None while it runs."""
+        while self.conn.poll():
+            try:
+                result: JobResult | str = self.conn.recv()
+            except (EOFError, OSError):
+                result = self._failed(CRASHED)
+            if result == STARTED:
+                self.started, self.t0 = utc_now(), time.monotonic()
+                self.deadline = self.t0 + self.cell.time_limit if self.cell.time_limit else math.inf
+                continue
+            self._reap()
+            return result  # type: ignore[return-value]
+        if not self.proc.is_alive():
+            log.warning("cell %s (%s): %s", self.cell.key, self.cell.label, CRASHED)
+            self._reap()
+            return self._failed(CRASHED)
+        if now >= self.deadline:
+            elapsed = now - self.t0
+            self.stop()
+            log.warning("cell %s (%s): stopped at its time limit of %g s", self.cell.key, self.cell.label,
+                        self.cell.time_limit)
+            message = f"timeout: stopped after {elapsed:.1f} s, at its time limit of {self.cell.time_limit:g} s"
+            return self._failed(message, status="timeout", duration_s=elapsed)
+        return None
+
+    def _failed(self, message: str, status: str = "failed", duration_s: float = 0.0) -> JobResult:
+        return crashed_result(self.cell, message, executor=self.executor, concurrency=self.concurrency,
+                              status=status, started=self.started, duration_s=duration_s)
+
+    def stop(self) -> None:
+        """Kill the cell's process group (its own children included) and reap the process."""
+        for kill in (lambda: os.killpg(self.proc.pid, signal.SIGKILL), self.proc.kill):
+            try:
+                kill()
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+        self._reap()
+
+    def _reap(self) -> None:
+        self.proc.join(timeout=30)
+        self.conn.close()
+
+    def wait(self) -> JobResult:
+        """Block until the cell has a result."""
+        while True:
+            ready = wait([self.conn, self.proc.sentinel], timeout=max(0.0, min(self.deadline - time.monotonic(), 3600)))
+            result = self.poll(time.monotonic()) if ready or time.monotonic() >= self.deadline else None
+            if result is not None:
+                return result
 
 
 class LocalExecutor:
-    """Cells in ``jobs`` fresh worker processes on this machine; timing cells one at a time."""
+    """Each cell in a fresh process on this machine, ``jobs`` at a time; timing cells one at a time."""
 
     name = "local"
 
@@ -115,65 +199,30 @@ class LocalExecutor:
         self.plugin_dirs = [str(Path(d).resolve()) for d in plugin_dirs]
 
     def run(self, cells: Sequence[GridPoint]) -> Iterator[JobResult]:
-        yield from self._run_pool([c for c in cells if not c.timing], self.jobs, self.threads)
-        yield from self._run_pool([c for c in cells if c.timing], 1, None)
+        yield from self._run_many([c for c in cells if not c.timing], self.jobs, self.threads)
+        yield from self._run_many([c for c in cells if c.timing], 1, None)
 
-    def _new_pool(self, width: int, threads: int | None) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=width, mp_context=_worker_context(),
-                                   initializer=_init_worker,
-                                   initargs=(self.plugin_dirs, threads, logging.getLogger().level, os.getpid()))
-
-    def _run_pool(self, cells: Sequence[GridPoint], width: int, threads: int | None) -> Iterator[JobResult]:
+    def _run_many(self, cells: Sequence[GridPoint], width: int, threads: int | None) -> Iterator[JobResult]:
+        ctx = _worker_context()
+        initargs = (self.plugin_dirs, threads, logging.getLogger().level, os.getpid())
         queue: deque[GridPoint] = deque(cells)
-        suspects: deque[GridPoint] = deque()
-        pool: ProcessPoolExecutor | None = None
+        running: list[CellProcess] = []
         try:
-            while queue or suspects:
-                if pool is None:
-                    pool = self._new_pool(width, threads)
-                source, limit = (suspects, 1) if suspects else (queue, width)
-                in_flight: dict[Future[JobResult], GridPoint] = {}
-                broken: list[GridPoint] = []
-                while source and len(in_flight) < limit:
-                    cell = source.popleft()
-                    in_flight[pool.submit(_work, cell, self.name, limit)] = cell
-                while in_flight:
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
-                        done, _ = wait(in_flight)  # every other future of a broken pool ends too
-                    for fut in done:
-                        cell = in_flight.pop(fut)
-                        exc = fut.exception()
-                        if isinstance(exc, BrokenProcessPool):
-                            broken.append(cell)
-                        elif isinstance(exc, KeyboardInterrupt):
-                            raise exc
-                        elif exc is not None:  # the cell or its result could not cross the process boundary
-                            message = f"could not run in a worker: {type(exc).__name__}: {exc}"
-                            yield crashed_result(cell, message, executor=self.name, concurrency=limit)
-                        else:
-                            yield fut.result()
-                    if broken:
-                        break
-                    while source and len(in_flight) < limit:
-                        cell = source.popleft()
-                        in_flight[pool.submit(_work, cell, self.name, limit)] = cell
-                if broken:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = None
-                    if len(broken) == 1:
-                        log.warning("cell %s (%s): %s", broken[0].key, broken[0].label, CRASHED)
-                        yield crashed_result(broken[0], CRASHED, executor=self.name, concurrency=limit)
-                    else:
-                        log.warning("a worker died with %d cells in flight; rerunning them one at a time",
-                                    len(broken))
-                        suspects.extend(broken)
-            if pool is not None:
-                pool.shutdown(wait=True)  # idle workers exit before anything else (a timing cell) starts
-                pool = None
+            while queue or running:
+                while queue and len(running) < width:
+                    running.append(CellProcess(ctx, queue.popleft(), initargs, self.name, width))
+                deadline = min(r.deadline for r in running)
+                timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+                wait([r.conn for r in running] + [r.proc.sentinel for r in running], timeout=timeout)
+                now = time.monotonic()
+                for proc in list(running):
+                    result = proc.poll(now)
+                    if result is not None:
+                        running.remove(proc)
+                        yield result
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+            for proc in running:
+                proc.stop()
 
 
 AUTH_HINT = ("; if the cluster uses token authentication, copy the head node's ~/.ray/auth_token here or set "
@@ -205,6 +254,9 @@ def use_token_auth() -> bool:
 
 def _ray_task(cell: GridPoint, concurrency: int, plugin_dirs: Sequence[str], threads: int | None,
               level: int) -> JobResult:
+    if cell.time_limit:  # a process of its own, stopped at the limit
+        return CellProcess(_worker_context(), cell, (plugin_dirs, threads, level, os.getpid()), "ray",
+                           concurrency).wait()
     _init_worker(plugin_dirs, threads, level)
     return run_cell(cell, executor="ray", concurrency=concurrency)
 

@@ -7,10 +7,13 @@ each row with the cell's key, parameters, provenance, status and timing, and tur
 * ``ok``        the measurement finished;
 * ``diverged``  training loss became NaN/inf (``diverged_at`` = the update that showed it);
 * ``oom``       out of memory (CPU allocator, ``MemoryError`` or CUDA);
+* ``timeout``   the cell ran past its time limit and was stopped (``duration_s`` = the time it had run);
 * ``failed``    any other exception (``error`` = its type and message), or a worker process that died.
 
-Rows are returned per table: ``results`` (always; one or more rows per cell) and optional side tables
-(``curves``: train learning curves, ``lags``: bias lag profiles). See docs/suites.md for the columns.
+Rows are returned per table: ``cells`` (exactly one row per cell), the measurement's own table
+(``train``, ``bias`` or ``perf``: at least one row per cell, without metrics when it did not end ok)
+and side tables (``curves``: train learning curves, ``lags``: bias lag profiles). Columns:
+:mod:`tbptt_bench.suites.schema` and docs/suites.md.
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ from tbptt_bench.provenance import provenance
 from tbptt_bench.models import MODELS
 from tbptt_bench.seeding import generator
 from tbptt_bench.core.build import make_task
+from tbptt_bench.suites.schema import CELLS, RENAMED, SHARED, flatten_params, utc_now
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.training.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-CELL_STATUSES = ("ok", "diverged", "oom", "failed")
-MAIN_TABLE = "results"
+CELL_STATUSES = ("ok", "diverged", "oom", "timeout", "failed")
 #: Marks a parameter without a default in a measure's schema.
 NO_DEFAULT = object()
 
@@ -63,6 +66,8 @@ class GridPoint:
     params: Mapping[str, Any]
     key: str
     replicate: int
+    #: Seconds after which the cell is stopped and recorded as ``timeout`` (None: no limit); not in the key.
+    time_limit: float | None = None
 
     @property
     def timing(self) -> bool:
@@ -159,9 +164,9 @@ def _train_run(params: dict[str, Any]) -> Tables:
     curves = [{**row, **extra} for row in result.curve]
     if result.diverged_at is not None:
         message = f"loss became non-finite by update {result.diverged_at}"
-        return {MAIN_TABLE: [{"status": "diverged", "error": message, "diverged_at": result.diverged_at}],
+        return {"train": [{"status": "diverged", "error": message, "diverged_at": result.diverged_at}],
                 "curves": curves}
-    return {MAIN_TABLE: [{**result.final, **extra}], "curves": curves}
+    return {"train": [{**result.final, **extra}], "curves": curves}
 
 
 # --------------------------------------------------------------------------- bias
@@ -207,7 +212,7 @@ def _bias_run(params: dict[str, Any]) -> Tables:
                        dtype=params["dtype"], device=params["device"], path=build["path"])
     report = bias.analyse_bias(task, model, build["methods"], with_provenance=False,
                                labels={"model": build["model"]}, **params)
-    return {MAIN_TABLE: _records(report.table), "lags": _records(report.lags)}
+    return {"bias": _records(report.table), "lags": _records(report.lags)}
 
 
 # --------------------------------------------------------------------------- perf
@@ -235,7 +240,7 @@ def _perf_run(params: dict[str, Any]) -> Tables:
     from tbptt_bench.perf import child as perf
 
     row = perf.measure_in_fresh_process(_perf_config(params))
-    return {MAIN_TABLE: [dict(row)]}
+    return {"perf": [dict(row)]}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -272,8 +277,8 @@ MEASURES: dict[str, Measure] = {
 def reported_status(rows: Rows) -> tuple[str, str]:
     """The cell status when a measurement reports its own (perf rows carry ``status``/``error``).
 
-    The worst status over the rows wins; a status this module does not know (``timeout``) is
-    ``failed`` with the status named in the error.
+    The worst status over the rows wins; a status this module does not know is ``failed`` with the
+    status named in the error.
     """
     worst, error = "ok", ""
     rank = {s: i for i, s in enumerate(CELL_STATUSES)}
@@ -287,49 +292,40 @@ def reported_status(rows: Rows) -> tuple[str, str]:
     return worst, error
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def param_columns(params: Mapping[str, Any]) -> dict[str, Any]:
-    """GridPoint parameters as flat columns: dicts and lists become canonical JSON text."""
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        out[name] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
-    return out
-
-
 def stamp(cell: GridPoint, tables: Tables, *, status: str, error: str, diverged_at: int | None,
           started: dt.datetime, finished: dt.datetime, duration_s: float, executor: str,
           concurrency: int) -> Tables:
-    """Add the cell's bookkeeping, parameter and provenance columns to every row of every table."""
+    """Add the cell's bookkeeping, parameter and provenance columns to every row of every table.
+
+    The result has one ``cells`` row and at least one row in the measurement's own table.
+    """
     common = {
         "key": cell.key, "suite": cell.suite, "measure": cell.measure, "replicate": cell.replicate,
         "status": status, "error": error, "diverged_at": diverged_at,
         "started": started, "finished": finished, "duration_s": duration_s,
         "executor": executor, "concurrency": concurrency,
     }
-    base = {**provenance(cell.device), **param_columns(cell.params)}
-    stamped: Tables = {}
+    where = provenance(cell.device)  # a parameter left at None (threads) does not hide what the cell ran with
+    base = {**where, **{k: v for k, v in flatten_params(cell.params).items() if v is not None or k not in where}}
+    stamped: Tables = {CELLS: [{**{k: v for k, v in base.items() if k in SHARED}, **common}]}
+    tables = {cell.measure: [], **tables}
     for name, rows in tables.items():
-        if name == MAIN_TABLE and not rows:
+        if name == cell.measure and not rows:
             rows = [{}]
-        stamped[name] = [{**base, **row, **common} for row in rows]
-    if MAIN_TABLE not in stamped:
-        stamped[MAIN_TABLE] = [{**base, **common}]
+        stamped[name] = [{**base, **{RENAMED.get(k, k): v for k, v in row.items()}, **common} for row in rows]
     return stamped
 
 
 def run_cell(cell: GridPoint, *, executor: str = "local", concurrency: int = 1) -> JobResult:
     """Run one cell and return its rows; every outcome but KeyboardInterrupt becomes a status."""
     measure = MEASURES[cell.measure]
-    started, t0 = _now(), time.perf_counter()
+    started, t0 = utc_now(), time.perf_counter()
     diverged_at: int | None = None
     try:
         tables = measure.run(dict(cell.params))
-        status, error = reported_status(tables.get(MAIN_TABLE, []))
-        diverged_at = next((r["diverged_at"] for r in tables.get(MAIN_TABLE, []) if r.get("diverged_at") is not None),
-                           None)
+        rows = tables.get(cell.measure, [])
+        status, error = reported_status(rows)
+        diverged_at = next((r["diverged_at"] for r in rows if r.get("diverged_at") is not None), None)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data: the sweep goes on
@@ -341,16 +337,19 @@ def run_cell(cell: GridPoint, *, executor: str = "local", concurrency: int = 1) 
             torch.cuda.empty_cache()
     duration = time.perf_counter() - t0
     stamped = stamp(cell, tables, status=status, error=error, diverged_at=diverged_at, started=started,
-                    finished=_now(), duration_s=duration, executor=executor, concurrency=concurrency)
+                    finished=utc_now(), duration_s=duration, executor=executor, concurrency=concurrency)
     return JobResult(cell.key, status, error, stamped, duration, diverged_at, cell.label)
 
 
-def crashed_result(cell: GridPoint, message: str, *, executor: str, concurrency: int) -> JobResult:
-    """The result of a cell whose worker process died (or that Ray could not run)."""
-    now = _now()
-    stamped = stamp(cell, {}, status="failed", error=message, diverged_at=None, started=now, finished=now,
-                    duration_s=0.0, executor=executor, concurrency=concurrency)
-    return JobResult(cell.key, "failed", message, stamped, 0.0, None, cell.label)
+def crashed_result(cell: GridPoint, message: str, *, executor: str, concurrency: int,
+                   status: str = "failed", started: dt.datetime | None = None,
+                   duration_s: float = 0.0) -> JobResult:
+    """The result of a cell whose worker process died, that Ray could not run, or that was stopped
+    at its time limit (``status="timeout"``, with the time it had run)."""
+    now = utc_now()
+    stamped = stamp(cell, {}, status=status, error=message, diverged_at=None, started=started or now,
+                    finished=now, duration_s=duration_s, executor=executor, concurrency=concurrency)
+    return JobResult(cell.key, status, message, stamped, duration_s, None, cell.label)
 
 
 def measure_of(name: str) -> Measure:

@@ -1,25 +1,28 @@
 """The result store: tidy Parquet tables in one directory, written so that SIGKILL loses nothing.
 
-Layout of a store directory (``results/<suite>/`` by default)::
+Layout of a store directory (``results/<suite>/`` by default; columns in :mod:`tbptt_bench.suites.schema`)::
 
-    results.parquet        one row per measurement (every cell has ≥ 1 row here)
-    curves.parquet         side tables (train learning curves, bias lag profiles, …), keyed the same way
-    lags.parquet
+    manifest.json          the schema version and the names of the tables (written atomically)
+    cells.parquet          one row per cell, whatever its outcome (status, timing, provenance)
+    train.parquet  curves.parquet  bias.parquet  lags.parquet  perf.parquet
     parts/<key>/<table>.parquet   cells finished since the last compaction
+    backup-v1/             the files of a schema-version-1 store, kept when it was converted
     .lock                  held (fcntl.flock) by the one run that writes here
 
 Protocol (a single writer, enforced by the lock):
 
-1. a finished cell is written to ``parts/.tmp-<key>-…/`` (each file fsynced), then renamed to
+1. before anything is written, every table, part file and the manifest are read completely
+   (:func:`check_store`); a damaged store is a UsageError naming the file, and nothing is modified;
+2. a finished cell is written to ``parts/.tmp-<key>-…/`` (each file fsynced), then renamed to
    ``parts/<key>/``: a cell is either wholly committed or absent;
-2. compaction merges the parts into the main tables: for every table, rows of the committed keys are
+3. compaction merges the parts into the main tables: for every table, rows of the committed keys are
    dropped from the old table and the parts' rows appended; each table is replaced atomically
    (write a temporary file, fsync, ``os.replace``); only then are the parts renamed away and deleted.
    Compaction is idempotent, so a kill at any moment leaves a state that the next run's compaction
    turns into every cell exactly once.
 
-Every file carries the schema version in its Parquet metadata and a ``schema_version`` column; a file
-that cannot be read, or has another schema version, is reported with its path and never overwritten.
+A store of schema version 1 (one ``results`` table with a ``measure`` column) is converted when read,
+and converted on disk by the first run that writes it (its files are kept in ``backup-v1/``).
 Readers (:func:`read_results`) need no lock: they read parts first, then the main table, and keep
 each key once.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -45,35 +49,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.suites.schema import CELLS, SCHEMA_META, SCHEMA_VERSION, convert_v1, to_arrow, to_frame, v1_frame
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SCHEMA_META = b"tbptt_bench.schema_version"
-MAIN_TABLE = "results"
+log = logging.getLogger(__name__)
+
+MAIN_TABLE = CELLS
+MANIFEST = "manifest.json"
+BACKUP_V1 = "backup-v1"
+V1_TABLES = ("results", "curves", "lags")
 LOCK_NAME = ".lock"
 PARTS = "parts"
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _KEY = re.compile(r"^[0-9a-f]{16}$")
+_MOVE_ASIDE = "move it aside (or restore it from a copy) or pass another --results directory"
+
+__all__ = ["SCHEMA_VERSION", "ResultStore", "check_store", "read_results", "read_tables", "table_names",
+           "store_dir", "to_arrow"]
 
 
 # --------------------------------------------------------------------------- arrow helpers
-
-def to_arrow(rows: list[dict[str, Any]] | pd.DataFrame) -> pa.Table:
-    """Rows as an Arrow table with the schema version attached; mixed-type columns become text."""
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
-    frame = frame.assign(schema_version=SCHEMA_VERSION)
-    try:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        for name in frame.columns:
-            try:
-                pa.array(frame[name], from_pandas=True)
-            except (pa.ArrowTypeError, pa.ArrowInvalid):
-                frame[name] = frame[name].map(lambda v: None if v is None else str(v))
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-    return table.replace_schema_metadata({SCHEMA_META: str(SCHEMA_VERSION).encode()})
-
 
 def concat(tables: list[pa.Table]) -> pa.Table:
     """Concatenate tables whose columns differ; conflicting column types are unified as text."""
@@ -97,20 +93,31 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     return out.replace_schema_metadata({SCHEMA_META: str(SCHEMA_VERSION).encode()})
 
 
-def read_checked(path: Path) -> pa.Table:
-    """Read a store file, or raise a UsageError naming it (unreadable, or another schema version)."""
+def _file_version(path: Path) -> str:
+    """The schema version in a Parquet file's metadata (the file is read completely first)."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise UsageError(f"results file {path} is damaged and cannot be read ({type(exc).__name__}: {exc}); it was "
+                         f"left untouched, as was every other file: {_MOVE_ASIDE}") from None
+    return (table.schema.metadata or {}).get(SCHEMA_META, b"?").decode(errors="replace")
+
+
+def read_checked(path: Path, version: int = SCHEMA_VERSION) -> pa.Table:
+    """Read a store file, or raise a UsageError naming it (unreadable, another schema version, no key)."""
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
         raise
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise UsageError(f"results file {path} cannot be read ({type(exc).__name__}: {exc}); it was left "
-                         "untouched: move it aside or pass another --results directory") from None
-    meta = table.schema.metadata or {}
-    version = meta.get(SCHEMA_META, b"?").decode(errors="replace")
-    if version != str(SCHEMA_VERSION):
-        raise UsageError(f"results file {path} has schema version {version}; this tbptt-bench reads and writes "
-                         f"version {SCHEMA_VERSION}: move it aside or pass another --results directory")
+                         f"untouched: {_MOVE_ASIDE}") from None
+    found = (table.schema.metadata or {}).get(SCHEMA_META, b"?").decode(errors="replace")
+    if found != str(version):
+        raise UsageError(f"results file {path} has schema version {found}; this tbptt-bench reads and writes "
+                         f"version {SCHEMA_VERSION} (and converts version 1): {_MOVE_ASIDE}")
     if "key" not in table.column_names:
         raise UsageError(f"results file {path} has no 'key' column; it is not a tbptt-bench store file")
     return table
@@ -131,11 +138,10 @@ def _write_file(table: pa.Table, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Replace ``path`` with ``table`` so that a reader sees the old or the new file, never a part."""
+def _replace_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_file(table, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -143,7 +149,23 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-# --------------------------------------------------------------------------- reading
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Replace ``path`` with ``table`` so that a reader sees the old or the new file, never a part."""
+    _replace_atomic(path, lambda tmp: _write_file(table, tmp))
+
+
+def _write_manifest(root: Path, tables: set[str]) -> None:
+    manifest = {"format": "tbptt-bench result store", "schema_version": SCHEMA_VERSION, "tables": sorted(tables)}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _replace_atomic(root / MANIFEST, write)
+
+
+# --------------------------------------------------------------------------- layout and checks
 
 def _main_files(root: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(root.glob("*.parquet")) if _TABLE_NAME.match(p.stem)}
@@ -156,14 +178,75 @@ def _part_dirs(root: Path) -> list[Path]:
     return sorted(p for p in parts.iterdir() if _KEY.match(p.name) and p.is_dir())
 
 
-def _read_parts(root: Path, table: str) -> tuple[list[pa.Table], set[str]]:
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The store's manifest, None when it has none; a damaged one is a UsageError naming it."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"store manifest {path} is damaged ({exc}); it was left untouched: {_MOVE_ASIDE}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tables"), list):
+        raise UsageError(f"store manifest {path} has no table list; it was left untouched: {_MOVE_ASIDE}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UsageError(f"store {root} has schema version {manifest.get('schema_version')} ({path}); this "
+                         f"tbptt-bench reads and writes version {SCHEMA_VERSION}: {_MOVE_ASIDE}")
+    return manifest
+
+
+def _layout(root: Path) -> tuple[int, Path]:
+    """(schema version, directory holding its files): 2 with a manifest, 1 for an old store, 0 for none."""
+    if read_manifest(root) is not None:
+        return SCHEMA_VERSION, root
+    if (root / BACKUP_V1).is_dir():  # a conversion was interrupted: its source is the backup
+        return 1, root / BACKUP_V1
+    files = list(_main_files(root).values()) + [f for p in _part_dirs(root) for f in sorted(p.glob("*.parquet"))]
+    versions = {f: _file_version(f) for f in files}
+    if not versions:
+        return 0, root
+    foreign = {f: v for f, v in versions.items() if v != "1"}
+    if not foreign:
+        return 1, root
+    path, version = next(iter(foreign.items()))
+    if version == str(SCHEMA_VERSION):
+        raise UsageError(f"store {root} has tables of schema version {version} but no {MANIFEST}; it was left "
+                         f"untouched: restore the manifest from a copy, {_MOVE_ASIDE}")
+    raise UsageError(f"results file {path} has schema version {version}; this tbptt-bench reads and writes version "
+                     f"{SCHEMA_VERSION} (and converts version 1): {_MOVE_ASIDE}")
+
+
+def check_store(root: str | os.PathLike[str]) -> int:
+    """Read every file of a store completely, changing nothing; its schema version (0: no store yet).
+
+    Raises a UsageError naming the first damaged file: a table or part that cannot be read, has another
+    schema version or no ``key`` column, a table the manifest does not list, or a damaged manifest.
+    """
+    root = Path(root)
+    version, source = _layout(root)
+    if version == SCHEMA_VERSION:
+        listed = set(read_manifest(root)["tables"])  # type: ignore[index]
+        for name, path in _main_files(root).items():
+            if name not in listed:
+                raise UsageError(f"results file {path} is not listed in {root / MANIFEST}; the store is "
+                                 f"inconsistent and was left untouched: {_MOVE_ASIDE}")
+    files = [f for f in _main_files(source).values() if version == SCHEMA_VERSION or f.stem in V1_TABLES]
+    files += [f for p in _part_dirs(source) for f in sorted(p.glob("*.parquet"))]
+    for path in files:
+        read_checked(path, version or SCHEMA_VERSION)
+    return version
+
+
+# --------------------------------------------------------------------------- reading
+
+def _read_parts(root: Path, table: str, version: int) -> tuple[list[pa.Table], set[str]]:
     """The part files of ``table`` and the keys of every committed part (parts that vanish are skipped)."""
     out, keys = [], set()
     for part in _part_dirs(root):
         file = part / f"{table}.parquet"
         try:
             if file.exists():
-                out.append(read_checked(file))
+                out.append(read_checked(file, version))
             elif not part.is_dir():
                 continue
         except FileNotFoundError:
@@ -172,14 +255,12 @@ def _read_parts(root: Path, table: str) -> tuple[list[pa.Table], set[str]]:
     return out, keys
 
 
-def read_arrow(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pa.Table | None:
-    """One table of a store (committed parts included, each key once), or None if it has none."""
-    root = Path(root)
-    parts, keys = _read_parts(root, table)
-    main_path = root / f"{table}.parquet"
+def _read_table(root: Path, table: str, version: int) -> pa.Table | None:
+    """One table of a store directory in its own schema version (parts included, each key once)."""
+    parts, keys = _read_parts(root, table, version)
     pieces = []
     try:
-        main = read_checked(main_path)
+        main = read_checked(root / f"{table}.parquet", version)
         if keys:
             main = main.filter(pc.invert(pc.is_in(main["key"], value_set=pa.array(sorted(keys)))))
         pieces.append(main)
@@ -188,26 +269,63 @@ def read_arrow(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pa.Tabl
     pieces.extend(parts)
     if not pieces:
         return None
-    return concat(pieces)
+    return concat(pieces) if version == SCHEMA_VERSION else pa.concat_tables(
+        [p.replace_schema_metadata(None) for p in pieces], promote_options="permissive")
+
+
+def _read_v1(source: Path) -> dict[str, pa.Table]:
+    """A schema-version-1 store converted to version-2 tables (in memory)."""
+    frames = {}
+    for name in V1_TABLES:
+        table = _read_table(source, name, 1)
+        frames[name] = pd.DataFrame() if table is None else v1_frame(table)
+    return convert_v1(frames["results"], frames["curves"], frames["lags"])
+
+
+def read_arrow(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pa.Table | None:
+    """One table of a store (committed parts included, each key once), or None if it has none."""
+    root = Path(root)
+    version, source = _layout(root)
+    if version == 1:
+        return _read_v1(source).get(table)
+    return _read_table(root, table, SCHEMA_VERSION)
+
+
+def _check_args(root: Path, table: str | None = None) -> None:
+    if not root.is_dir():
+        raise UsageError(f"results directory {root} does not exist")
+    if table is not None and not _TABLE_NAME.match(table):
+        raise UsageError(f"bad table name {table!r}; expected lower-case letters, digits and _")
 
 
 def read_results(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pd.DataFrame:
-    """A store's table as a DataFrame (``results``, ``curves``, ``lags``, …); empty if absent.
+    """A store's table as a DataFrame (``cells``, ``train``, ``curves``, ``bias``, ``lags``, ``perf``); empty if absent.
 
-    Needs no lock: safe while a run writes, and then a snapshot of the cells committed so far.
+    Needs no lock: safe while a run writes, and then a snapshot of the cells committed so far. A store
+    of schema version 1 is converted on the fly.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"results directory {root} does not exist")
-    if not _TABLE_NAME.match(table):
-        raise UsageError(f"bad table name {table!r}; expected lower-case letters, digits and _")
+    _check_args(root, table)
     arrow = read_arrow(root, table)
-    return pd.DataFrame() if arrow is None else arrow.to_pandas()
+    return pd.DataFrame() if arrow is None else to_frame(arrow)
+
+
+def read_tables(root: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
+    """Every table of a store, by name (an old store converted once, not once per table)."""
+    root = Path(root)
+    _check_args(root)
+    version, source = _layout(root)
+    if version == 1:
+        return {name: to_frame(t) for name, t in sorted(_read_v1(source).items())}
+    return {name: read_results(root, name) for name in table_names(root)}
 
 
 def table_names(root: str | os.PathLike[str]) -> list[str]:
     """Names of the tables a store holds (main files and parts)."""
     root = Path(root)
+    version, source = _layout(root)
+    if version == 1:
+        return sorted(_read_v1(source))
     names = set(_main_files(root))
     for part in _part_dirs(root):
         names.update(p.stem for p in part.glob("*.parquet"))
@@ -257,14 +375,17 @@ class ResultStore:
             holder = lock_path.read_text(errors="replace").strip() or "unknown process"
             raise UsageError(f"results directory {self.root} is in use by another tbptt-bench run ({holder}); "
                              "wait for it to finish or pass another --results directory") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
         self._lock_fd = fd
         try:
+            version = check_store(self.root)  # read-only: a damaged store is reported with nothing modified
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                     .encode())
             self._clean_temporaries()
-            for path in _main_files(self.root).values():
-                read_checked(path)
+            if version == 1:
+                self._migrate()
+            elif version == 0:
+                _write_manifest(self.root, set())
             self.compact()
         except BaseException:
             self.release()
@@ -283,7 +404,10 @@ class ResultStore:
     def _clean_temporaries(self) -> None:
         """Remove what a killed run left half-written (never a committed file)."""
         for tmp in self.root.glob(".*.tmp-*"):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         parts = self.root / PARTS
         if parts.is_dir():
             for tmp in parts.glob(".*"):
@@ -298,14 +422,47 @@ class ResultStore:
         frame = table.select(["key", "status"]).to_pandas()
         return dict(zip(frame["key"], frame["status"]))
 
+    def _migrate(self) -> None:
+        """Convert a schema-version-1 store on disk; its files are kept in ``backup-v1/``.
+
+        Safe to interrupt: the backup is complete before anything is replaced, a store without a
+        manifest but with a backup is read from the backup, and the manifest is written last.
+        """
+        backup = self.root / BACKUP_V1
+        if not backup.is_dir():
+            tmp = self.root / f".{BACKUP_V1}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            for name in V1_TABLES:
+                if (self.root / f"{name}.parquet").exists():
+                    shutil.copy2(self.root / f"{name}.parquet", tmp / f"{name}.parquet")
+            if _part_dirs(self.root):
+                shutil.copytree(self.root / PARTS, tmp / PARTS)
+            for path in [tmp, *tmp.rglob("*")]:
+                if path.is_file():
+                    with open(path, "rb") as fh:
+                        os.fsync(fh.fileno())
+                else:
+                    _fsync_dir(path)
+            os.rename(tmp, backup)
+            _fsync_dir(self.root)
+        tables = _read_v1(backup)
+        for name, table in tables.items():
+            write_atomic(table, self.root / f"{name}.parquet")
+        (self.root / "results.parquet").unlink(missing_ok=True)
+        for part in _part_dirs(self.root):
+            self._discard(part)
+        _write_manifest(self.root, set(tables))
+        log.warning("converted the schema-version-1 store %s to version %d; its old files are in %s",
+                    self.root, SCHEMA_VERSION, backup)
+
     # ---- writing
     def commit(self, key: str, tables: dict[str, list[dict[str, Any]]]) -> None:
         """Commit one finished cell's rows atomically (all tables or none)."""
         self._require_lock()
         if not _KEY.match(key):
             raise ValueError(f"bad cell key {key!r}")
-        if not tables.get(MAIN_TABLE):
-            raise ValueError(f"cell {key} has no row in the {MAIN_TABLE!r} table")
+        if len(tables.get(MAIN_TABLE) or ()) != 1:
+            raise ValueError(f"cell {key} must have exactly one row in the {MAIN_TABLE!r} table")
         parts = self.root / PARTS
         parts.mkdir(exist_ok=True)
         final = parts / key
@@ -336,6 +493,9 @@ class ResultStore:
         names = set(_main_files(self.root))
         for part in parts:
             names.update(p.stem for p in part.glob("*.parquet") if _TABLE_NAME.match(p.stem))
+        listed = set(read_manifest(self.root)["tables"])  # type: ignore[index]
+        if not names <= listed:
+            _write_manifest(self.root, listed | names)  # listed before its file exists, never after
         for name in sorted(names):
             path = self.root / f"{name}.parquet"
             pieces = []

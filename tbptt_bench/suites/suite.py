@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 TOP_KEYS = ("suite", "defaults", *MEASURES)
 SUITE_KEYS = ("name", "description", "seed")
-BLOCK_EXTRA = ("replicates", "task_params")
+BLOCK_EXTRA = ("replicates", "task_params", "time_limit")
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,7 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
     replicates = block.get("replicates", 1)
     if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 1:
         raise UsageError(f"{where}: replicates must be an integer ≥ 1, got {replicates!r}")
+    time_limit = _time_limit(block.get("time_limit"), where)
     task_params = block.get("task_params", {})
     if not isinstance(task_params, dict) or not all(isinstance(v, dict) for v in task_params.values()):
         raise UsageError(f"{where}: task_params must be a table of tables keyed by task, "
@@ -226,8 +227,17 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
             if text not in checked:
                 checked.add(text)
                 _check(measure, params, where)
-            cells.append(GridPoint(suite, measure.name, params, cell_key(measure, params), replicate))
+            cells.append(GridPoint(suite, measure.name, params, cell_key(measure, params), replicate, time_limit))
     return cells
+
+
+def _time_limit(value: Any, where: str) -> float | None:
+    """A block's ``time_limit``: seconds > 0, or ``"none"`` / absent for no limit."""
+    if value is None or value == "none":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UsageError(f"{where}: time_limit = {value!r} must be a number of seconds > 0 or \"none\"")
+    return float(value)
 
 
 def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw: Mapping[str, Any],
