@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -123,12 +124,21 @@ class HangTask(AddingTask):
 
 
 @pytest.fixture(scope="module")
-def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One plugin folder per test module: a model is registered once per process."""
+def plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One plugin folder per test module: a model is registered once per process. Its entries are
+    unregistered afterwards, so that later test modules see the built-ins only."""
+    from tbptt_bench.models import MODELS
+    from tbptt_bench.tasks import TASKS
+
     folder = tmp_path_factory.mktemp("plugins")
     write(folder / "suicide.py", SUICIDE_PLUGIN)
     write(folder / "hang.py", HANG_PLUGIN)
-    return folder
+    before = {"tasks": set(TASKS._items), "models": set(MODELS._items)}
+    yield folder
+    for name in set(TASKS._items) - before["tasks"]:
+        TASKS._items.pop(name)
+    for name in set(MODELS._items) - before["models"]:
+        MODELS._items.pop(name)
 
 
 def write(path: Path, text: str) -> Path:

@@ -8,17 +8,19 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
 from tbptt_bench.commands.common import check_counts
-from tbptt_bench.suites.jobs import CELL_STATUSES, GridPoint, JobResult
-from tbptt_bench.suites.executors import EXECUTORS, make_executor
-from tbptt_bench.suites.store import ResultStore, read_results, store_dir
-from tbptt_bench.suites.suite import Suite, check_devices, load_suite, select
+from tbptt_bench.suites import EXECUTORS
 from tbptt_bench.validation import writable_dir
+
+if TYPE_CHECKING:
+    from tbptt_bench.suites.jobs import GridPoint, JobResult
+    from tbptt_bench.suites.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def cell_line(result: JobResult, done: int, total: int) -> str:
 
 
 def list_cells(suite: Suite, cells: list[GridPoint], root: Path) -> int:
+    from tbptt_bench.suites.store import read_results
+
     statuses: dict[str, str] = {}
     if root.is_dir():
         frame = read_results(root)
@@ -75,6 +79,11 @@ def list_cells(suite: Suite, cells: list[GridPoint], root: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tbptt_bench.suites.executors import make_executor  # imported here: the CLI starts without pandas
+    from tbptt_bench.suites.jobs import CELL_STATUSES
+    from tbptt_bench.suites.store import ResultStore, store_dir
+    from tbptt_bench.suites.suite import check_devices, load_suite, select
+
     check_counts(args, {"jobs": 1, "threads": 1})
     suite = load_suite(args.suite)
     cells = select(suite.cells, args.only)

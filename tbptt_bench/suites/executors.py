@@ -36,11 +36,11 @@ import tbptt_bench
 from tbptt_bench.suites.jobs import GridPoint, JobResult, crashed_result, run_cell
 from tbptt_bench.suites.schema import utc_now
 from tbptt_bench.errors import UsageError
+from tbptt_bench.suites import EXECUTORS
 from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("local", "ray")
 STARTED = "started"
 #: Seconds a cell's process may take to start (fork, plugins) before its time limit starts to count.
 STARTUP_S = 120.0
