@@ -19,7 +19,8 @@ the models it is defined for and the estimator it carries.
   has no leak (τ = 1 in Murray's model), where the trace is the immediate Jacobian alone.
 
 Every family updates online: one update every ``every`` steps (default 1); at fixed θ the schedule
-does not change the estimate. ``updates()`` gives that schedule with the mask of the gradient the
+does not change the estimate. In training (``OnlineEngine``) the optimiser steps at each of those
+updates while the carried estimate runs on under the changed θ, across updates and stream segments. ``updates()`` gives that schedule with the mask of the gradient the
 estimator approximates (every contribution kept), which is what ``explain`` shows; estimates never go
 through the mask. Families holding a dense influence matrix refuse, before allocating, a matrix above
 ``max_mib`` MiB.

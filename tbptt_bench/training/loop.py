@@ -9,6 +9,10 @@ Before each sequence or segment the method may observe the model at the current 
 (``Method.k_used``) is recorded in ``TrainResult.k_used`` and in the ``k_used`` column of the curve.
 A loss that becomes NaN or infinite ends the run; it is recorded as data (``TrainResult.diverged_at``),
 the curve kept up to the last finite evaluation.
+Online (forward-mode) methods train through the same loop: ``build_run`` gives them an
+:class:`~tbptt_bench.core.forward_mode.OnlineEngine`, which steps one token at a time with the carried
+influence and calls :meth:`_Trainer.after_update` every ``every`` steps (docs/online.md, "Online training");
+the engine also says what an update costs in recurrent steps (``compute_steps``).
 """
 
 from __future__ import annotations
