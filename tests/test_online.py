@@ -297,10 +297,3 @@ def test_undefined_models_and_oversized_influence_matrices_are_refused(capsys) -
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rnn models only" in err[0]
-
-
-def test_training_and_timing_refuse_online_methods_until_supported(capsys) -> None:
-    code = main(["train", "--task", "copy", "--model", "rnn", "--method", "uoro", "--seq-len", "22", "--steps", "1"])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "online (forward-mode)" in err[0]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from tbptt_bench.core.mask import Update
+from tbptt_bench.core.mask import Update, update_steps
 from tbptt_bench.errors import UsageError
 from tbptt_bench.models.protocol import (
     State, check_state, cross_cut_parts, detach_state, has_readout, map_state, truncate_state,
@@ -202,6 +202,10 @@ class Engine:
         self.keep_parts = cross_cut_parts(model)
 
     # -- public ----------------------------------------------------------------------------------
+    def update_steps(self, u: Update) -> tuple[int, int]:
+        """Recurrent steps (forward, backward) an update costs in training (docs/design.md §3.7)."""
+        return update_steps(u)
+
     def run(
         self,
         source: Source,

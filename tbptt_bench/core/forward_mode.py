@@ -10,7 +10,8 @@ Definitions (docs/design.md §7.3). Per batch row, the state ``s_t`` is the flat
 
 An :class:`Estimator` carries its own stand-in for ``M_t`` (exact, masked, leaky or rank one) and
 turns the adjoint ``∂ℓ_t/∂s_t`` into a parameter-space estimate; :func:`run_forward_mode` sums those
-estimates over a sequence at fixed θ. The estimators themselves are declared by the online method
+estimates over a sequence at fixed θ, and :class:`OnlineEngine` trains with them online (an optimiser
+step every few steps, the carried estimate kept across updates), under the contract of ``Engine.run``. The estimators themselves are declared by the online method
 families in ``tbptt_bench.methods.online``; this module holds the computations they share.
 
 Per-row Jacobians come from ``torch.func`` (``jacrev``, ``jvp``, ``vjp``, vmapped over the batch), so
@@ -22,16 +23,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
-from tbptt_bench.core.engine import Source, step_loss_sum
+from tbptt_bench.core.engine import RunResult, Source, step_loss_sum
+from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
-from tbptt_bench.models.protocol import State
+from tbptt_bench.models.protocol import State, check_state
+from tbptt_bench.tasks.base import Batch
 from tbptt_bench.models.recurrent import CELL_STEPS, RecurrentNet
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,9 @@ class Estimator(Protocol):
     def read(self, adjoint: torch.Tensor) -> torch.Tensor:
         """The estimate ``Σ_b adjoint[b] · M̂_t[b]`` (``[P]``) of the recurrent part of ∂ℓ_t/∂θ."""
 
+    def reset(self) -> None:
+        """Forget the carried quantities: the next state is a constant (``M̂ = 0``, docs/design.md §2.8)."""
+
 
 def check_influence_memory(cell: CellFunction, batch: int, max_mib: float, who: str, itemsize: int) -> None:
     """Refuse (UsageError) an influence matrix ``B·S·P·itemsize`` bytes above ``max_mib`` MiB, saying
@@ -236,6 +242,9 @@ class Influence:
         assert self.M is not None
         return torch.einsum("bs,bsp->p", adjoint, self.M)
 
+    def reset(self) -> None:
+        self.M = None
+
 
 @dataclass
 class RankOne:
@@ -273,6 +282,9 @@ class RankOne:
         assert self.h is not None and self.th is not None
         return ((adjoint * self.h).sum(1)[:, None] * self.th).sum(0)
 
+    def reset(self) -> None:
+        self.h = self.th = None
+
 
 def _ratio_sqrt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``√(a/b)`` where both are positive, else 1."""
@@ -290,6 +302,27 @@ class ForwardModeResult:
     per_step: list[Gradient] | None
 
 
+def online_step(
+    model: nn.Module, cell: CellFunction, est: Estimator, readout: list[torch.Tensor], chunk: Batch, t: int,
+    s: torch.Tensor, loss_kind: str,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Step ``t`` of ``chunk`` at the current θ: the new flat state, the estimator's recurrent part of
+    ∂ℓ_t/∂θ (``[P]``), the read-out's direct term ρ_t (one tensor per ``readout`` parameter) and ℓ_t."""
+    s = est.advance(chunk.inputs[:, t], s).detach()
+    leaf = s.detach().requires_grad_(True)
+    outputs = model.readout(cell.features(leaf)[:, None])
+    loss = step_loss_sum(outputs, chunk.slice(t, t + 1), loss_kind, chunk.batch_size)
+    grads = torch.autograd.grad(loss, [leaf] + readout, allow_unused=True)
+    ro = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[1:], readout)]
+    leaf_grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+    return s, est.read(leaf_grad.detach()), ro, loss.detach()
+
+
+def readout_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The read-out's parameters (``readout.*``), in ``named_parameters`` order."""
+    return [p for n, p in model.named_parameters() if n.startswith("readout.")]
+
+
 def run_forward_mode(
     model: nn.Module,
     source: Source,
@@ -303,29 +336,134 @@ def run_forward_mode(
     cell = CellFunction(model)
     B = source.batch_size
     est = make_estimator(cell, B)
-    readout = [(n, p) for n, p in model.named_parameters() if n.startswith("readout.")]
+    readout = readout_parameters(model)
     first = next(model.parameters())
     s = cell.flatten_state(state).to(first.device, first.dtype)
     total = torch.zeros(cell.P, dtype=first.dtype, device=first.device)
-    ro_total = [torch.zeros_like(p) for _, p in readout]
+    ro_total = [torch.zeros_like(p) for p in readout]
     steps: list[Gradient] | None = [] if per_step else None
     for a in range(0, source.length, FETCH_STEPS):
         chunk = source.slice(a, min(a + FETCH_STEPS, source.length)).to(first.device, first.dtype)
         for t in range(chunk.length):
-            s = est.advance(chunk.inputs[:, t], s)
-            leaf = s.detach().requires_grad_(True)
-            outputs = model.readout(cell.features(leaf)[:, None])
-            loss = step_loss_sum(outputs, chunk.slice(t, t + 1), loss_kind, B)
-            grads = torch.autograd.grad(loss, [leaf] + [p for _, p in readout], allow_unused=True)
-            ro = [g if g is not None else torch.zeros_like(p) for g, (_, p) in zip(grads[1:], readout)]
-            g_rec = est.read(grads[0].detach())
+            s, g_rec, ro, _ = online_step(model, cell, est, readout, chunk, t, s, loss_kind)
             total += g_rec
             for acc, g in zip(ro_total, ro):
                 acc += g
             if steps is not None:
                 steps.append(_by_name(cell, model, g_rec, ro))
-            s = s.detach()
     return ForwardModeResult(_by_name(cell, model, total, ro_total), cell.unflatten_state(s), steps)
+
+
+class OnlineEngine:
+    """Online training with a forward-mode estimator, under the contract of ``Engine.run``
+    (docs/online.md, "Online training").
+
+    :meth:`run` steps the model one step at a time over ``source``, adds each step's estimate
+    ``ρ_t + read(∂ℓ_t/∂s_t)`` into the parameters' ``.grad`` and calls ``on_update`` when an update's
+    last loss has been added; the callback steps the optimiser. The estimator's carried quantities are
+    *not* reset at an update: θ changes under them, which is the online approximation the algorithms
+    make. They are reset exactly where the state is (docs/design.md §2.8): a run that starts from the
+    state the previous run returned (the same tensors, detached or not) carries them on; any other state
+    is a constant and starts them at zero. Updates must be consecutive loss ranges covering the source.
+    """
+
+    def __init__(self, model: nn.Module, loss_kind: str, make_estimator: Callable[[CellFunction, int], Estimator],
+                 *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        self.model, self.loss_kind, self.make_estimator = model, loss_kind, make_estimator
+        self.cell = CellFunction(model)
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype if dtype is not None else first.dtype
+        params = dict(model.named_parameters())
+        self._recurrent = [params[n] for n in self.cell.names]
+        self._readout = readout_parameters(model)
+        self._est: Estimator | None = None
+        self._est_batch = 0
+        self._returned: State | None = None
+
+    def update_steps(self, u: Update) -> tuple[int, int]:
+        """Recurrent steps (forward, backward) an update costs here: one forward step per loss, no
+        adjoint through the recurrence (the influence work is not a recurrent step; docs/online.md)."""
+        return u.loss_end - u.loss_start, 0
+
+    def reset(self) -> None:
+        """Forget the carried estimator: the next run starts it at zero whatever its state."""
+        self._returned = None
+
+    def run(
+        self,
+        source: Source,
+        updates: Sequence[Update],
+        state: State,
+        on_update: Callable[[int, Update, torch.Tensor], bool | None] | None = None,
+        *,
+        fixed_params: bool | None = None,
+    ) -> RunResult:
+        """Run ``updates`` over ``source`` from ``state`` as :meth:`Engine.run` does (``fixed_params`` is
+        accepted for the same signature: θ is read afresh at every step either way)."""
+        check_state(state)
+        _check_consecutive(updates, source.length)
+        est = self._estimator(source.batch_size, state)
+        s = self.cell.flatten_state(state).to(self.device, self.dtype)
+        losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
+        index, acc = 0, torch.zeros((), device=self.device, dtype=self.dtype)
+        for a in range(0, source.length, FETCH_STEPS):
+            chunk = source.slice(a, min(a + FETCH_STEPS, source.length)).to(self.device, self.dtype)
+            for t in range(chunk.length):
+                s, g_rec, ro, loss = online_step(self.model, self.cell, est, self._readout, chunk, t, s, self.loss_kind)
+                self._accumulate(g_rec, ro)
+                acc = acc + loss
+                if a + t + 1 < updates[index].loss_end:
+                    continue
+                losses[index] = acc
+                stop = on_update is not None and on_update(index, updates[index], acc)
+                index, acc = index + 1, torch.zeros_like(acc)
+                if stop:
+                    return self._finish(s, losses[:index])
+        return self._finish(s, losses)
+
+    def _estimator(self, batch: int, state: State) -> Estimator:
+        if self._est is None or self._est_batch != batch:
+            self._est, self._est_batch = self.make_estimator(self.cell, batch), batch
+        elif not _same_tensors(state, self._returned):
+            self._est.reset()
+        return self._est
+
+    def _accumulate(self, flat: torch.Tensor, readout: list[torch.Tensor]) -> None:
+        pieces = [g.view(p.shape) for g, p in zip(flat.split(self.cell.sizes), self._recurrent)]
+        for p, g in zip(self._recurrent + self._readout, pieces + readout):
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g)
+
+    def _finish(self, s: torch.Tensor, losses: torch.Tensor) -> RunResult:
+        final = self.cell.unflatten_state(s)
+        self._returned = final
+        return RunResult(final, losses)
+
+
+def _same_tensors(a: State, b: State | None) -> bool:
+    """Whether ``a`` is ``b`` or a detached view of it (same storage, shapes and devices, part by part)."""
+    if b is None:
+        return False
+    pa, pb = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    return len(pa) == len(pb) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.device == y.device
+                                      for x, y in zip(pa, pb))
+
+
+def _check_consecutive(updates: Sequence[Update], length: int) -> None:
+    """Refuse a schedule that is not consecutive loss ranges covering ``[0, length)``."""
+    end = 0
+    for u in updates:
+        if u.loss_start != end or u.loss_end <= u.loss_start:
+            raise UsageError(f"online training needs updates over consecutive losses from 0 to {length}; got an update "
+                             f"over losses {u.loss_start}..{u.loss_end - 1} after one ending at {end}")
+        end = u.loss_end
+    if end != length:
+        raise UsageError(f"online training needs updates covering all {length} losses of a sequence; they end at {end}")
 
 
 def _by_name(cell: CellFunction, model: nn.Module, flat: torch.Tensor, ro: list[torch.Tensor]) -> Gradient:

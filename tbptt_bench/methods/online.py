@@ -19,7 +19,8 @@ the models it is defined for and the estimator it carries.
   has no leak (τ = 1 in Murray's model), where the trace is the immediate Jacobian alone.
 
 Every family updates online: one update every ``every`` steps (default 1); at fixed θ the schedule
-does not change the estimate. ``updates()`` gives that schedule with the mask of the gradient the
+does not change the estimate. In training (``OnlineEngine``) the optimiser steps at each of those
+updates while the carried estimate runs on under the changed θ, across updates and stream segments. ``updates()`` gives that schedule with the mask of the gradient the
 estimator approximates (every contribution kept), which is what ``explain`` shows; estimates never go
 through the mask. Families holding a dense influence matrix refuse, before allocating, a matrix above
 ``max_mib`` MiB.
@@ -61,15 +62,18 @@ class OnlineMethod(Method):
         every = self.params.get("every") or 1
         return [Update(a, min(a + every, length), 0) for a in range(0, length, every)]
 
-    def estimator(self, cell: CellFunction, batch: int) -> Estimator:
-        """The estimator for this model and batch size; refuses models and sizes it is not defined for."""
+    def estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None = None) -> Estimator:
+        """The estimator for this model and batch size; refuses models and sizes it is not defined for.
+
+        ``generator``: where a randomised estimator draws (training passes one seeded from the run's seed);
+        None: the method's own."""
         if cell.cell not in self.cells:
             raise UsageError(f"{self.spec} is defined for {', '.join(self.cells)} models only, not {cell.cell}; "
                              f"use rtrl, snap or uoro for {cell.cell}")
-        return self._estimator(cell, batch)
+        return self._estimator(cell, batch, generator)
 
     @abstractmethod
-    def _estimator(self, cell: CellFunction, batch: int) -> Estimator: ...
+    def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator: ...
 
     def _check_memory(self, cell: CellFunction, batch: int) -> None:
         dtype = next(cell.model.parameters()).dtype
@@ -82,7 +86,7 @@ class RTRL(OnlineMethod):
     summary = "real-time recurrent learning: exact influence matrix carried forward (online, forward mode)"
     schema = {"every": positive_int(1, required=False), "max_mib": max_mib()}
 
-    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+    def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
         self._check_memory(cell, batch)
         return Influence(cell, batch, "exact")
 
@@ -93,7 +97,7 @@ class SnAp(OnlineMethod):
     summary = "SnAp-n: RTRL with the influence matrix kept to the entries reachable in n steps (Menick et al.)"
     schema = {"n": positive_int(1, required=False), "every": positive_int(1, required=False), "max_mib": max_mib()}
 
-    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+    def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
         self._check_memory(cell, batch)
         pattern = structural_pattern(cell, self.params["n"], torch.Generator().manual_seed(derive_seed("snap-pattern")))
         return Influence(cell, batch, "exact", pattern=pattern.to(next(cell.model.parameters()).dtype))
@@ -109,8 +113,8 @@ class UORO(OnlineMethod):
         super().__init__(**params)
         self._generator = torch.Generator().manual_seed(derive_seed("online-signs", self.params["seed"], self.spec))
 
-    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
-        return RankOne(cell, batch, self._generator)
+    def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
+        return RankOne(cell, batch, generator if generator is not None else self._generator)
 
 
 @register_method
@@ -124,6 +128,6 @@ class RFLO(OnlineMethod):
         "max_mib": max_mib(),
     }
 
-    def _estimator(self, cell: CellFunction, batch: int) -> Estimator:
+    def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
         self._check_memory(cell, batch)
         return Influence(cell, batch, "leak", tau=self.params["tau"])

@@ -9,6 +9,10 @@ Before each sequence or segment the method may observe the model at the current 
 (``Method.k_used``) is recorded in ``TrainResult.k_used`` and in the ``k_used`` column of the curve.
 A loss that becomes NaN or infinite ends the run; it is recorded as data (``TrainResult.diverged_at``),
 the curve kept up to the last finite evaluation.
+Online (forward-mode) methods train through the same loop: ``build_run`` gives them an
+:class:`~tbptt_bench.core.forward_mode.OnlineEngine`, which steps one token at a time with the carried
+influence and calls :meth:`_Trainer.after_update` every ``every`` steps (docs/online.md, "Online training");
+the engine also says what an update costs in recurrent steps (``compute_steps``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from tbptt_bench.core.engine import step_loss_sum
-from tbptt_bench.core.mask import Update, update_steps
+from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method
 from tbptt_bench.models.protocol import State, detach_state
@@ -57,7 +61,7 @@ class TrainConfig(ComposedConfig):
             raise UsageError(f"max_tokens must be ≥ 1 (or none), got {self.max_tokens}")
         if self.optimizer == NO_OPTIMIZER:
             raise UsageError("training needs an optimizer; name one of torch.optim's (e.g. adam, sgd, adamw)")
-        self.run.validate()
+        self.run.validate(online=True)
 
 
 @dataclass
@@ -160,7 +164,7 @@ class _Trainer:
         self.window_loss = self.window_loss + loss.to(torch.float64)
         self.window_steps += float(segment.weights[:, u.loss_start : u.loss_end].sum()) / cfg.batch_size
         self.tokens += (u.loss_end - u.loss_start) * cfg.batch_size
-        self.compute_steps += sum(update_steps(u)) * cfg.batch_size
+        self.compute_steps += sum(self.run.engine.update_steps(u)) * cfg.batch_size
         if self.progress is not None:
             self.progress(self.updates, cfg.steps)
         done = self.updates >= cfg.steps or (cfg.max_tokens is not None and self.tokens >= cfg.max_tokens)
@@ -210,7 +214,7 @@ def train(
     that becomes non-finite ends training: ``TrainResult.diverged_at`` says at which evaluation.
     """
     cfg.validate()
-    run = build_run(cfg.run, method)
+    run = build_run(cfg.run, method, online=True)
     trainer = _Trainer(cfg, run, on_eval, progress)
     trainer.record(0)
     state: State | None = None

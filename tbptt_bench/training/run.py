@@ -15,6 +15,7 @@ optimiser steps after each update); gradient clipping is by the global norm over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -27,8 +28,10 @@ from torch import nn
 
 from tbptt_bench.core.build import make_model, make_task, resolve_device, resolve_dtype
 from tbptt_bench.core.engine import Engine
+from tbptt_bench.core.forward_mode import OnlineEngine
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, parse_method
+from tbptt_bench.seeding import derive_seed
 from tbptt_bench.tasks.base import Task
 
 PATHS = ("fused", "cell")
@@ -106,8 +109,11 @@ class RunConfig:
     #: Gradient clipping by global norm before each optimiser step; None for none.
     clip: float | None = 1.0
 
-    def validate(self) -> None:
-        """Raise UsageError, saying what is accepted, for a value no run can use."""
+    def validate(self, online: bool = False) -> None:
+        """Raise UsageError, saying what is accepted, for a value no run can use.
+
+        ``online``: the consumer can run an online (forward-mode) method (training can; cost
+        measurement cannot yet, so it is refused by default)."""
         for name in ("seq_len", "batch_size", "hidden_size", "num_layers"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -120,9 +126,8 @@ class RunConfig:
         if self.clip is not None and not self.clip > 0:
             raise UsageError(f"gradient clip must be > 0 (or none), got {self.clip}")
         resolve_dtype(self.dtype)
-        if parse_method(self.method).forward_mode:  # online training: docs/online.md, not done yet
-            raise UsageError(f"{self.method} is an online (forward-mode) method, measured by grad and bias only so "
-                             "far; train it with a mask method such as tbptt:k1=1,k2=K")
+        if parse_method(self.method).forward_mode and not online:
+            raise _online_refused(self.method)
         probe = nn.Parameter(torch.zeros(2, 2))
         make_optimizer(self, [probe])
         if self.optimizer == NO_OPTIMIZER and self.lr_schedule is not None:
@@ -136,6 +141,11 @@ class RunConfig:
             return len(os.sched_getaffinity(0))
         except AttributeError:
             return os.cpu_count() or 1
+
+
+def _online_refused(spec: str) -> UsageError:
+    return UsageError(f"{spec} is an online (forward-mode) method: train, grad and bias run it, the cost harness "
+                      "does not yet; time a mask method such as tbptt:k1=1,k2=K instead")
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer | None, Any]:
@@ -170,7 +180,7 @@ class Run:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
-    engine: Engine
+    engine: Engine | OnlineEngine
     device: torch.device
     dtype: torch.dtype
 
@@ -190,9 +200,14 @@ class Run:
         return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
 
 
-def build_run(cfg: RunConfig, method: Method | None = None) -> Run:
-    """Task, method, model (θ from ``cfg.seed``), optimiser, scheduler and engine of a configuration."""
-    cfg.validate()
+def build_run(cfg: RunConfig, method: Method | None = None, online: bool = False) -> Run:
+    """Task, method, model (θ from ``cfg.seed``), optimiser, scheduler and engine of a configuration.
+
+    ``online``: the consumer runs online (forward-mode) methods; their engine is an
+    :class:`~tbptt_bench.core.forward_mode.OnlineEngine` (docs/online.md), whose randomised estimators
+    draw from a generator seeded with ``derive_seed("online-signs", cfg.seed, spec)``.
+    """
+    cfg.validate(online)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -202,8 +217,16 @@ def build_run(cfg: RunConfig, method: Method | None = None) -> Run:
                        device=device, path=cfg.path)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params)
-    engine = Engine(model, task.loss_kind, device=device, dtype=dtype, checkpoint=method.checkpoint,
-                    non_blocking=device.type == "cuda")
+    engine: Engine | OnlineEngine
+    if method.forward_mode:
+        if not online:
+            raise _online_refused(method.spec)
+        signs = torch.Generator().manual_seed(derive_seed("online-signs", cfg.seed, method.spec))
+        engine = OnlineEngine(model, task.loss_kind, functools.partial(method.estimator, generator=signs),
+                              device=device, dtype=dtype)
+    else:
+        engine = Engine(model, task.loss_kind, device=device, dtype=dtype, checkpoint=method.checkpoint,
+                        non_blocking=device.type == "cuda")
     return Run(cfg, task, method, model, params, optimizer, scheduler, engine, device, dtype)
 
 
