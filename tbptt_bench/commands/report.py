@@ -8,7 +8,7 @@ import re
 from tbptt_bench.errors import UsageError
 from tbptt_bench.report.figures import FORMATS
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.report.document import Options
+from tbptt_bench.report.document import AXES, Options
 from tbptt_bench.report.load import load_tables
 from tbptt_bench.report.report import build_report
 from tbptt_bench.report.stats import TESTS
@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: the task's trivial baseline)")
     p.add_argument("--formats", default="png,pdf",
                    help=f"figure formats besides the PNG the HTML embeds, comma-separated from {','.join(FORMATS)}")
+    p.add_argument("--axis", default="tokens", choices=tuple(AXES),
+                   help="the budget learning is compared at (curves, final metric, time to target, paired tests): "
+                        "tokens (default), compute (recurrent steps), update or wall (training seconds)")
     p.add_argument("--dpi", type=int, default=80, help="PNG resolution (default 80)")
     p.set_defaults(run=run)
 
@@ -58,7 +61,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(title=args.title, confidence=args.confidence, alpha=args.alpha, test=args.test,
                    n_resamples=args.resamples, seed=args.seed, formats=formats, dpi=args.dpi,
                    comparisons=tuple(parse_comparison(c) for c in args.compare),
-                   targets=dict(parse_target(t) for t in args.target))
+                   targets=dict(parse_target(t) for t in args.target), axis=args.axis)
 
 
 def run(args: argparse.Namespace) -> int:

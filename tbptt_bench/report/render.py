@@ -27,7 +27,7 @@ def render_markdown(doc: Document) -> str:
     lines = [f"# {doc.title}", ""]
     lines += ["Contents: " + " · ".join(f"[{t}](#{a})" for a, t in doc.sections), ""]
     n = 0
-    for kind, payload in doc.blocks:
+    for kind, payload in doc.flat_blocks():
         if kind == "h2":
             lines += [f'<a id="{payload[0]}"></a>', "", f"## {payload[1]}", ""]
         elif kind == "h3":
@@ -81,7 +81,7 @@ def render_html(doc: Document) -> str:
     parts += ["</ul></nav>"]
     n = 0
     open_section = False
-    for kind, payload in doc.blocks:
+    for kind, payload in doc.flat_blocks():
         if kind == "h2":
             if open_section:
                 parts.append("</section>")
