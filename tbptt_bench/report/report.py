@@ -124,7 +124,8 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
     suites = sorted({str(s) for s in main.get("suite", pd.Series(dtype=str)).dropna()})
     title = options.title or f"tbptt-bench report: {', '.join(suites) or 'results'}"
     doc = Document(title, out, options)
-    methods = order_methods(main["method"].dropna().astype(str)) if "method" in main.columns else []
+    specs = [main[c].dropna().astype(str) for c in ("method", "spec") if c in main.columns]
+    methods = order_methods(pd.concat(specs).unique()) if specs else []
     palette = figures.palette(methods)
     cells = main.groupby("measure")["key"].nunique()
     doc.text(f"Generated from {main['key'].nunique()} cells ({', '.join(f'{n} {m}' for m, n in cells.items())}) "
