@@ -128,12 +128,18 @@ def _legend(fig: Figure, handles: list[object], labels: list[str]) -> None:
 
 
 def _plain_log_ticks(axis: object) -> None:
-    """Tick labels of a log axis as plain numbers (``0.01``, ``2``), minor ones only within a decade."""
-    plain = ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
-    axis.set_major_formatter(plain)  # type: ignore[attr-defined]
-    low, high = axis.get_view_interval()  # type: ignore[attr-defined]
-    few = low > 0 and high / low < 10
-    axis.set_minor_formatter(plain if few else ticker.NullFormatter())  # type: ignore[attr-defined]
+    """Tick labels of a log axis as plain numbers (``0.01``, ``2``); minor ones only where the axis spans
+    little more than a decade (matplotlib's own choice of which: ``minor_thresholds``)."""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))  # type: ignore[attr-defined]
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False,  # type: ignore[attr-defined]
+                                                minor_thresholds=(1.2, 0.5)))
+
+
+class _PlainLogFormatter(ticker.LogFormatter):
+    """matplotlib's choice of which log ticks to label, written as plain numbers."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
 
 
 def _wants_log(*columns: pd.Series) -> bool:

@@ -152,9 +152,14 @@ def _bias_over_training(doc: Document, curves: pd.DataFrame, palette: dict[str, 
     label = col.replace("_", " ")
     fig = figures.ci_lines(summary, x="update", y="mean", low="ci_low", high="ci_high", hue="series",
                            panel="panel", colours=figures.palette(order_methods(summary["series"]), palette),
-                           logy=col != "cosine", xlabel="update", ylabel=label, title=f"{label} over training")
-    doc.figure("bias_over_training", fig, f"{label} of the measured method's gradient against the true gradient at "
-               "the evaluation points of training (at the trained parameters); band: bootstrap interval over seeds.")
+                           logy=col != "cosine", zero_below=1e-12 if col != "cosine" else None,
+                           xlabel="updates (snapshots are taken at update counts)",
+                           ylabel=f"{label} ({'1 = aligned' if col == 'cosine' else 'fraction of ‖g‖'})",
+                           title=f"{label} over training")
+    doc.figure("bias_over_training", fig, f"Whether the bias grows or shrinks as the parameters train: {label} of the "
+               "measured method's gradient against the true gradient at the evaluation points of training (at the "
+               "trained parameters), against updates, not tokens (the snapshots are taken at update counts); band: "
+               "bootstrap interval over seeds.")
 
 
 def time_to_target(curves: pd.DataFrame, *, target: float, higher: bool, unit: str, x: str = "update") -> pd.DataFrame:
