@@ -39,14 +39,21 @@ MAX_COLS = 3
 
 def palette(labels: Sequence[str], base: dict[str, tuple[float, float, float]] | None = None
             ) -> dict[str, tuple[float, float, float]]:
-    """A fixed colour per label (in the given order), colour-blind safe for up to ten labels.
+    """A fixed colour per label (in the given order): colour-blind safe for up to ten labels, tab20 (strong
+    colours first) up to twenty, evenly spaced hues beyond.
 
     With ``base``, its labels keep their colours and new labels take the next ones.
     """
     base = dict(base or {})
     new = [label for label in dict.fromkeys(labels) if label not in base]
     total = len(base) + len(new)
-    colours = sns.color_palette("colorblind" if total <= 10 else "husl", n_colors=max(total, 1))
+    if total <= 10:
+        colours = sns.color_palette("colorblind", n_colors=max(total, 1))
+    elif total <= 20:  # tab20's ten strong colours first, then their light partners
+        tab = sns.color_palette("tab20", n_colors=20)
+        colours = [tab[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    else:
+        colours = sns.color_palette("husl", n_colors=total)
     base.update(zip(new, colours[len(base):]))
     return base
 
