@@ -79,10 +79,10 @@ def assert_readable(fig: Figure) -> None:
         assert overlap_x <= 1 or overlap_y <= 1, f"texts {a!r} and {b!r} overlap"
 
 
-def _ci_lines(d: pd.DataFrame) -> Figure:
+def _ci_lines(d: pd.DataFrame, sharey: bool = False) -> Figure:
     return figures.ci_lines(d, x="x", y="y", low="lo", high="hi", hue="method", panel="panel", logx=True,
-                            logy=True, xlabel="truncation length K (steps)", ylabel="relative bias (fraction)",
-                            title="Relative bias of the gradient against K")
+                            logy=True, zero_below=1e-12, sharey=sharey, xlabel="truncation length K (steps)",
+                            ylabel="relative bias (fraction)", title="Relative bias of the gradient against K")
 
 
 def _ci_points(d: pd.DataFrame) -> Figure:
@@ -110,7 +110,7 @@ def _extrapolation(d: pd.DataFrame) -> Figure:
 
 
 FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
-    "ci_lines": _ci_lines, "ci_points": _ci_points, "seed_strip": _seed_strip, "tradeoff": _tradeoff,
+    "ci_lines": _ci_lines, "ci_lines_shared": lambda d: _ci_lines(d, sharey=True), "ci_points": _ci_points, "seed_strip": _seed_strip, "tradeoff": _tradeoff,
     "measured_vs_extrapolation": _extrapolation}
 
 
@@ -144,6 +144,20 @@ def test_exact_zero_is_drawn_on_the_floor_not_at_1e16() -> None:
         positive = d.loc[d["y"] > 1e-12, "lo"].min()
         assert ax.get_ylim()[0] > positive / 10
         assert any("exactly 0" in t.get_text() for t in fig.legends[0].get_texts())
+        assert_readable(fig)
+    finally:
+        figures.plt.close(fig)
+
+
+def test_zero_estimate_with_an_interval_is_told_apart_from_exact_zero() -> None:
+    d = _frame(2, 2)
+    first = d["method"] == d["method"].iloc[0]
+    d.loc[first, ["y", "lo", "hi"]] = [0.0, 0.0, 0.05]
+    fig = _ci_lines(d, sharey=True)
+    try:
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert any("not told from zero" in t for t in texts) and not any("exactly 0" in t for t in texts)
+        assert fig.axes[0].get_ylim()[0] > d.loc[~first, "lo"].min() / 10
         assert_readable(fig)
     finally:
         figures.plt.close(fig)

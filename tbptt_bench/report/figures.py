@@ -188,6 +188,7 @@ def ci_lines(
     logy: bool = False,
     markers: bool = True,
     zero_below: float | None = None,
+    sharey: bool = False,
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str = "",
@@ -197,7 +198,8 @@ def ci_lines(
     ``refs`` (columns ``panel``, ``y``, ``label``) draws horizontal reference lines, e.g. full BPTT
     or a task's trivial baseline. Log axes are used where asked and the data allow. With ``zero_below``
     and a log y axis, values at or below it count as exactly zero and are drawn as "exact" on the axis
-    floor (a marker with its own legend entry), so they cannot stretch the axis.
+    floor (a marker with its own legend entry), so they cannot stretch the axis. ``sharey`` gives every
+    panel the same y axis, where values are to be compared across panels.
     """
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
@@ -208,21 +210,25 @@ def ci_lines(
     lows = lows[lows > (zero_below or 0.0)] if zero_below is not None else lows
     logy = logy and _wants_log(data.loc[~exact, y], lows, *([refs["y"]] if refs is not None and len(refs) else []))
     floor = _exact_floor(data[y], zero_below or 0.0) if logy else 0.0
-    fig, axes = _panels([k for k, _ in groups])
+    fig, axes = _panels([k for k, _ in groups], sharey=sharey)
     for ax, (key, grp) in zip(axes, groups):
         names = _ordered(grp[hue].astype(str), colours)
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
             colour, mark = colours.get(name), _marker(name, colours)
             zero = exact.loc[line.index].to_numpy() if logy else np.zeros(len(line), bool)
-            if single:
+            his = line[high].to_numpy(float) if high else np.full(len(line), np.nan)
+            if single and not zero[0]:
                 _point(ax, i, line.iloc[0], y, low, high, colour, name, mark)
+                continue
+            if single:
+                _zeros(ax, np.array([i]), his[:1], floor, zero_below or 0.0, colour, mark, name)
                 continue
             shown = line[~zero]
             ax.plot(shown[x], shown[y], marker=mark if markers else None, ms=3.5, lw=1.6, color=colour, label=name)
             if zero.any():
-                ax.plot(line[x][zero], np.full(int(zero.sum()), floor), ls="none", marker=mark, ms=6, mfc="white",
-                        color=colour, clip_on=False, label=None if len(shown) else name)
+                _zeros(ax, line[x].to_numpy(float)[zero], his[zero], floor, zero_below or 0.0, colour, mark,
+                       None if len(shown) else name)
             if low and high and len(shown) and shown[[low, high]].notna().any().all():
                 lo = shown[low].clip(lower=floor) if logy else shown[low]
                 if len(shown) == 1:
@@ -235,12 +241,36 @@ def ci_lines(
             ax.set_yscale("log")
             if exact.any():
                 ax.set_ylim(bottom=floor / 1.5)
-                ax.plot([], [], ls="none", marker="o", mfc="white", color="0.3", label=f"exactly 0 (≤ {zero_below:g}), "
-                        "drawn on the axis floor")
+                _zero_legend(ax, data.loc[exact, high] if high else pd.Series(dtype=float), zero_below or 0.0)
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel(f"{xlabel or x} = {data[x].iloc[0]:g}" if single else (xlabel or x))
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
+
+
+def _zeros(ax: plt.Axes, xs: np.ndarray, his: np.ndarray, floor: float, zero_below: float, colour: object,
+           marker: str, label: str | None) -> None:
+    """Zero estimates on the floor of a log axis: an open marker when the interval is zero too (exactly 0),
+    an open marker with a bar up to the interval's upper end when only the estimate is (not told from 0)."""
+    bounded = np.isfinite(his) & (his > zero_below)
+    if (~bounded).any():  # the floor lies inside the axis (its limit is below it), so nothing is unclipped
+        ax.plot(xs[~bounded], np.full(int((~bounded).sum()), floor), ls="none", marker=marker, ms=6, mfc="white",
+                color=colour, label=label)
+    if bounded.any():
+        ax.errorbar(xs[bounded], np.full(int(bounded.sum()), floor), yerr=[np.zeros(int(bounded.sum())),
+                    his[bounded] - floor], fmt="v", ms=6, mfc="white", capsize=3, color=colour,
+                    label=label if not (~bounded).any() else None)
+
+
+def _zero_legend(ax: plt.Axes, his: pd.Series, zero_below: float) -> None:
+    """Legend entries that say what the markers on the axis floor mean."""
+    bounded = pd.to_numeric(his, errors="coerce") > zero_below
+    if (~bounded).any():
+        ax.plot([], [], ls="none", marker="o", mfc="white", color="0.3",
+                label=f"exactly 0 (estimate and interval ≤ {zero_below:g}), on the axis floor")
+    if bounded.any():
+        ax.plot([], [], ls="-", marker="v", mfc="white", color="0.3",
+                label="estimate 0, not told from zero: on the floor, bar to the interval's upper end")
 
 
 def _point(ax: plt.Axes, pos: float, row: pd.Series, y: str, low: str | None, high: str | None,

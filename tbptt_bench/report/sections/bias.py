@@ -56,21 +56,23 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     by = ["panel", "task", "model", "method", "series", "K"]
     rel = seed_interval(bias, "relative_bias", by, low="relative_bias_lo", high="relative_bias_hi", options=o)
     cos = seed_interval(bias, "cosine_mean", by, se="cosine_se", options=o) if "cosine_mean" in bias else None
+    rel = _zero_intervals(rel, bias, by)
     truncated = rel[rel["K"].notna()]
     refs = None
     if not truncated.empty:
         fig = figures.ci_lines(truncated, x="K", y="mean", low="ci_low", high="ci_high", hue="series",
-                               panel="panel", logx=True, logy=True, zero_below=EXACT_ZERO,
+                               panel="panel", logx=True, logy=True, zero_below=EXACT_ZERO, sharey=True,
                                xlabel="truncation length K (steps)", ylabel="relative bias (fraction of ‖E g‖)",
                                title="Relative bias of the gradient against K")
         doc.figure("bias_vs_k", fig, "How fast the bias falls with K: relative bias ‖E(ĝ − g)‖/‖E(g)‖ "
                    "(noise-corrected estimate) against K per method series; band: "
-                   f"{o.confidence:.0%} interval; open markers on the axis floor: exactly zero bias (≤ "
-                   f"{EXACT_ZERO:g}, rounding). Full BPTT has zero bias by definition.")
+                   f"{o.confidence:.0%} interval; open markers on the axis floor: a zero estimate, exactly zero (≤ "
+                   f"{EXACT_ZERO:g}, rounding) when its interval is zero too, else with a bar up to its interval's "
+                   "upper end (bias not told from zero). Panels share the y axis. Full BPTT has zero bias by definition.")
     if cos is not None and not cos[cos["K"].notna()].empty:
         refs = pd.DataFrame({"panel": cos["panel"].unique(), "y": 1.0, "label": "full BPTT (cosine 1)"})
         fig = figures.ci_lines(cos[cos["K"].notna()], x="K", y="mean", low="ci_low", high="ci_high", hue="series",
-                               panel="panel", refs=refs, logx=True, xlabel="truncation length K (steps)",
+                               panel="panel", refs=refs, logx=True, sharey=True, xlabel="truncation length K (steps)",
                                ylabel="cosine(ĝ, g) (1 = aligned)", title="Alignment with the true gradient against K")
         doc.figure("cosine_vs_k", fig, "Whether single-batch gradients point the right way: mean cosine between ĝ "
                    f"and g over batches against K; band: {o.confidence:.0%} interval.")
@@ -109,6 +111,19 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     return summary
 
 
+def _zero_intervals(rel: pd.DataFrame, bias: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Where the mean estimate is zero, the upper end of the interval is the largest per-seed upper end
+    (``relative_bias_hi``): a bootstrap over seeds whose estimates are all zero has a zero-width interval even
+    when every seed's own interval says the bias may be up to that end."""
+    if "relative_bias_hi" not in bias.columns:
+        return rel
+    worst = bias.groupby(by, dropna=False)["relative_bias_hi"].max().rename("seed_hi").reset_index()
+    rel = rel.merge(worst, on=by, how="left")
+    zero = (rel["mean"] <= EXACT_ZERO) & (rel["seed_hi"] > rel["ci_high"].fillna(0))
+    rel.loc[zero, "ci_high"] = rel.loc[zero, "seed_hi"]
+    return rel.drop(columns="seed_hi")
+
+
 def _lag_profile(doc: Document, tables: dict[str, pd.DataFrame], bias: pd.DataFrame) -> None:
     lags = tables.get("lags", pd.DataFrame())
     doc.heading("Lag profile")
@@ -134,7 +149,8 @@ def _lag_profile(doc: Document, tables: dict[str, pd.DataFrame], bias: pd.DataFr
                            high="q90" if "q90" in long else None, hue="what", panel="panel", logy=True,
                            markers=False, xlabel="lag d (steps)", ylabel="‖∂ℓ_t/∂h_{t−d}‖ (per scored loss)",
                            title="Lag profile φ_d (band: 10th–90th percentile over losses)")
-    doc.figure("lag_profile", fig, "How far back the losses reach: lag profile φ_d = ‖∂ℓ_t/∂h_{t−d}‖: mean over losses and batches (averaged over "
+    doc.figure("lag_profile", fig, "How far back the losses reach: lag profile φ_d = ‖∂ℓ_t/∂h_{t−d}‖: mean over "
+               "losses and batches (averaged over "
                "seeds), band from the 10th to the 90th percentile, and the fitted geometric decay.")
     if "rate" in prof.columns:
         rates = prof.groupby("panel", as_index=False)["rate"].first()

@@ -49,7 +49,8 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
             if hue == "method":
                 agg["method"] = agg["method"].map(method_label)
             fig = figures.ci_lines(agg, x=x, y="value", low="p10", high="p90", hue=hue, panel="panel",
-                                   colours={method_label(m): c for m, c in palette.items()} if hue == "method" else None, refs=refs, logx=True, logy=True,
+                                   colours={method_label(m): c for m, c in palette.items()} if hue == "method" else None,
+                                   refs=refs, logx=True, logy=True,
                                    xlabel=xl, ylabel=label, title=f"{label} against {xl}")
             doc.figure(f"cost_{name}_vs_{'k' if x == 'K' else 't'}", fig,
                        f"What each K costs: {label} against {xl} per method (median; band: 10th–90th percentile "
@@ -61,7 +62,8 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         labelled = {method_label(m): c for m, c in palette.items()}
         if agg["seq_len"].nunique() > 1:
             fig = figures.ci_lines(agg, x="seq_len", y="peak_mib", hue="label", panel="panel", colours=labelled,
-                                   logx=True, logy=True, xlabel="sequence length T (steps)", ylabel="peak memory added (MiB)",
+                                   logx=True, logy=True, xlabel="sequence length T (steps)",
+                                   ylabel="peak memory added (MiB)",
                                    title="Peak memory against T")
         else:
             agg["order"] = agg["method"].map(method_sort_key)

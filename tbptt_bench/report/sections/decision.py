@@ -131,7 +131,8 @@ def decision_table(tables: dict[str, pd.DataFrame], train: pd.DataFrame, unit: s
             row |= {f"speed_{t:g}": c["speed"], f"memory_{t:g}": c["memory"], f"cost_k_{t:g}": c["K"],
                     f"metric_gap_{t:g}": g["gap"], f"train_k_{t:g}": g["K"]}
         if len(learned) and "metric_name" in learned.columns:
-            row["metric"] = str(learned["metric_name"].iloc[0]) + (" ↑" if bool(learned["higher"].iloc[0]) else " ↓")
+            arrow = " ↑" if bool(learned["higher"].iloc[0]) else " ↓"
+            row["metric"] = str(learned["metric_name"].iloc[0]) + arrow
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -92,8 +92,8 @@ def _bias_against_compute(doc: Document, bias_summary: pd.DataFrame, palette: di
                            title="Relative gradient bias against compute per token (one point per method)")
     doc.figure("tradeoff_bias_compute", fig, "Which K buys the most bias reduction per unit of compute: relative "
                "bias against the recurrent steps each token costs under the method's schedule (forward + backward, "
-               "docs/design.md §3.7), for every task × model measured; methods with exactly zero bias (full BPTT, "
-               f"and any ≤ {EXACT_ZERO:g}) are left out.")
+               "docs/design.md §3.7), for every task × model measured; methods whose estimate is zero (≤ "
+               f"{EXACT_ZERO:g}: full BPTT, and estimates not told from zero; see bias_vs_k) are left out.")
     return True
 
 
