@@ -34,7 +34,7 @@ FAST = Options(n_resamples=300, formats=("png",), dpi=40)
 EXPECTED_FIGURES = {
     "bias_vs_k", "cosine_vs_k", "lag_profile", "bias_extrapolation", "cost_tokens_vs_k", "cost_ms_vs_k",
     "cost_tokens_vs_t", "cost_ms_vs_t", "memory_vs_t", "learning_curves", "bias_over_training", "final_metric",
-    "time_to_target", "tradeoff_metric_cost", "tradeoff_bias_cost",
+    "time_to_target", "tradeoff_metric_cost", "tradeoff_bias_cost", "tradeoff_bias_compute",
 }
 
 
@@ -267,7 +267,10 @@ def _two_method_table(seeds: int, shift: float) -> dict[str, pd.DataFrame]:
         base = 0.2 + 0.05 * np.sin(i)
         res.loc[(res["replicate"] == r) & (res["method"] == "full"), "eval_metric"] = base
         res.loc[(res["replicate"] == r) & (res["method"] == "chunked:k=4"), "eval_metric"] = base + shift + noise[i]
-    return {"results": res, "curves": tables["curves"][tables["curves"]["key"].isin(res["key"])]}
+    curves = tables["curves"][tables["curves"]["key"].isin(res["key"])].copy()
+    last = curves["update"] == curves.groupby("key")["update"].transform("max")
+    curves.loc[last, "eval_metric"] = curves.loc[last, "key"].map(res.set_index("key")["eval_metric"])
+    return {"results": res, "curves": curves}
 
 
 def test_report_statistics_known_difference_and_known_null(tmp_path: Path) -> None:
@@ -332,10 +335,12 @@ def test_time_to_target_known_answer() -> None:
         "eval_metric": [0.1, 0.6, 0.4, 0.7, 0.1, 0.2, 0.6, 0.3],
     })
     out = time_to_target(curves, target=0.5, higher=True, unit="seed").set_index("key")
-    assert out.loc["a", "updates"] == 24 and out.loc["a", "seconds"] == 3.0
-    assert np.isnan(out.loc["b", "updates"]) and out.loc["b", "last_update"] == 24
+    assert out.loc["a", "at"] == 24
+    assert np.isnan(out.loc["b", "at"]) and out.loc["b", "last"] == 24
+    seconds = time_to_target(curves, target=0.5, higher=True, unit="seed", x="wall_time").set_index("key")
+    assert seconds.loc["a", "at"] == 3.0 and seconds.loc["b", "last"] == 3.0
     lower = time_to_target(curves.assign(eval_metric=-curves["eval_metric"]), target=-0.5, higher=False, unit="seed")
-    assert lower.set_index("key").loc["a", "updates"] == 24
+    assert lower.set_index("key").loc["a", "at"] == 24
 
 
 def test_training_bias_melts_further_methods() -> None:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import re
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tbptt_bench.commands.common import MAX_SEED
 from tbptt_bench.errors import UsageError
-from tbptt_bench.report.figures import FORMATS
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.report.document import Options
-from tbptt_bench.report.load import load_tables
-from tbptt_bench.report.report import build_report
-from tbptt_bench.report.stats import TESTS
+from tbptt_bench.report import AXES, FORMATS, TESTS
 from tbptt_bench.tasks import TASKS
 from tbptt_bench.validation import finite_float, integer, writable_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tbptt_bench.report.document import Options
 
 #: The most bootstrap resamples --resamples accepts (each figure's interval costs resamples × rows).
 MAX_RESAMPLES = 10**7
@@ -44,11 +45,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: the task's trivial baseline)")
     p.add_argument("--formats", default="png,pdf",
                    help=f"figure formats besides the PNG the HTML embeds, comma-separated from {','.join(FORMATS)}")
+    p.add_argument("--axis", default="tokens", choices=tuple(AXES),
+                   help="the budget learning is compared at (curves, final metric, time to target, paired tests): "
+                        "tokens (default), compute (recurrent steps), update or wall (training seconds)")
     p.add_argument("--dpi", type=int, default=80, help="PNG resolution (default 80)")
     p.set_defaults(run=run)
 
 
-def options_from(args: argparse.Namespace) -> Options:
+def options_from(args: argparse.Namespace) -> "Options":
+    from tbptt_bench.report.document import Options  # imported where used: the CLI starts without pandas
+
     """The report options the command line asks for, checked."""
     finite_float("--alpha", args.alpha, 0, 1, lo_open=True, hi_open=True)
     finite_float("--confidence", args.confidence, 0, 1, lo_open=True, hi_open=True)
@@ -62,7 +68,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(title=args.title, confidence=args.confidence, alpha=args.alpha, test=args.test,
                    n_resamples=args.resamples, seed=args.seed, formats=formats, dpi=args.dpi,
                    comparisons=tuple(parse_comparison(c) for c in args.compare),
-                   targets=dict(_target(t) for t in args.target))
+                   targets=dict(_target(t) for t in args.target), axis=args.axis)
 
 
 def _target(text: str) -> tuple[str, float]:
@@ -73,8 +79,10 @@ def _target(text: str) -> tuple[str, float]:
     return task, finite_float(f"--target {task}", value)
 
 
-def check_targets(targets: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
+def check_targets(targets: dict[str, float], tables: "dict[str, pd.DataFrame]") -> None:
     """Every task named by --target has rows in the results (a target for another task would be ignored)."""
+    import pandas as pd
+
     present = sorted(set(map(str, tables["results"].get("task", pd.Series(dtype=str)).dropna())))
     for task in targets:
         if task not in present:
@@ -83,6 +91,9 @@ def check_targets(targets: dict[str, float], tables: dict[str, pd.DataFrame]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from tbptt_bench.report.load import load_tables
+    from tbptt_bench.report.report import build_report
+
     options = options_from(args)
     writable_dir(args.out, "--out")
     tables = load_tables(args.results)

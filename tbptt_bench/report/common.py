@@ -103,14 +103,30 @@ def _with_panel(frame: pd.DataFrame, exclude: Sequence[str] = ()) -> tuple[pd.Da
             keys.append(col)
     if keys:
         parts = [frame[c].astype(str) if c in ("task", "model", "device_label")
+                 else frame[c].map(_params_text) if c == "task_params"
                  else (c.replace("_", " ") + "=" + frame[c].astype(str)) for c in keys]
         label = parts[0]
         for p in parts[1:]:
-            label = label + " · " + p
+            label = label + p.astype(str).map(lambda v: f" · {v}" if v else "")
         frame["panel"] = label
     else:
         frame["panel"] = "all"
     return frame, keys
+
+
+def _params_text(value: Any) -> str:
+    """Task parameters as ``lag=4 length=4000`` ("" for none), from the JSON text a store holds."""
+    import json
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    try:
+        params = json.loads(value) if isinstance(value, str) else dict(value)
+    except (ValueError, TypeError):
+        return str(value)
+    if not isinstance(params, dict):
+        return str(params)
+    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def _higher_is_better(task: str, metric_name: str) -> bool:

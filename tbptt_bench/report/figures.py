@@ -20,15 +20,16 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
+from tbptt_bench.report import FORMATS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("png", "svg", "pdf")
 #: Leave out dates and version stamps so that regenerating a report changes only what changed.
 _STABLE_METADATA: dict[str, dict[str, None]] = {"png": {"Software": None}, "svg": {"Date": None},
                                                 "pdf": {"CreationDate": None}}
@@ -38,24 +39,46 @@ MAX_COLS = 3
 
 def palette(labels: Sequence[str], base: dict[str, tuple[float, float, float]] | None = None
             ) -> dict[str, tuple[float, float, float]]:
-    """A fixed colour per label (in the given order), colour-blind safe for up to ten labels.
+    """A fixed colour per label (in the given order): colour-blind safe for up to ten labels, tab20 (strong
+    colours first) up to twenty, evenly spaced hues beyond.
 
     With ``base``, its labels keep their colours and new labels take the next ones.
     """
     base = dict(base or {})
     new = [label for label in dict.fromkeys(labels) if label not in base]
     total = len(base) + len(new)
-    colours = sns.color_palette("colorblind" if total <= 10 else "husl", n_colors=max(total, 1))
+    if total <= 10:
+        colours = sns.color_palette("colorblind", n_colors=max(total, 1))
+    elif total <= 20:  # tab20's ten strong colours first, then their light partners
+        tab = sns.color_palette("tab20", n_colors=20)
+        colours = [tab[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    else:
+        colours = sns.color_palette("husl", n_colors=total)
     base.update(zip(new, colours[len(base):]))
     return base
 
 
+#: Markers cycled with the colours, so that 20 methods stay distinguishable where colours come close.
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "p", "h", "*")
+#: Characters of a legend entry or a panel title before it wraps.
+LABEL_WIDTH = 44
+#: Widest figure (inches): at the report's 80 dpi it fits the HTML page's 1100-pixel column.
+MAX_WIDTH = 13.0
+
+
+def _layout(n: int) -> tuple[int, int, float]:
+    """Columns, rows and panel width (inches) of a grid of ``n`` panels that wraps at three columns."""
+    cols = 1 if n == 1 else 2 if n in (2, 4) else MAX_COLS
+    rows = math.ceil(n / cols)
+    width = 6.5 if n == 1 else min(PANEL_W + 0.4, MAX_WIDTH / cols)
+    return cols, rows, width
+
+
 def _panels(names: Sequence[object], *, sharey: bool = False) -> tuple[Figure, list[plt.Axes]]:
     n = max(len(names), 1)
-    cols = min(n, MAX_COLS)
-    rows = math.ceil(n / cols)
+    cols, rows, width = _layout(n)
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.05)
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_W * cols, PANEL_H * rows + 0.5), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, PANEL_H * rows + 0.6), squeeze=False,
                              sharey=sharey, constrained_layout=True)
     flat = list(axes.ravel())
     for ax in flat[n:]:
@@ -69,21 +92,61 @@ def _groups(data: pd.DataFrame, panel: str | None) -> list[tuple[object, pd.Data
     return [(key, grp) for key, grp in data.groupby(panel, sort=False)]
 
 
+def wrap(text: str, width: int = LABEL_WIDTH) -> str:
+    """``text`` broken into lines of at most ``width`` characters, at spaces or after commas."""
+    return textwrap.fill(str(text).replace(",", ", ").replace(",  ", ", "), width=width,
+                         break_long_words=True, break_on_hyphens=False)
+
+
 def _finish(fig: Figure, axes: list[plt.Axes], title: str) -> Figure:
-    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=11)
-    seen: dict[str, object] = {}
-    width_chars = int(fig.get_figwidth() * 14)  # characters of 8-point text across the figure
+    """Wrapped titles, and one legend of every labelled artist below the panels (in drawing order)."""
+    width_in = fig.get_figwidth()
+    fig.suptitle(wrap(title, int(width_in * 10)), fontsize=11)
     for ax in axes:
-        ax.set_title(textwrap.fill(ax.get_title(), width=max(20, width_chars // max(1, min(len(axes), MAX_COLS)))),
-                     fontsize=9)
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log" and not isinstance(axis.get_major_formatter(), ticker.FixedFormatter):
+                _plain_log_ticks(axis)
+    cols = _layout(len(axes))[0]
+    seen: dict[str, object] = {}
+    for ax in axes:
+        ax.set_title(wrap(ax.get_title(), max(24, int(width_in / cols * 11))), fontsize=9)
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
+            if not label.startswith("_"):
+                seen.setdefault(label, handle)
     if seen:
-        longest = max(len(label) for label in seen) + 6
-        ncols = max(1, min(len(seen), 2 * min(len(axes), MAX_COLS), width_chars // longest))
-        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center",
-                   ncols=ncols, frameon=False, fontsize=8)
+        _legend(fig, list(seen.values()), [wrap(label) for label in seen])
     return fig
+
+
+def _legend(fig: Figure, handles: list[object], labels: list[str]) -> None:
+    """One legend below the panels, in as many columns as fit the figure's width; the figure grows by the
+    legend's height so that the panels keep theirs."""
+    renderer = fig.canvas.get_renderer()
+    longest = max(len(line) for label in labels for line in label.splitlines()) + 5
+    ncols = max(1, min(len(labels), int(fig.get_figwidth() * 13) // longest))
+    while True:
+        legend = fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False, fontsize=8)
+        box = legend.get_window_extent(renderer)
+        if box.width <= 0.98 * fig.bbox.width or ncols == 1:
+            break
+        legend.remove()
+        ncols -= 1
+    fig.set_figheight(fig.get_figheight() + box.height / fig.dpi)
+
+
+def _plain_log_ticks(axis: object) -> None:
+    """Tick labels of a log axis as plain numbers (``0.01``, ``2``); minor ones only where the axis spans
+    little more than a decade (matplotlib's own choice of which: ``minor_thresholds``)."""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))  # type: ignore[attr-defined]
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False,  # type: ignore[attr-defined]
+                                                minor_thresholds=(1.2, 0.5)))
+
+
+class _PlainLogFormatter(ticker.LogFormatter):
+    """matplotlib's choice of which log ticks to label, written as plain numbers."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
 
 
 def _wants_log(*columns: pd.Series) -> bool:
@@ -96,6 +159,18 @@ def _ordered(names: Sequence[object], colours: dict[str, tuple[float, float, flo
     """Names in palette order (so legends list methods the same way in every figure), others after."""
     present = [str(n) for n in dict.fromkeys(names)]
     return [n for n in colours if n in present] + [n for n in present if n not in colours]
+
+
+def _marker(name: str, colours: dict[str, tuple[float, float, float]]) -> str:
+    order = list(colours)
+    return MARKERS[order.index(name) % len(MARKERS)] if name in order else "o"
+
+
+def _exact_floor(values: pd.Series, zero_below: float) -> float:
+    """Where a log axis draws exact zeros: a third of the smallest value above ``zero_below``."""
+    v = pd.to_numeric(values, errors="coerce")
+    v = v[v > zero_below]
+    return float(v.min()) / 3 if len(v) else 1e-3
 
 
 def ci_lines(
@@ -112,6 +187,8 @@ def ci_lines(
     logx: bool = False,
     logy: bool = False,
     markers: bool = True,
+    zero_below: float | None = None,
+    sharey: bool = False,
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str = "",
@@ -119,58 +196,103 @@ def ci_lines(
     """Mean lines of ``y`` against ``x`` per ``hue``, with the ``[low, high]`` interval as a band.
 
     ``refs`` (columns ``panel``, ``y``, ``label``) draws horizontal reference lines, e.g. full BPTT
-    or a task's trivial baseline. Log axes are used where asked and the data allow.
+    or a task's trivial baseline. Log axes are used where asked and the data allow. With ``zero_below``
+    and a log y axis, values at or below it count as exactly zero and are drawn as "exact" on the axis
+    floor (a marker with its own legend entry), so they cannot stretch the axis. ``sharey`` gives every
+    panel the same y axis, where values are to be compared across panels.
     """
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
     single = data[x].nunique() == 1
     logx = logx and not single and _wants_log(data[x])
-    logy = logy and _wants_log(data[y], *([data[low]] if low else []),
-                               *([refs["y"]] if refs is not None and len(refs) else []))
-    fig, axes = _panels([k for k, _ in groups])
+    exact = (data[y] <= zero_below) if zero_below is not None else pd.Series(False, index=data.index)
+    lows = data.loc[~exact, low] if low else pd.Series(dtype=float)
+    lows = lows[lows > (zero_below or 0.0)] if zero_below is not None else lows
+    logy = logy and _wants_log(data.loc[~exact, y], lows, *([refs["y"]] if refs is not None and len(refs) else []))
+    floor = _exact_floor(data[y], zero_below or 0.0) if logy else 0.0
+    fig, axes = _panels([k for k, _ in groups], sharey=sharey)
     for ax, (key, grp) in zip(axes, groups):
         names = _ordered(grp[hue].astype(str), colours)
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
-            colour = colours.get(name)
-            if single:
-                _point(ax, i, line.iloc[0], y, low, high, colour, name)
+            colour, mark = colours.get(name), _marker(name, colours)
+            zero = exact.loc[line.index].to_numpy() if logy else np.zeros(len(line), bool)
+            his = line[high].to_numpy(float) if high else np.full(len(line), np.nan)
+            if single and not zero[0]:
+                _point(ax, i, line.iloc[0], y, low, high, colour, name, mark)
                 continue
-            ax.plot(line[x], line[y], marker="o" if markers else None, ms=3.5, lw=1.6, color=colour, label=name)
-            if low and high and line[[low, high]].notna().any().all():
-                if len(line) == 1:
-                    _point(ax, float(line[x].iloc[0]), line.iloc[0], y, low, high, colour, None)
+            if single:
+                _zeros(ax, np.array([i]), his[:1], floor, zero_below or 0.0, colour, mark, name)
+                continue
+            shown = line[~zero]
+            ax.plot(shown[x], shown[y], marker=mark if markers else None, ms=3.5, lw=1.6, color=colour, label=name)
+            if zero.any():
+                _zeros(ax, line[x].to_numpy(float)[zero], his[zero], floor, zero_below or 0.0, colour, mark,
+                       None if len(shown) else name)
+            if low and high and len(shown) and shown[[low, high]].notna().any().all():
+                lo = shown[low].clip(lower=floor) if logy else shown[low]
+                if len(shown) == 1:
+                    _point(ax, float(shown[x].iloc[0]), shown.iloc[0], y, low, high, colour, None, mark)
                 else:
-                    ax.fill_between(line[x], line[low], line[high], color=colour, alpha=0.2, lw=0)
+                    ax.fill_between(shown[x], lo, shown[high], color=colour, alpha=0.2, lw=0)
         _reference_lines(ax, refs, key if panel is not None else None)
         _x_axis(ax, data[x], names if single else None, logx)
         if logy:
             ax.set_yscale("log")
+            if exact.any():
+                ax.set_ylim(bottom=floor / 1.5)
+                _zero_legend(ax, data.loc[exact, high] if high else pd.Series(dtype=float), zero_below or 0.0)
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel(f"{xlabel or x} = {data[x].iloc[0]:g}" if single else (xlabel or x))
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
 
 
+def _zeros(ax: plt.Axes, xs: np.ndarray, his: np.ndarray, floor: float, zero_below: float, colour: object,
+           marker: str, label: str | None) -> None:
+    """Zero estimates on the floor of a log axis: an open marker when the interval is zero too (exactly 0),
+    an open marker with a bar up to the interval's upper end when only the estimate is (not told from 0)."""
+    bounded = np.isfinite(his) & (his > zero_below)
+    if (~bounded).any():  # the floor lies inside the axis (its limit is below it), so nothing is unclipped
+        ax.plot(xs[~bounded], np.full(int((~bounded).sum()), floor), ls="none", marker=marker, ms=6, mfc="white",
+                color=colour, label=label)
+    if bounded.any():
+        ax.errorbar(xs[bounded], np.full(int(bounded.sum()), floor), yerr=[np.zeros(int(bounded.sum())),
+                    his[bounded] - floor], fmt="v", ms=6, mfc="white", capsize=3, color=colour,
+                    label=label if not (~bounded).any() else None)
+
+
+def _zero_legend(ax: plt.Axes, his: pd.Series, zero_below: float) -> None:
+    """Legend entries that say what the markers on the axis floor mean."""
+    bounded = pd.to_numeric(his, errors="coerce") > zero_below
+    if (~bounded).any():
+        ax.plot([], [], ls="none", marker="o", mfc="white", color="0.3",
+                label=f"exactly 0 (estimate and interval ≤ {zero_below:g}), on the axis floor")
+    if bounded.any():
+        ax.plot([], [], ls="-", marker="v", mfc="white", color="0.3",
+                label="estimate 0, not told from zero: on the floor, bar to the interval's upper end")
+
+
 def _point(ax: plt.Axes, pos: float, row: pd.Series, y: str, low: str | None, high: str | None,
-           colour: object, label: str | None) -> None:
+           colour: object, label: str | None, marker: str = "o") -> None:
     """One mean with its interval as an error bar (where a line of one point would show no band)."""
     err = None
     if low and high and np.isfinite([row[low], row[high]]).all():
         err = np.array([[max(row[y] - row[low], 0.0)], [max(row[high] - row[y], 0.0)]])
-    ax.errorbar(pos, row[y], yerr=err, fmt="o", ms=5, capsize=3, color=colour, label=label)
+    ax.errorbar(pos, row[y], yerr=err, fmt=marker, ms=5, capsize=3, color=colour, label=label)
 
 
 def _x_axis(ax: plt.Axes, values: pd.Series, categories: list[str] | None, log: bool) -> None:
-    """Categories as tick labels; a log axis with ticks at the measured values when there are few."""
+    """Categories as positions named in the legend (no tick labels); a log axis with ticks at the measured
+    values when there are few."""
     if categories is not None:
-        ax.set_xticks(np.arange(len(categories)), categories, rotation=35, ha="right", fontsize=7.5)
+        ax.set_xticks([])
         ax.set_xlim(-0.6, len(categories) - 0.4)
         return
     if log:
         ax.set_xscale("log")
         ticks = sorted(pd.to_numeric(values, errors="coerce").dropna().unique())
-        if len(ticks) <= 10:
+        if len(ticks) <= 8:
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
 
@@ -202,40 +324,74 @@ def measured_vs_extrapolation(
 ) -> Figure:
     """Measured ``y`` (solid, with its band) and its ``extrapolation`` (dashed, same colour) against ``x``.
 
-    Infinite extrapolations are left out of the line (no number is drawn where the profile does not decay).
+    The y axis is set by the measured values and their intervals only; an extrapolation beyond it is drawn
+    as an open triangle on the axis edge (legend: "off scale"). Infinite extrapolations are left out.
     """
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
-    finite = data[extrapolation].replace([np.inf, -np.inf], np.nan)
     single = data[x].nunique() == 1
     logx = not single and _wants_log(data[x])
-    logy = _wants_log(data[y], data[low], finite.dropna())
+    measured = pd.concat([data[y], data[low], data[high]])
+    logy = _wants_log(measured[measured > 0])
     fig, axes = _panels([k for k, _ in groups])
     for ax, (key, grp) in zip(axes, groups):
         names = _ordered(grp[hue].astype(str), colours)
+        values = pd.concat([grp[y], grp[low], grp[high]]).replace([np.inf, -np.inf], np.nan).dropna()
+        values = values[values > 0] if logy else values
+        bottom, top = _measured_range(values, logy)
+        off = False
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
-            colour = colours.get(name)
-            b = line[extrapolation].replace([np.inf, -np.inf], np.nan)
+            colour, mark = colours.get(name), _marker(name, colours)
+            pos = np.full(len(line), float(i)) if single else line[x].to_numpy(float)
             if single:
-                _point(ax, i - 0.12, line.iloc[0], y, low, high, colour, None)
-                if b.notna().any():
-                    ax.plot(i + 0.12, b.iloc[0], marker="^", ms=6, ls="none", color=colour)
-                continue
-            ax.plot(line[x], line[y], marker="o", ms=3.5, lw=1.6, color=colour, label=f"{name}: measured")
-            ax.fill_between(line[x], line[low], line[high], color=colour, alpha=0.2, lw=0)
-            if b.notna().any():
-                ax.plot(line[x], b, ls="--", marker="^", ms=3.5, lw=1.2, color=colour, label=f"{name}: extrapolated")
+                _point(ax, i - 0.12, line.iloc[0], y, low, high, colour, name, mark)
+            else:
+                ax.plot(pos, line[y], marker=mark, ms=3.5, lw=1.6, color=colour, label=f"{name}: measured")
+                ax.fill_between(pos, line[low].clip(lower=bottom), line[high], color=colour, alpha=0.2, lw=0)
+            b = line[extrapolation].replace([np.inf, -np.inf], np.nan).to_numpy(float)
+            off |= _extrapolated(ax, pos + (0.12 if single else 0), b, bottom, top, colour,
+                                 None if single else f"{name}: extrapolated (not a bound)")
         if single:
-            ax.errorbar([], [], yerr=[], fmt="o", color="0.3", label="measured (interval)")
-            ax.plot([], [], marker="^", ls="none", color="0.3", label="extrapolated")
+            ax.plot([], [], marker="^", ls="none", color="0.3", label="extrapolated (not a bound)")
+        if off:
+            ax.plot([], [], marker="^", ls="none", mfc="white", color="0.3", label="extrapolation off scale (edge)")
         _x_axis(ax, data[x], names if single else None, logx)
         if logy:
             ax.set_yscale("log")
+        ax.set_ylim(bottom, top)
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel(f"{xlabel or x} = {data[x].iloc[0]:g}" if single else (xlabel or x))
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
+
+
+def _measured_range(values: pd.Series, log: bool) -> tuple[float, float]:
+    """Axis limits around the measured values, with a margin (a factor on a log axis)."""
+    if values.empty:
+        return (1e-3, 1.0) if log else (0.0, 1.0)
+    lo, hi = float(values.min()), float(values.max())
+    if log:
+        return lo / 1.6, hi * 1.6
+    pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi), 1e-3) * 0.2
+    return min(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad
+
+
+def _extrapolated(ax: plt.Axes, pos: np.ndarray, values: np.ndarray, bottom: float, top: float, colour: object,
+                  label: str | None) -> bool:
+    """Extrapolations as a dashed line inside the measured range, off-scale ones as open triangles on the
+    edge; True when any was off scale."""
+    ok = np.isfinite(values)
+    if not ok.any():
+        return False
+    inside = np.where(ok & (values <= top) & (values >= bottom), values, np.nan)
+    ax.plot(pos, inside, ls="--" if len(pos) > 1 else "none", marker="^", ms=4, lw=1.2, color=colour, label=label)
+    high, low = ok & (values > top), ok & (values < bottom)
+    for where, edge, mark in ((high, top, "^"), (low, bottom, "v")):
+        if where.any():  # an empty unclipped line would enter the layout with an unbounded extent
+            ax.plot(pos[where], np.full(int(where.sum()), edge), ls="none", marker=mark, ms=7, mfc="white",
+                    color=colour, clip_on=False)
+    return bool(high.any() or low.any())
 
 
 def ci_points(
@@ -252,25 +408,26 @@ def ci_points(
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
-    """One point per ``label`` (a method configuration) with its interval as an error bar."""
+    """One point per ``label`` (a method configuration) with its interval as an error bar; the labels are
+    named in the legend (colour and marker), not on the axis."""
     groups = _groups(data, panel)
     colours = colours or palette(data[label].astype(str).unique())
     logy = logy and _wants_log(data[y], data[low])
     fig, axes = _panels([k for k, _ in groups])
     for ax, (key, grp) in zip(axes, groups):
         names = [str(v) for v in grp[label]]
-        pos = np.arange(len(names))
         for i, (_, row) in enumerate(grp.iterrows()):
             err = np.array([[row[y] - row[low]], [row[high] - row[y]]])
             err = np.where(np.isfinite(err), err, 0.0)
-            ax.errorbar(i, row[y], yerr=err, fmt="o", ms=5, capsize=3, color=colours.get(names[i]))
+            ax.errorbar(i, row[y], yerr=err, fmt=_marker(names[i], colours), ms=5, capsize=3,
+                        color=colours.get(names[i]), label=names[i])
         _reference_lines(ax, refs, key if panel is not None else None)
-        ax.set_xticks(pos, names, rotation=35, ha="right", fontsize=7.5)
+        _x_axis(ax, grp[label], names, False)
         if logy:
             ax.set_yscale("log")
         ax.set_title(str(key), fontsize=9)
         ax.set_ylabel(ylabel or y)
-        ax.set_xlabel("")
+        ax.set_xlabel("method (see legend)")
     return _finish(fig, axes, title)
 
 
@@ -286,7 +443,8 @@ def seed_strip(
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
-    """One point per seed and ``label``; a seed whose ``y`` is NaN is drawn as × at its ``censored`` value."""
+    """One point per seed and ``label``; a seed whose ``y`` is NaN is drawn as × at its ``censored`` value.
+    Labels are named in the legend, not on the axis."""
     groups = _groups(data, panel)
     names = list(order) if order is not None else sorted(data[label].astype(str).unique())
     colours = colours or palette(names)
@@ -299,14 +457,17 @@ def seed_strip(
             jitter = rng.uniform(-0.12, 0.12, size=len(rows))
             hit = rows[y].notna().to_numpy()
             colour = colours.get(name)
-            ax.scatter(i + jitter[hit], rows[y][hit], s=22, color=colour, zorder=3)
+            ax.scatter(i + jitter[hit], rows[y][hit], s=22, color=colour, marker=_marker(name, colours), zorder=3,
+                       label=name)
             ax.scatter(i + jitter[~hit], rows[censored][~hit], s=30, marker="x", color=colour, zorder=3)
-        ax.set_xticks(np.arange(len(present)), present, rotation=35, ha="right", fontsize=7.5)
-        ax.set_xlim(-0.6, len(present) - 0.4)
+        if not grp[y].notna().all():
+            ax.scatter([], [], s=30, marker="x", color="0.3", label="not reached (at its last evaluation)")
+        _x_axis(ax, grp[label], present, False)
         top = pd.concat([grp[y], grp[censored]]).max()
         ax.set_ylim(0, (top if np.isfinite(top) and top > 0 else 1.0) * 1.08)
         ax.set_title(str(key), fontsize=9)
         ax.set_ylabel(ylabel or y)
+        ax.set_xlabel("method (see legend)")
     return _finish(fig, axes, title)
 
 
@@ -327,7 +488,8 @@ def tradeoff(
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
-    """Quality against cost, one annotated point per method configuration, intervals on both axes."""
+    """Quality against cost, one point per method configuration (named in the legend by ``label``, coloured
+    by ``hue``), intervals on both axes."""
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
     logx = logx and _wants_log(data[x])
@@ -340,9 +502,8 @@ def tradeoff(
             for name, pair, value in (("xerr", xerr, row[x]), ("yerr", yerr, row[y])):
                 if pair is not None and np.isfinite([row[pair[0]], row[pair[1]]]).all():
                     kw[name] = np.array([[max(value - row[pair[0]], 0.0)], [max(row[pair[1]] - value, 0.0)]])
-            ax.errorbar(row[x], row[y], fmt="o", ms=5, capsize=2, elinewidth=0.8,
-                        color=colours.get(str(row[hue])), label=str(row[hue]), **kw)
-            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+            ax.errorbar(row[x], row[y], fmt=_marker(str(row[hue]), colours), ms=5, capsize=2, elinewidth=0.8,
+                        color=colours.get(str(row[hue])), label=str(row[label]), **kw)
         if logx:
             ax.set_xscale("log")
         if logy:

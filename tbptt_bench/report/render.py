@@ -27,7 +27,7 @@ def render_markdown(doc: Document) -> str:
     lines = [f"# {doc.title}", ""]
     lines += ["Contents: " + " · ".join(f"[{t}](#{a})" for a, t in doc.sections), ""]
     n = 0
-    for kind, payload in doc.blocks:
+    for kind, payload in doc.flat_blocks():
         if kind == "h2":
             lines += [f'<a id="{payload[0]}"></a>', "", f"## {payload[1]}", ""]
         elif kind == "h3":
@@ -52,8 +52,11 @@ _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em;max-width:100%}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top;overflow-wrap:break-word}
+.long{overflow-wrap:anywhere}
+th{font-size:.95em}td:first-child,th:first-child{min-width:4em}
+#table-decision{font-size:.8em}
 th{background:#f3f3f3}caption{caption-side:top;text-align:left;font-style:italic;padding:.3em 0}
 figure{margin:1em 0 2em}figure img{max-width:100%;height:auto}
 figcaption{font-size:.9em;color:#444}.warning{background:#fff4e0;border-left:4px solid #e69f00;padding:.5em .8em}
@@ -61,10 +64,17 @@ nav ul{columns:2}
 """
 
 
+def _html_cell(text: str) -> str:
+    """A table cell; one whose text has a token too long for a column may break anywhere (so that no table is
+    wider than the page), the others only between words."""
+    long = any(len(word) > 24 for word in text.split())
+    return f'<td class="long">{html.escape(text)}</td>' if long else f"<td>{html.escape(text)}</td>"
+
+
 def _html_table(name: str, frame: pd.DataFrame, caption: str) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(_html_cell(str(v)) for v in row) + "</tr>"
                    for row in frame.astype(str).itertuples(index=False))
     cap = f"{esc(caption)} (tables/{esc(name)}.csv)"
     return (f'<table id="table-{esc(name)}"><caption>{cap}</caption><thead><tr>{head}</tr></thead>'
@@ -81,7 +91,7 @@ def render_html(doc: Document) -> str:
     parts += ["</ul></nav>"]
     n = 0
     open_section = False
-    for kind, payload in doc.blocks:
+    for kind, payload in doc.flat_blocks():
         if kind == "h2":
             if open_section:
                 parts.append("</section>")

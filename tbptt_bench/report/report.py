@@ -17,17 +17,22 @@ Layout of the output directory::
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from tbptt_bench.errors import UsageError
 from tbptt_bench.report import figures
 from tbptt_bench.report.common import order_methods
-from tbptt_bench.report.document import Document, Options
+from tbptt_bench.report.document import AXIS_WORDS, Document, Options
 from tbptt_bench.report.render import render_html, render_markdown
 from tbptt_bench.report.sections.bias import bias_section
 from tbptt_bench.report.sections.cost import cost_section
+from tbptt_bench.report.sections.decision import decision_section
 from tbptt_bench.report.sections.learning import learning_section
 from tbptt_bench.report.sections.provenance import provenance_section
 from tbptt_bench.report.sections.statistics import statistics_section
@@ -47,34 +52,93 @@ class ReportFiles:
     tables: list[str]
 
 
+#: The files that mark a folder as a report (so that replacing it never deletes anything else).
+REPORT_MARKERS = ("report.md", "report.html")
+
+
 def build_report(tables: dict[str, pd.DataFrame], out: str | Path, options: Options | None = None) -> ReportFiles:
-    """Write the report of a store's tables into ``out`` (created if needed)."""
+    """Write the report of a store's tables into ``out``, atomically.
+
+    The report is built in a hidden sibling folder and swapped in only when complete (the old report is
+    renamed aside, the new one renamed in, the old one removed), so a report killed midway leaves the
+    previous one whole; folders left by a killed run are removed by the next one.
+    """
     options = options or Options()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("figures", "tables"):
-        for old in (out / sub).glob("*") if (out / sub).is_dir() else []:
-            if old.suffix in (".png", ".pdf", ".svg", ".csv"):
-                old.unlink()
+    out = Path(out).absolute()
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        doc = _write(tables, building, options)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    os.chmod(building, 0o777 & ~_umask())
+    _swap_in(building, out)
+    log.info("report with %d figures and %d tables written to %s", len(doc.figures), len(doc.tables), out)
+    return ReportFiles(out, out / "report.md", out / "report.html", [f.name for f in doc.figures], list(doc.tables))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_replaceable(out: Path) -> None:
+    """UsageError unless ``out`` is absent, empty, or an earlier report (it is replaced as a whole)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the report, e.g. reports/quick")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in REPORT_MARKERS):
+        raise UsageError(f"--out {out} is a non-empty folder that holds no report (no report.md or report.html) "
+                         "and would be replaced as a whole; pass a new folder or an earlier report's folder")
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the half-built and set-aside folders an earlier, killed report left next to ``out``; restore a
+    set-aside report when the kill came between its two renames."""
+    aside = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if aside and not out.exists() and (aside[-1] / "report.md").is_file():
+        os.rename(aside.pop(), out)
+        log.warning("restored the previous report %s that a killed report had set aside", out)
+    for stale in [*aside, *out.parent.glob(f".{out.name}.building-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_in(building: Path, out: Path) -> None:
+    """Rename the old report aside, the new one in, then remove the old one."""
+    if not out.exists():
+        os.rename(building, out)
+        return
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(out, aside)
+    os.rename(building, out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Document:
+    """Every section of the report, written into the folder ``out``."""
     main = tables["results"]
     suites = sorted({str(s) for s in main.get("suite", pd.Series(dtype=str)).dropna()})
     title = options.title or f"tbptt-bench report: {', '.join(suites) or 'results'}"
     doc = Document(title, out, options)
-    methods = order_methods(main["method"].dropna().astype(str)) if "method" in main.columns else []
+    specs = [main[c].dropna().astype(str) for c in ("method", "spec") if c in main.columns]
+    methods = order_methods(pd.concat(specs).unique()) if specs else []
     palette = figures.palette(methods)
     cells = main.groupby("measure")["key"].nunique()
     doc.text(f"Generated from {main['key'].nunique()} cells ({', '.join(f'{n} {m}' for m, n in cells.items())}) "
-             f"with {len(main)} result rows. Sections: provenance, gradient bias, cost, learning, trade-off, "
-             "statistics.")
+             f"with {len(main)} result rows. Learning is compared at equal {AXIS_WORDS[options.axis]} "
+             "throughout (learning curves, final metric, time to target, paired tests; --axis changes it).")
+    summary = doc.placeholder()
     provenance_section(doc, tables)
     bias_summary = bias_section(doc, tables, palette)
     perf = cost_section(doc, tables, palette)
     train = learning_section(doc, tables, palette)
     tradeoff_section(doc, train, bias_summary, perf, palette)
     statistics_section(doc, train)
-    md = out / "report.md"
-    md.write_text(render_markdown(doc), encoding="utf-8")
-    page = out / "report.html"
-    page.write_text(render_html(doc), encoding="utf-8")
-    log.info("report with %d figures and %d tables written to %s", len(doc.figures), len(doc.tables), out)
-    return ReportFiles(out, md, page, [f.name for f in doc.figures], list(doc.tables))
+    decision_section(doc, summary, tables, train)
+    (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
+    (out / "report.html").write_text(render_html(doc), encoding="utf-8")
+    return doc

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
+from tbptt_bench.report import TESTS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-TESTS = ("wilcoxon", "permutation")
 #: Below this many seeds a percentile/BCa bootstrap interval is known to be too narrow.
 FEW_SEEDS = 8
 
@@ -196,7 +196,8 @@ def seed_warning(n: int, *, alpha: float = 0.05, family_size: int = 1, alternati
     floor = min_attainable_p(n, alternative)
     if floor > alpha:
         return (f"{n} seeds: the smallest attainable p is {floor:.3g} > α = {alpha:g}, so the test cannot "
-                f"detect any difference; use ≥ {seeds_needed(alpha, 1, alternative)} seeds")
+                f"detect any difference; use ≥ {seeds_needed(alpha, family_size, alternative)} seeds"
+                + (f" (for {family_size} comparisons under Holm)" if family_size > 1 else ""))
     if floor * family_size > alpha:
         return (f"{n} seeds: after Holm over {family_size} comparisons the smallest attainable adjusted p is "
                 f"{min(1.0, floor * family_size):.3g} > α = {alpha:g}; use ≥ "

@@ -13,6 +13,10 @@ from tbptt_bench.report.common import _ci, _fmt, _ok, _unit, _with_panel, method
 from tbptt_bench.report.document import Document
 
 
+#: Relative biases at or below this are exact zeros up to rounding (drawn as "exact", not on a log scale).
+EXACT_ZERO = 1e-12
+
+
 def _bias_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Bias rows of the whole gradient (group ``all``), with a ``method`` column."""
     bias = _ok(tables["results"], "bias")
@@ -52,35 +56,41 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     by = ["panel", "task", "model", "method", "series", "K"]
     rel = seed_interval(bias, "relative_bias", by, low="relative_bias_lo", high="relative_bias_hi", options=o)
     cos = seed_interval(bias, "cosine_mean", by, se="cosine_se", options=o) if "cosine_mean" in bias else None
+    rel = _zero_intervals(rel, bias, by)
     truncated = rel[rel["K"].notna()]
     refs = None
     if not truncated.empty:
         fig = figures.ci_lines(truncated, x="K", y="mean", low="ci_low", high="ci_high", hue="series",
-                               panel="panel", logx=True, logy=True, xlabel="truncation length K",
-                               ylabel="relative bias", title="Relative bias of the gradient against K")
-        doc.figure("bias_vs_k", fig, "Relative bias ‖E(ĝ − g)‖/‖E(g)‖ (noise-corrected estimate) against K per method family; band: "
-                   f"{o.confidence:.0%} interval. Full BPTT has zero bias by definition.")
+                               panel="panel", logx=True, logy=True, zero_below=EXACT_ZERO, sharey=True,
+                               xlabel="truncation length K (steps)", ylabel="relative bias (fraction of ‖E g‖)",
+                               title="Relative bias of the gradient against K")
+        doc.figure("bias_vs_k", fig, "How fast the bias falls with K: relative bias ‖E(ĝ − g)‖/‖E(g)‖ "
+                   "(noise-corrected estimate) against K per method series; band: "
+                   f"{o.confidence:.0%} interval; open markers on the axis floor: a zero estimate, exactly zero (≤ "
+                   f"{EXACT_ZERO:g}, rounding) when its interval is zero too, else with a bar up to its interval's "
+                   "upper end (bias not told from zero). Panels share the y axis. Full BPTT has zero bias by definition.")
     if cos is not None and not cos[cos["K"].notna()].empty:
         refs = pd.DataFrame({"panel": cos["panel"].unique(), "y": 1.0, "label": "full BPTT (cosine 1)"})
         fig = figures.ci_lines(cos[cos["K"].notna()], x="K", y="mean", low="ci_low", high="ci_high", hue="series",
-                               panel="panel", refs=refs, logx=True, xlabel="truncation length K",
-                               ylabel="cosine(ĝ, g)", title="Alignment with the true gradient against K")
-        doc.figure("cosine_vs_k", fig, f"Mean cosine between ĝ and g over batches against K; band: {o.confidence:.0%} "
-                   "interval.")
+                               panel="panel", refs=refs, logx=True, sharey=True, xlabel="truncation length K (steps)",
+                               ylabel="cosine(ĝ, g) (1 = aligned)", title="Alignment with the true gradient against K")
+        doc.figure("cosine_vs_k", fig, "Whether single-batch gradients point the right way: mean cosine between ĝ "
+                   f"and g over batches against K; band: {o.confidence:.0%} interval.")
     _lag_profile(doc, tables, bias)
     if "extrapolation" in bias.columns and np.isfinite(bias["extrapolation"].astype(float)).any():
         extrapolated = bias.groupby(by, as_index=False, dropna=False)["extrapolation"].median()
         both = rel.merge(extrapolated, on=by, how="left")
-        both = both[both["K"].notna()]
+        both = both[both["K"].notna() & (both["mean"] > EXACT_ZERO)]
         if not both.empty:
             fig = figures.measured_vs_extrapolation(
                 both, x="K", y="mean", low="ci_low", high="ci_high", extrapolation="extrapolation", hue="series",
-                panel="panel", xlabel="truncation length K", ylabel="relative bias",
+                panel="panel", xlabel="truncation length K (steps)", ylabel="relative bias (fraction of ‖E g‖)",
                 title="Measured relative bias and the lag-profile extrapolation")
-            doc.figure("bias_extrapolation", fig, "Measured relative bias (solid, with its interval) next to the "
+            doc.figure("bias_extrapolation", fig, "Whether the lag profile predicts the measured bias: measured "
+                       "relative bias (solid, with its interval; it sets the axis) next to the "
                        "bias extrapolated from the lag profile (dashed, after Aicher, Foti & Fox 2019). The "
                        "extrapolation assumes geometric decay and a constant ∂h/∂θ; it is not a bound and can fall "
-                       "below the measured value.")
+                       "below the measured value. Open triangles on the axis edge: extrapolations off that scale.")
         rel = rel.merge(extrapolated, on=by, how="left")
     rel["order"] = rel["method"].map(method_sort_key)
     rel = rel.sort_values(["panel", "order"]).drop(columns="order")
@@ -94,7 +104,24 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     if "extrapolation" in rel.columns:
         shown["extrapolated (not a bound)"] = rel["extrapolation"].map(_fmt).to_numpy()
     doc.table("bias", shown, rel, caption="Gradient bias per method (whole parameter vector).")
-    return rel[[c for c in columns if c in rel.columns] + ["panel"]]
+    summary = rel[[c for c in columns if c in rel.columns] + ["panel"]]
+    if "seq_len" in bias.columns:
+        summary = summary.merge(bias.groupby(["panel", "method"], as_index=False)["seq_len"].first(),
+                                on=["panel", "method"], how="left")
+    return summary
+
+
+def _zero_intervals(rel: pd.DataFrame, bias: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Where the mean estimate is zero, the upper end of the interval is the largest per-seed upper end
+    (``relative_bias_hi``): a bootstrap over seeds whose estimates are all zero has a zero-width interval even
+    when every seed's own interval says the bias may be up to that end."""
+    if "relative_bias_hi" not in bias.columns:
+        return rel
+    worst = bias.groupby(by, dropna=False)["relative_bias_hi"].max().rename("seed_hi").reset_index()
+    rel = rel.merge(worst, on=by, how="left")
+    zero = (rel["mean"] <= EXACT_ZERO) & (rel["seed_hi"] > rel["ci_high"].fillna(0))
+    rel.loc[zero, "ci_high"] = rel.loc[zero, "seed_hi"]
+    return rel.drop(columns="seed_hi")
 
 
 def _lag_profile(doc: Document, tables: dict[str, pd.DataFrame], bias: pd.DataFrame) -> None:
@@ -120,9 +147,10 @@ def _lag_profile(doc: Document, tables: dict[str, pd.DataFrame], bias: pd.DataFr
     long = pd.concat(frames, ignore_index=True)
     fig = figures.ci_lines(long, x="lag", y="phi", low="q10" if "q10" in long else None,
                            high="q90" if "q90" in long else None, hue="what", panel="panel", logy=True,
-                           markers=False, xlabel="lag d", ylabel="‖∂ℓ_t/∂h_{t−d}‖",
+                           markers=False, xlabel="lag d (steps)", ylabel="‖∂ℓ_t/∂h_{t−d}‖ (per scored loss)",
                            title="Lag profile φ_d (band: 10th–90th percentile over losses)")
-    doc.figure("lag_profile", fig, "Lag profile φ_d = ‖∂ℓ_t/∂h_{t−d}‖: mean over losses and batches (averaged over "
+    doc.figure("lag_profile", fig, "How far back the losses reach: lag profile φ_d = ‖∂ℓ_t/∂h_{t−d}‖: mean over "
+               "losses and batches (averaged over "
                "seeds), band from the 10th to the 90th percentile, and the fitted geometric decay.")
     if "rate" in prof.columns:
         rates = prof.groupby("panel", as_index=False)["rate"].first()

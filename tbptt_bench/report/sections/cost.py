@@ -8,7 +8,8 @@ import pandas as pd
 
 from tbptt_bench.methods.base import describe
 from tbptt_bench.report import figures
-from tbptt_bench.report.common import _ci, _device_label, _fmt, _ok, _with_panel, method_sort_key, with_method_axes
+from tbptt_bench.report.common import (_ci, _device_label, _fmt, _ok, _with_panel, method_label, method_sort_key,
+                                       with_method_axes)
 from tbptt_bench.report.document import Document
 
 
@@ -44,27 +45,35 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
                 refs = full.groupby("panel", as_index=False)[metric].median().rename(columns={metric: "y"})
                 refs["label"] = "full BPTT"
             hue = "series" if x == "K" else "method"
-            xl = "truncation length K" if x == "K" else "sequence length T"
+            xl = "truncation length K (steps)" if x == "K" else "sequence length T (steps)"
+            if hue == "method":
+                agg["method"] = agg["method"].map(method_label)
             fig = figures.ci_lines(agg, x=x, y="value", low="p10", high="p90", hue=hue, panel="panel",
-                                   colours=palette if hue == "method" else None, refs=refs, logx=True, logy=True,
+                                   colours={method_label(m): c for m, c in palette.items()} if hue == "method" else None,
+                                   refs=refs, logx=True, logy=True,
                                    xlabel=xl, ylabel=label, title=f"{label} against {xl}")
             doc.figure(f"cost_{name}_vs_{'k' if x == 'K' else 't'}", fig,
-                       f"{label} against {xl} per method (median; band: 10th–90th percentile over repeats).")
+                       f"What each K costs: {label} against {xl} per method (median; band: 10th–90th percentile "
+                       "over repeats; dashed: full BPTT).")
     if "peak_mib" in perf.columns and perf["peak_mib"].notna().any():
         data, _ = _with_panel(perf, exclude=("seq_len",))
         agg = data.groupby(["panel", "method", "seq_len"], as_index=False)["peak_mib"].median()
+        agg["label"] = agg["method"].map(method_label)
+        labelled = {method_label(m): c for m, c in palette.items()}
         if agg["seq_len"].nunique() > 1:
-            fig = figures.ci_lines(agg, x="seq_len", y="peak_mib", hue="method", panel="panel", colours=palette,
-                                   logx=True, logy=True, xlabel="sequence length T", ylabel="peak memory added (MiB)",
+            fig = figures.ci_lines(agg, x="seq_len", y="peak_mib", hue="label", panel="panel", colours=labelled,
+                                   logx=True, logy=True, xlabel="sequence length T (steps)",
+                                   ylabel="peak memory added (MiB)",
                                    title="Peak memory against T")
         else:
             agg["order"] = agg["method"].map(method_sort_key)
             agg = agg.sort_values(["panel", "order"])
-            fig = figures.ci_points(agg.assign(lo=agg["peak_mib"], hi=agg["peak_mib"]), label="method",
-                                    y="peak_mib", low="lo", high="hi", panel="panel", colours=palette,
+            fig = figures.ci_points(agg.assign(lo=agg["peak_mib"], hi=agg["peak_mib"]), label="label",
+                                    y="peak_mib", low="lo", high="hi", panel="panel", colours=labelled,
                                     ylabel="peak memory added (MiB)",
                                     title=f"Peak memory per method (T = {int(agg['seq_len'].iloc[0])})")
-        doc.figure("memory_vs_t", fig, "Peak memory that training adds, per method (median over cells).")
+        doc.figure("memory_vs_t", fig, "How memory grows with T: peak memory that training adds, per method (median "
+                   "over cells).")
     shown_cols = [c for c in ("device_label", "task", "model", "method", "seq_len", "batch_size", "hidden_size",
                               "tokens_per_s", "tokens_per_s_p10", "tokens_per_s_p90", "ms_per_update",
                               "ms_per_update_p10", "ms_per_update_p90", "peak_mib", "threads")

@@ -9,8 +9,8 @@ import pandas as pd
 
 from tbptt_bench.methods.base import describe
 from tbptt_bench.report import stats
-from tbptt_bench.report.common import _ci, _fmt, _unit, order_methods
-from tbptt_bench.report.document import Document
+from tbptt_bench.report.common import _ci, _fmt, _unit, method_label, order_methods
+from tbptt_bench.report.document import AXIS_UNITS, Document
 
 
 def default_comparisons(methods: Sequence[str], best_fixed: str | None) -> list[tuple[str, str]]:
@@ -68,7 +68,9 @@ def statistics_section(doc: Document, train: pd.DataFrame) -> None:
         "paired permutation test of the mean difference (scipy.stats.permutation_test, exact for small n)"
     declared = "the comparisons given with --compare" if o.comparisons else \
         "each method against full BPTT, and each against the best fixed-K method of its panel"
-    doc.text(f"Final held-out metric, paired by seed (the same seed gives the same initial parameters and data "
+    units = AXIS_UNITS[o.axis]
+    doc.text(f"Held-out metric at equal {units} (each panel's largest {units} budget that every run reached; see "
+             f"the learning section), paired by seed (the same seed gives the same initial parameters and data "
              f"to every method). Comparisons: {declared}. Test: {test_name}, two-sided. Holm's step-down "
              f"correction over the whole family of {family} comparisons; significant means Holm-adjusted p ≤ "
              f"α = {o.alpha:g}. Effect size: the mean paired difference (treatment − reference, in metric units) "
@@ -86,11 +88,16 @@ def statistics_section(doc: Document, train: pd.DataFrame) -> None:
     for w in warnings:
         doc.warning(w)
     shown = pd.DataFrame({
-        "panel": res["panel"], "treatment": res["treatment"], "reference": res["reference"], "seeds": res["n"],
-        "statistic": res["statistic"].map(_fmt), "p": res["p"].map(_fmt), "p (Holm)": res["p_holm"].map(_fmt),
-        "mean diff [CI]": res.apply(lambda r: _ci(r, "mean_diff", "diff_low", "diff_high"), axis=1),
-        "d_z": res["effect_dz"].map(_fmt), "better on average": res["better on average"],
+        "panel": res["panel"], "treatment": res["treatment"].map(method_label),
+        "reference": res["reference"].map(method_label), "seeds": res["n"],
+        "p (Holm)": res["p_holm"].map(_fmt),
+        f"mean diff at equal {units} [CI]": res.apply(lambda r: _ci(r, "mean_diff", "diff_low", "diff_high"), axis=1),
+        "d_z": res["effect_dz"].map(_fmt), "better on average": res["better on average"].map(_maybe_label),
         "significant": res["significant"].map(_fmt),
-        "warning": res["warning"].map(lambda w: "⚠" if w else ""),
     })
-    doc.table("statistics", shown, res, caption="Paired tests of the final metric.")
+    doc.table("statistics", shown, res, caption=f"Paired tests of the held-out metric at equal {units} (raw p, "
+              "statistic and warnings in tables/statistics.csv).")
+
+
+def _maybe_label(spec: str) -> str:
+    return spec if spec == "tie" else method_label(spec)

@@ -1,0 +1,120 @@
+"""The decision summary and the equal-budget interpolation against hand computations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tbptt_bench.report.budget import at_common_budget, common_budget, interpolate_runs, run_value_at
+from tbptt_bench.report.report import build_report
+from tbptt_bench.report.sections.decision import chosen_k, decision_table, smallest_k
+from test_report import FAST, quick_tables
+
+ADAPTIVE = "adaptive:delta=0.5,kmin=2,kmax=12,every=8"
+
+
+def _bias_row(spec: str, seed: int, hi: float) -> dict[str, object]:
+    return {"key": f"b{seed}", "measure": "bias", "status": "ok", "task": "copy", "model": "lstm", "seq_len": 24,
+            "seed": seed, "spec": spec, "group": "all", "relative_bias": hi / 2, "relative_bias_lo": 0.0,
+            "relative_bias_hi": hi}
+
+
+def _perf_row(spec: str, seq_len: int, tokens_per_s: float, mib: float) -> dict[str, object]:
+    return {"key": f"p{spec}{seq_len}", "measure": "perf", "status": "ok", "task": "copy", "model": "lstm",
+            "method": spec, "seq_len": seq_len, "tokens_per_s": tokens_per_s, "ms_per_update": 1.0,
+            "mem_delta_bytes": mib * 2**20}
+
+
+def small_store() -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Bias upper ends per seed chosen so the answer can be read off by hand (see the test)."""
+    his = {"full": (0.0, 0.0), "chunked:k=2": (0.2, 0.3), "chunked:k=4": (0.04, 0.06), "chunked:k=8": (0.008, 0.03),
+           "sliding:k=2": (0.04, 0.045), "sliding:k=4": (0.009, 0.0095)}
+    rows = [_bias_row(spec, seed, hi) for spec, pair in his.items() for seed, hi in zip((1, 2), pair)]
+    rows += [_perf_row("full", 24, 1000, 100), _perf_row("chunked:k=4", 24, 500, 10), _perf_row("sliding:k=4", 24, 250, 20),
+             _perf_row("full", 12, 10, 1), _perf_row("chunked:k=4", 12, 10, 10)]
+    train = pd.DataFrame([
+        {"key": f"t{m}{s}", "task": "copy", "model": "lstm", "method": m, "seed": s, "eval_metric": v,
+         "metric_name": "accuracy", "higher": True}
+        for m, values in {"full": (0.5, 0.6), "chunked:k=8": (0.7, 0.9), "sliding:k=2": (0.55, 0.65),
+                          "sliding:k=4": (0.4, 0.4)}.items() for s, v in zip((1, 2), values)])
+    return {"results": pd.DataFrame(rows)}, train
+
+
+def test_smallest_k_uses_every_seeds_upper_end() -> None:
+    tables, _ = small_store()
+    bias = tables["results"].assign(series=lambda f: f["spec"].str.split(":").str[0],
+                                    K=lambda f: pd.to_numeric(f["spec"].str.extract(r"k=(\d+)")[0]))
+    five = smallest_k(bias[bias["K"].notna()], 0.05).set_index("series")
+    # chunked: K=4 has one seed at 0.06 ≥ 5%, K=8 has both below; sliding: K=2 both below 5%
+    assert five.loc["chunked", "K"] == 8 and five.loc["sliding", "K"] == 2
+    one = smallest_k(bias[bias["K"].notna()], 0.01).set_index("series")
+    assert math.isnan(one.loc["chunked", "K"]) and one.loc["chunked", "largest_k"] == 8
+    assert one.loc["sliding", "K"] == 4
+
+
+def test_decision_table_against_hand_computation() -> None:
+    tables, train = small_store()
+    table = decision_table(tables, train).set_index("series")
+    chunked, sliding = table.loc["chunked"], table.loc["sliding"]
+    assert chunked["k_0.05"] == 8 and math.isnan(chunked["k_0.01"])
+    # no perf cell at K=8: the nearest measured K (4) at the largest T both have (24), over full's
+    assert chunked["cost_k_0.05"] == 4 and chunked["speed_0.05"] == pytest.approx(500 / 1000)
+    assert chunked["memory_0.05"] == pytest.approx(10 / 100)
+    # trained at K=8: paired differences 0.7-0.5 and 0.9-0.6
+    assert chunked["train_k_0.05"] == 8 and chunked["metric_gap_0.05"] == pytest.approx(0.25)
+    assert math.isnan(chunked["metric_gap_0.01"])
+    assert sliding["k_0.05"] == 2 and sliding["cost_k_0.05"] == 4 and sliding["speed_0.05"] == pytest.approx(0.25)
+    assert sliding["metric_gap_0.05"] == pytest.approx(0.05)
+    assert sliding["k_0.01"] == 4 and sliding["memory_0.01"] == pytest.approx(0.2)
+    assert sliding["metric_gap_0.01"] == pytest.approx(-0.15)
+    assert chunked["metric"] == "accuracy ↑"
+
+
+def test_chosen_k_is_the_median_last_k_of_methods_that_vary_it() -> None:
+    curves = pd.DataFrame({"key": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "update": [0, 8, 16] * 3,
+                           "k_used": [2, 4, 6, 2, 8, 8, 4, 4, 4]})
+    train = pd.DataFrame({"key": ["a", "b", "c"], "task": "copy", "model": "lstm",
+                          "method": [ADAPTIVE, ADAPTIVE, "chunked:k=4"]})
+    chosen = chosen_k(curves.merge(train, on="key"), train)
+    assert len(chosen) == 1 and chosen["K"].iloc[0] == 7.0
+
+
+def test_run_value_at_interpolates_and_never_extrapolates() -> None:
+    run = pd.DataFrame({"tokens": [0, 100, 300], "eval_metric": [1.0, 0.5, 0.1]})
+    got = run_value_at(run, "tokens", "eval_metric", np.array([50.0, 200.0, 300.0, 400.0]))
+    assert got[:3] == pytest.approx([0.75, 0.3, 0.1]) and math.isnan(got[3])
+
+
+def test_common_budget_and_values_at_it() -> None:
+    curves = pd.DataFrame({"key": ["a"] * 3 + ["b"] * 2, "panel": "p", "method": ["full"] * 3 + ["chunked:k=4"] * 2,
+                           "tokens": [0, 100, 300, 0, 250], "eval_metric": [1.0, 0.5, 0.1, 1.0, 0.0]})
+    assert common_budget(curves, "tokens")["p"] == 250
+    at = at_common_budget(curves, "tokens", "eval_metric").set_index("key")
+    assert at.loc["a", "value"] == pytest.approx(0.5 + (0.1 - 0.5) * 150 / 200)
+    assert at.loc["b", "value"] == pytest.approx(0.0)
+    long = interpolate_runs(curves, "tokens", "eval_metric", np.array([200.0, 300.0]))
+    assert len(long) == 3  # run b never reached 300 tokens
+    assert long.set_index(["key", "budget"]).loc[("b", 200.0), "value"] == pytest.approx(0.2)
+
+
+def test_report_compares_at_equal_tokens(tmp_path: Path) -> None:
+    """chunked:k=4 reads 16 tokens per update, full 96: the final metric is read at 16·24 = 384 tokens, where
+    full's curve lies halfway between its evaluations at 0 and 768 tokens."""
+    tables = quick_tables(tasks=("copy",), models=("lstm",))
+    curves = tables["curves"]
+    chunked = curves["method"] == "chunked:k=4"
+    curves.loc[chunked, "tokens"] = 16 * curves.loc[chunked, "update"]
+    build_report(tables, tmp_path / "rep", FAST)
+    final = pd.read_csv(tmp_path / "rep" / "tables" / "final_metric.csv")
+    assert set(final["budget"]) == {384.0}
+    full = curves[curves["method"] == "full"]
+    by_seed = full.groupby("seed").apply(
+        lambda r: 0.5 * (r.loc[r["update"] == 0, "eval_metric"].iloc[0] + r.loc[r["update"] == 8, "eval_metric"].iloc[0]),
+        include_groups=False)
+    assert final.set_index("method").loc["full", "mean"] == pytest.approx(by_seed.mean())
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "equal tokens" in text and "time to target, in tokens" in text.lower()
