@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: each method against full and against the best fixed K)")
     p.add_argument("--target", action="append", default=[], metavar="TASK=VALUE",
                    help="time-to-target threshold of a task in its metric's units, repeatable "
-                        "(default: the task's trivial baseline)")
+                        "(default: the task's memoryless baseline)")
     p.add_argument("--formats", default="png,pdf",
                    help=f"figure formats besides the PNG the HTML embeds, comma-separated from {','.join(FORMATS)}")
     p.add_argument("--axis", default="tokens", choices=tuple(AXES),

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             tl = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
             k = f" {row.get('k_used', '-')!s:>5}" if show_k else ""
             print(f"{row['update']:>7} {tl:>11} {row['eval_loss']:>10.4f} {row['eval_metric']:>10.4f} {row['wall_time']:>8.2f}{k}")
-        print(f"trivial baseline {result.metric_name}: {result.baseline:.4f}")
+        print(f"memoryless baseline {result.metric_name}: {result.baseline:.4f}")
     return 0
 
 

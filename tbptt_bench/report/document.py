@@ -35,7 +35,7 @@ class Options:
     dpi: int = 80
     #: Declared comparisons as (treatment, reference) method specs; empty: the default family.
     comparisons: tuple[tuple[str, str], ...] = ()
-    #: Time-to-target thresholds per task (task metric units); tasks not named use their trivial baseline.
+    #: Time-to-target thresholds per task (task metric units); tasks not named use their memoryless baseline.
     targets: dict[str, float] = field(default_factory=dict)
     #: The axis learning is compared on (docs/design.md §3.7; equal tokens by default): a key of AXES.
     axis: str = "tokens"

@@ -196,7 +196,7 @@ def ci_lines(
     """Mean lines of ``y`` against ``x`` per ``hue``, with the ``[low, high]`` interval as a band.
 
     ``refs`` (columns ``panel``, ``y``, ``label``) draws horizontal reference lines, e.g. full BPTT
-    or a task's trivial baseline. Log axes are used where asked and the data allow. With ``zero_below``
+    or a task's memoryless baseline. Log axes are used where asked and the data allow. With ``zero_below``
     and a log y axis, values at or below it count as exactly zero and are drawn as "exact" on the axis
     floor (a marker with its own legend entry), so they cannot stretch the axis. ``sharey`` gives every
     panel the same y axis, where values are to be compared across panels.

@@ -71,12 +71,12 @@ def learning_section(doc: Document, tables: dict[str, pd.DataFrame], palette: di
                             title=f"Held-out metric at equal {units} (mean, {o.confidence:.0%} CI over seeds)")
     doc.figure("final_metric", fig, f"Which method learns most for the same {units}: the held-out metric of each "
                f"method at the largest {units} budget every run of the panel reached (mean over seeds with its "
-               "bootstrap interval); dashed: trivial baseline.")
+               "bootstrap interval); dashed: memoryless baseline.")
     shown = final[["panel", "method", "n"]].copy()
     shown[f"at {units}"] = final["budget"].map(_fmt)
     shown["metric [CI]"] = final.apply(_ci, axis=1)
     if "baseline" in final.columns:
-        shown["trivial baseline"] = final["baseline"].map(_fmt)
+        shown["memoryless baseline"] = final["baseline"].map(_fmt)
     doc.table("final_metric", shown, final, caption=f"Held-out metric per method at equal {units}.")
     _time_to_target(doc, train, curves if has_curves else pd.DataFrame(), palette, x, units)
     return train
@@ -86,7 +86,7 @@ def _baseline_refs(train: pd.DataFrame) -> pd.DataFrame | None:
     if "baseline" not in train.columns:
         return None
     refs = train.groupby("panel", as_index=False)["baseline"].first().rename(columns={"baseline": "y"})
-    refs["label"] = "trivial baseline"
+    refs["label"] = "memoryless baseline"
     return refs
 
 
@@ -112,7 +112,7 @@ def _learning_curves(doc: Document, curves: pd.DataFrame, refs: pd.DataFrame | N
                            title=f"Learning curves against {units} (mean over seeds, band: {o.confidence:.0%} CI)")
     doc.figure("learning_curves", fig, f"How fast each method learns per {units[:-1] if units.endswith('s') else units}: "
                f"held-out metric against {units}, each run interpolated between its evaluations; band: bootstrap "
-               "interval over seeds; dashed: trivial baseline.")
+               "interval over seeds; dashed: memoryless baseline.")
 
 
 def training_bias(curves: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -191,7 +191,7 @@ def _time_to_target(doc: Document, train: pd.DataFrame, curves: pd.DataFrame, pa
         higher = bool(grp["higher"].iloc[0])
         target, source = doc.options.targets.get(str(task)), "given with --target"
         if target is None and "baseline" in grp.columns and grp["baseline"].notna().any():
-            target, source = float(grp["baseline"].iloc[0]), "trivial baseline"
+            target, source = float(grp["baseline"].iloc[0]), "memoryless baseline"
         if target is None:
             continue
         runs = time_to_target(curves[curves["key"].isin(grp["key"])], target=target, higher=higher, unit=unit, x=x)
@@ -207,7 +207,7 @@ def _time_to_target(doc: Document, train: pd.DataFrame, curves: pd.DataFrame, pa
         doc.text("No task in these results defines a target.")
         return
     doc.text(f"Time to target, in {units}: the first evaluation from which on the held-out metric stays better "
-             "than the target (the task's trivial baseline unless given with --target TASK=VALUE). Medians count "
+             "than the target (the task's memoryless baseline unless given with --target TASK=VALUE). Medians count "
              "runs that never reach it as infinitely slow, so a median is shown only when at least half the seeds "
              "reach it.")
     table = pd.DataFrame(rows)
