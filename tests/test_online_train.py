@@ -117,7 +117,7 @@ def test_rtrl_every_step_equals_a_hand_written_online_loop() -> None:
     cfg = TrainConfig(task="copy-stream", task_params=task_params, model="rnn", method="rtrl:every=1", seq_len=T,
                       batch_size=B, hidden_size=3, steps=T, eval_every=1, **EXACT)
     seen, _ = snapshots(cfg)
-    model = build_run(cfg.run, online=True).model  # θ at initialisation, from the same seed
+    model = build_run(cfg.run).model  # θ at initialisation, from the same seed
     stream = make_task("copy-stream", **task_params).stream(B, "train").slice(0, T)
     hand = hand_rtrl_training(model, stream.inputs, stream.targets, stream.weights.double(), cfg.lr)
     assert_same(seen[0], {n: p.detach() for n, p in model.named_parameters()})
@@ -172,9 +172,24 @@ def test_online_engine_at_fixed_theta_accumulates_the_forward_mode_estimate() ->
         engine.run(batch, [Update(0, 2, 0), Update(3, 5, 0)], model.initial_state(2))
 
 
-def test_timing_still_refuses_online_methods(capsys) -> None:
-    with pytest.raises(UsageError, match="cost harness does not yet"):
-        PerfConfig(task="copy", model="rnn", method="rtrl", seq_len=22).validate()
+def test_the_cost_harness_times_online_methods_on_their_own_engine() -> None:
+    """The perf workload runs an online method through its forward-mode engine: without an optimiser
+    one timed sequence accumulates RTRL's estimate, which is the full gradient (docs/online.md)."""
+    import torch
+
+    from tbptt_bench.analysis.gradients import true_gradient
+    from tbptt_bench.core.forward_mode import OnlineEngine
+    from tbptt_bench.perf.harness import Workload
+
+    cfg = PerfConfig(task="adding", model="rnn", method="rtrl", seq_len=6, batch_size=2, hidden_size=3,
+                     optimizer="none", dtype="float64", threads=1)
+    cfg.validate()
+    work = Workload(cfg, torch.device("cpu"), torch.float64)
+    assert isinstance(work.engine, OnlineEngine)
+    work.sequence(work.prepare())
+    truth = true_gradient(work.model, work.batch.to("cpu", torch.float64), work.task.loss_kind)
+    for name, p in work.model.named_parameters():
+        torch.testing.assert_close(p.grad, truth[name], rtol=1e-10, atol=1e-12)
     code = main(["train", "--task", "adding", "--model", "rnn", "--method", "rflo", "--seq-len", "6", "--hidden", "3",
                  "--steps", "2", "--batch", "2", "--quiet"])
     assert code == 0

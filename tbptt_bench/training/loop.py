@@ -61,7 +61,7 @@ class TrainConfig(ComposedConfig):
             raise UsageError(f"max_tokens must be ≥ 1 (or none), got {self.max_tokens}")
         if self.optimizer == NO_OPTIMIZER:
             raise UsageError("training needs an optimizer; name one of torch.optim's (e.g. adam, sgd, adamw)")
-        self.run.validate(online=True)
+        self.run.validate()
 
 
 @dataclass
@@ -214,7 +214,7 @@ def train(
     that becomes non-finite ends training: ``TrainResult.diverged_at`` says at which evaluation.
     """
     cfg.validate()
-    run = build_run(cfg.run, method, online=True)
+    run = build_run(cfg.run, method)
     trainer = _Trainer(cfg, run, on_eval, progress)
     trainer.record(0)
     state: State | None = None

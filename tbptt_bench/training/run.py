@@ -109,11 +109,8 @@ class RunConfig:
     #: Gradient clipping by global norm before each optimiser step; None for none.
     clip: float | None = 1.0
 
-    def validate(self, online: bool = False) -> None:
-        """Raise UsageError, saying what is accepted, for a value no run can use.
-
-        ``online``: the consumer can run an online (forward-mode) method (training can; cost
-        measurement cannot yet, so it is refused by default)."""
+    def validate(self) -> None:
+        """Raise UsageError, saying what is accepted, for a value no run can use."""
         for name in ("seq_len", "batch_size", "hidden_size", "num_layers"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -126,8 +123,7 @@ class RunConfig:
         if self.clip is not None and not self.clip > 0:
             raise UsageError(f"gradient clip must be > 0 (or none), got {self.clip}")
         resolve_dtype(self.dtype)
-        if parse_method(self.method).forward_mode and not online:
-            raise _online_refused(self.method)
+        parse_method(self.method)
         probe = nn.Parameter(torch.zeros(2, 2))
         make_optimizer(self, [probe])
         if self.optimizer == NO_OPTIMIZER and self.lr_schedule is not None:
@@ -141,11 +137,6 @@ class RunConfig:
             return len(os.sched_getaffinity(0))
         except AttributeError:
             return os.cpu_count() or 1
-
-
-def _online_refused(spec: str) -> UsageError:
-    return UsageError(f"{spec} is an online (forward-mode) method: train, grad and bias run it, the cost harness "
-                      "does not yet; time a mask method such as tbptt:k1=1,k2=K instead")
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer | None, Any]:
@@ -200,14 +191,15 @@ class Run:
         return None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"])
 
 
-def build_run(cfg: RunConfig, method: Method | None = None, online: bool = False) -> Run:
+def build_run(cfg: RunConfig, method: Method | None = None) -> Run:
     """Task, method, model (θ from ``cfg.seed``), optimiser, scheduler and engine of a configuration.
 
-    ``online``: the consumer runs online (forward-mode) methods; their engine is an
-    :class:`~tbptt_bench.core.forward_mode.OnlineEngine` (docs/online.md), whose randomised estimators
-    draw from a generator seeded with ``derive_seed("online-signs", cfg.seed, spec)``.
+    A mask method runs on the :class:`~tbptt_bench.core.engine.Engine`; an online (forward-mode) method
+    on an :class:`~tbptt_bench.core.forward_mode.OnlineEngine` with the same contract (docs/online.md),
+    whose randomised estimators draw from a generator seeded with
+    ``derive_seed("online-signs", cfg.seed, spec)``.
     """
-    cfg.validate(online)
+    cfg.validate()
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -219,8 +211,6 @@ def build_run(cfg: RunConfig, method: Method | None = None, online: bool = False
     optimizer, scheduler = make_optimizer(cfg, params)
     engine: Engine | OnlineEngine
     if method.forward_mode:
-        if not online:
-            raise _online_refused(method.spec)
         signs = torch.Generator().manual_seed(derive_seed("online-signs", cfg.seed, method.spec))
         engine = OnlineEngine(model, task.loss_kind, functools.partial(method.estimator, generator=signs),
                               device=device, dtype=dtype)
