@@ -353,3 +353,11 @@ def test_cli_grad_runs_sab_with_model_params(capsys):
                  "--json"])
     assert code == 0
     assert '"relative_error"' in capsys.readouterr().out
+
+
+def test_adaptive_and_forward_mode_refuse_sab_in_one_line():
+    """Families that need a lag profile or the cell equations say so instead of failing deeper down."""
+    with pytest.raises(UsageError, match="adaptive chooses K from the lag profile"):
+        method_gradient(sab(), token_batch(T=8), "adaptive:delta=0.1,kmin=2,kmax=4,every=2", "cross_entropy")
+    with pytest.raises(UsageError, match="forward-mode method runs the built-in"):
+        method_gradient(sab(), token_batch(T=8), "rtrl", "cross_entropy")
