@@ -8,6 +8,7 @@ trajectory values while the memory is recomputed — exactly the contributions �
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,10 +142,107 @@ def test_sab_chunk_as_long_as_the_sequence_is_full_bptt():
     assert_close(method_gradient(model, batch, "chunked:k=8", "cross_entropy"), true_gradient(model, batch, "cross_entropy"))
 
 
-@pytest.mark.parametrize("spec", ["tbptt:k1=2,k2=4", "sliding:k=2", "artbp:c=0.5", "tbptt:k1=4,k2=2"])
-def test_sab_refuses_methods_the_engine_cannot_run_with_cross_cut_memory(spec):
-    with pytest.raises(UsageError, match="consecutive-chunk"):
-        method_gradient(sab(), token_batch(T=8), spec, "cross_entropy")
+def crosscut_fd(model, batch, updates, keep=(2,), eps=1e-6):
+    """Central differences of Σ_t ℓ̃_t, the definition of docs/design.md §7.1 for any update list.
+
+    Loss t of update u with window start w = u.start_for(t) is computed by a step-by-step forward in
+    which the state at each position p is replaced by s₀ + f·(s − s₀) per part (s₀ its value at θ₀):
+    for p > w, f is u's scale at p (1 if none), on every part; for p ≤ w, f is the scale of the update
+    whose losses straddle p, and undeclared parts get f = 0 where p is a window start of any loss.
+    A loss with an empty window (w > t) sees θ only through the read-out.
+    """
+    B, T = batch.batch_size, batch.length
+    cuts = {u.start_for(t) for u in updates for t in range(u.loss_start, u.loss_end) if 0 < u.start_for(t) <= t}
+    owner = {p: f for u in updates for p, f in u.scales if u.loss_start < p < u.loss_end}
+    s0, feats0 = [model.initial_state(B)], []
+    with torch.no_grad():
+        for s in range(T):
+            f, st = model.core(batch.inputs[:, s : s + 1], s0[-1])
+            s0.append(st)
+            feats0.append(f)
+
+    def ell(out, s):
+        return float(step_losses(out, batch.targets[:, s : s + 1], batch.weights[:, s : s + 1], "cross_entropy").sum())
+
+    def group_loss(u, t):
+        w = u.start_for(t)
+        if w > t:
+            return ell(model.readout(feats0[t]), t)
+        state, scales = model.initial_state(B), dict(u.scales)
+        for s in range(t + 1):
+            if s > w:
+                f_all, frozen = scales.get(s, 1.0), False
+            else:
+                f_all, frozen = owner.get(s, 1.0), s in cuts
+            state = tuple(ref + (0.0 if frozen and i not in keep else f_all) * (x - ref)
+                          for i, (x, ref) in enumerate(zip(state, s0[s])))
+            out, state = model(batch.inputs[:, s : s + 1], state)
+        return ell(out, t)
+
+    def total():
+        return sum(group_loss(u, t) for u in updates for t in range(u.loss_start, u.loss_end))
+
+    grads = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            g, flat = torch.zeros_like(p), p.view(-1)
+            for i in range(flat.numel()):
+                orig = flat[i].item()
+                flat[i] = orig + eps
+                up = total()
+                flat[i] = orig - eps
+                down = total()
+                flat[i] = orig
+                g.view(-1)[i] = (up - down) / (2 * eps)
+            grads[n] = g
+    return grads
+
+
+def engine_gradient(model, batch, updates, force=False):
+    model.zero_grad()
+    engine = Engine(model, "cross_entropy")
+    engine.force_crosscut = force
+    engine.run(batch, updates, model.initial_state(batch.batch_size))
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+CROSSCUT_SPECS = ["tbptt:k1=2,k2=4", "tbptt:k1=3,k2=5", "tbptt:k1=4,k2=2", "sliding:k=3",
+                  "hybrid:k1=2,k2=2,every=2,long=0", "hybrid:k1=3,k2=3,every=2,long=5", "artbp:c=0.5,min=1"]
+
+
+@pytest.mark.parametrize("spec", CROSSCUT_SPECS)
+def test_sab_under_every_family_equals_finite_differences_of_the_cut_loss(spec):
+    """Overlapping and per-loss windows, windows after the losses, long updates and ARTBP scales (§7.1)."""
+    model, T = sab(), 8
+    batch = token_batch(T=T)
+    updates = parse_method(spec).updates(T, rng=np.random.default_rng(3)) if spec.startswith("artbp") \
+        else parse_method(spec).updates(T)
+    est = engine_gradient(model, batch, updates)
+    assert_close(est, crosscut_fd(model, batch, updates), tol=1e-7)
+    plain = masked_reference(model, batch, mask_matrix(updates, T), "cross_entropy")
+    assert max(float((est[k] - plain[k]).abs().max()) for k in est) > 1e-4  # the memory paths count
+
+
+def test_crosscut_reference_reduces_to_the_chunked_definition():
+    """The general definition and the frozen-at-cuts loss agree on chunks (two independent references)."""
+    model, batch = sab(), token_batch(T=8)
+    updates = parse_method("chunked:k=3").updates(8)
+    assert_close(crosscut_fd(model, batch, updates), frozen_cut_fd(model, batch, {3, 6}), tol=1e-8)
+
+
+@pytest.mark.parametrize("spec", ["chunked:k=1", "chunked:k=3", "full"])
+def test_general_crosscut_path_equals_the_chunk_path(spec):
+    model, batch = sab(), token_batch(T=9)
+    updates = parse_method(spec).updates(9)
+    assert_close(engine_gradient(model, batch, updates, force=True), engine_gradient(model, batch, updates), tol=1e-12)
+
+
+def test_sab_cut_memory_under_overlapping_windows_is_the_plain_mask():
+    """With nothing declared the general definition is §2.4's mask (sab-cut runs the ordinary engine)."""
+    model, batch = sab(cut=True), token_batch(T=8)
+    updates = parse_method("tbptt:k1=2,k2=4").updates(8)
+    assert_close(crosscut_fd(model, batch, updates, keep=()),
+                 masked_reference(model, batch, mask_matrix(updates, 8), "cross_entropy"), tol=1e-7)
 
 
 def test_sab_refused_by_lag_analysis_and_kcurve_falls_back():
@@ -155,7 +253,8 @@ def test_sab_refused_by_lag_analysis_and_kcurve_falls_back():
     assert kcurve_gradients(sab(cut=True), batch, "cross_entropy", ["chunked:k=2", "chunked:k=4"])
 
 
-def test_sab_trains_across_optimiser_steps():
+@pytest.mark.parametrize("spec", ["chunked:k=3", "tbptt:k1=2,k2=5", "sliding:k=3", "hybrid:k1=2,k2=2,every=2,long=0"])
+def test_sab_trains_across_optimiser_steps(spec):
     """A kept memory graph stays usable after in-place optimiser steps (θ copied per call)."""
     model = sab().float()
     batch = token_batch(T=12)
@@ -167,7 +266,8 @@ def test_sab_trains_across_optimiser_steps():
         opt.zero_grad()
 
     before = [p.detach().clone() for p in model.parameters()]
-    Engine(model, "cross_entropy").run(batch, parse_method("chunked:k=3").updates(12), model.initial_state(2), step)
+    res = Engine(model, "cross_entropy").run(batch, parse_method(spec).updates(12), model.initial_state(2), step)
+    assert len(res.update_losses) == len(parse_method(spec).updates(12)) and bool(res.update_losses.isfinite().all())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -199,9 +299,8 @@ def test_outputs_do_not_depend_on_chunking(build):
 def test_engine_final_state_identical_under_every_method(build):
     model = build()
     batch = token_batch(T=9)
-    specs = ["full", "chunked:k=2", "tbptt:k1=3,k2=3"]
-    if not model.__dict__.get("cross_cut_parts"):
-        specs += ["tbptt:k1=2,k2=5", "tbptt:k1=4,k2=1", "sliding:k=3"]
+    specs = ["full", "chunked:k=2", "tbptt:k1=3,k2=3", "tbptt:k1=2,k2=5", "tbptt:k1=4,k2=1", "sliding:k=3",
+             "hybrid:k1=2,k2=2,every=2,long=0"]
     _, expect = model(batch.inputs, model.initial_state(2))
     for spec in specs:
         res = Engine(model, "cross_entropy").run(batch, parse_method(spec).updates(9), model.initial_state(2))
@@ -254,3 +353,11 @@ def test_cli_grad_runs_sab_with_model_params(capsys):
                  "--json"])
     assert code == 0
     assert '"relative_error"' in capsys.readouterr().out
+
+
+def test_adaptive_and_forward_mode_refuse_sab_in_one_line():
+    """Families that need a lag profile or the cell equations say so instead of failing deeper down."""
+    with pytest.raises(UsageError, match="adaptive chooses K from the lag profile"):
+        method_gradient(sab(), token_batch(T=8), "adaptive:delta=0.1,kmin=2,kmax=4,every=2", "cross_entropy")
+    with pytest.raises(UsageError, match="forward-mode method runs the built-in"):
+        method_gradient(sab(), token_batch(T=8), "rtrl", "cross_entropy")

@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                    help="task constructor parameter, repeatable")
     p.add_argument("--model", default="lstm", help="model names, comma-separated (e.g. rnn,lstm,gru)")
+    p.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="model factory parameter, repeatable, applied to every model (e.g. --model-param mem=16 for sab)")
     p.add_argument("--method", action="append", default=[], metavar="SPECS",
                    help="method specs, comma-separated or repeated (default chunked:k=64)")
     p.add_argument("--seq-len", default="1024", help="sequence lengths T, comma-separated")
@@ -116,6 +118,7 @@ def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
     base = PerfConfig(task=args.task, device=args.device, dtype=args.dtype, threads=args.threads,
                       warmup=args.warmup, repeats=args.repeats, seed=args.seed, **optimizer_values(args),
                       compile=args.compile, task_params=parse_task_params(args.task_param),
+                      model_params=parse_task_params(args.model_param, "--model-param"),
                       memory_limit=parse_size(args.memory_limit))
     return expand_grid(
         base,

@@ -53,8 +53,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training configuration the flags describe, every value checked (docs/reliability.md)."""
     check_sizes(args)
-    if args.model_param:
-        raise UsageError("train does not take --model-param yet (grad and bias do); train the registered defaults")
     check_counts(args, {"steps": 1, "eval_every": 1, "eval_batches": 1, "bias_batches": 1})
     if args.max_tokens is not None:
         integer("--max-tokens", args.max_tokens, lo=1, hi=2**62)
@@ -66,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, device=args.device, dtype=args.dtype, path=args.path,
         task_params=parse_task_params(args.task_param), max_tokens=args.max_tokens,
+        model_params=parse_task_params(args.model_param, "--model-param"),
     )
 
 

@@ -16,10 +16,11 @@ fused calls as the mask allows:
   graphs and the run recomputes from then on, so the gradients are the same either way;
 * steps before the window (k2 < k1) run without gradient and give only the read-out's direct term;
 * per-loss windows (``sliding``) are stacked along the batch dimension and run as one call;
-* a model that declares state parts differentiable across a cut (docs/design.md §7.1) is run on the
-  simple path only: its updates must be consecutive chunks (window start = first loss, no lag limit,
-  no scales), each chunk is forwarded once from the state the previous chunk left, the cut keeps the
-  declared parts' graphs, and every backward retains the graph for later updates to reach through.
+* a model that declares state parts differentiable across a cut (docs/design.md §7.1): consecutive
+  chunks (window start = first loss, no lag limit, no scales) run on the simple path, each chunk
+  forwarded once from the state the previous chunk left, the cut keeping the declared parts' graphs;
+  every other update shape runs through :mod:`tbptt_bench.core.crosscut` (a trajectory cut at every
+  window start, windows forwarded from it). Every backward retains the graph for later updates.
 
 Data come from the source one segment at a time, so a long stream is never on the device whole; on
 CUDA each chunk goes through page-locked memory with a non-blocking copy, and nothing in an update
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from tbptt_bench.core.crosscut import CrossCutRun, is_chunk_shaped
 from tbptt_bench.core.mask import Update, update_steps
-from tbptt_bench.errors import UsageError
 from tbptt_bench.models.protocol import (
     State, check_state, cross_cut_parts, detach_state, has_readout, map_state, truncate_state,
 )
@@ -153,18 +154,6 @@ def _pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t)
 
 
-def _check_chunk_shaped(updates: Sequence[Update], model_name: str) -> None:
-    """Refuse updates the engine cannot run for a model with parts that cross a cut (docs/design.md §7.1)."""
-    for u in updates:
-        if u.window_start != u.loss_start or u.max_lag is not None or u.scales:
-            raise UsageError(
-                f"model {model_name} keeps state parts differentiable across a cut, which the engine supports only "
-                f"for consecutive-chunk updates (full, chunked:k, tbptt with k1 = k2); this method has an update "
-                f"with losses {u.loss_start}..{u.loss_end - 1}, window start {u.window_start}, max_lag {u.max_lag}, "
-                f"scales {list(u.scales)}"
-            )
-
-
 class Engine:
     """Runs updates of a gradient method for one model on one device.
 
@@ -200,6 +189,8 @@ class Engine:
         self.split_readout = has_readout(model)
         self._params = list(model.parameters())
         self.keep_parts = cross_cut_parts(model)
+        #: Run chunk-shaped updates of such a model through the general cross-cut path too (for tests).
+        self.force_crosscut = False
 
     # -- public ----------------------------------------------------------------------------------
     def update_steps(self, u: Update) -> tuple[int, int]:
@@ -260,10 +251,10 @@ class Engine:
         generator resumes, so the consumer must backpropagate with ``retain_graph=step.retain_graph``.
         """
         check_state(state)
-        if self.keep_parts:
-            _check_chunk_shaped(updates, type(self.model).__name__)
         self._source = source
         self._batch_size = source.batch_size
+        if self.keep_parts and (self.force_crosscut or not is_chunk_shaped(updates)):
+            return (yield from self._crosscut_steps(updates, state))
         splits = {0}
         for u in updates:
             splits.update((u.window_start, u.loss_start, u.loss_end))
@@ -289,6 +280,18 @@ class Engine:
         self._kept = {}
         end = updates[-1].loss_end if updates else 0
         return self._bank[end] if end in self._bank else self._bank[max(self._bank)]
+
+    def _crosscut_steps(self, updates: Sequence[Update], state: State) -> Generator[UpdateStep, None, State]:
+        """Updates of any shape for a model with declared cross-cut parts (docs/design.md §7.1)."""
+        self._links, self._leaves = [], []
+        run = CrossCutRun(updates, state, self.keep_parts, self._fetch, self._core, self._loss)
+        steps = run.steps()
+        while True:
+            try:
+                i, u, loss, after = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield UpdateStep(i, u, loss, after, True)
 
     # -- one update ------------------------------------------------------------------------------
     def _update_loss(self, u: Update) -> torch.Tensor:

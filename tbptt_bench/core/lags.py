@@ -145,7 +145,7 @@ def lag_decomposition(
     if cross_cut_parts(model):
         raise UsageError(
             f"model {type(model).__name__} keeps state parts differentiable across a cut (docs/design.md §7.1), so "
-            "lags and sliding windows are not defined for it; use --max-lag 0 and chunk-shaped methods"
+            "its gradient has no lag decomposition; use --max-lag 0, and --engine (suites: fast = false) for sliding methods"
         )
     T, B = source.length, source.batch_size
     if not 1 <= max_lag <= T:

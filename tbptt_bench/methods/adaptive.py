@@ -31,6 +31,7 @@ from tbptt_bench.core.lags import LagProfile, extrapolated_bias, lag_profile
 from tbptt_bench.core.mask import Update
 from tbptt_bench.methods.base import Method, Param, positive_int, register_method
 from tbptt_bench.methods.schedules import family_param, per_update_windows, window_for
+from tbptt_bench.models.protocol import cross_cut_parts
 
 if TYPE_CHECKING:
     from torch import nn
@@ -89,6 +90,9 @@ class Adaptive(Method):
     def observe(self, update: int, model: nn.Module, source: Source, state: State, loss_kind: str) -> None:
         if not self.due(update):
             return
+        if cross_cut_parts(model):
+            raise UsageError(f"adaptive chooses K from the lag profile, which {type(model).__name__} has not: its state "
+                             "crosses cuts (docs/design.md §7.1); use a fixed-K family such as chunked or tbptt")
         p = self.params
         n = min(p["window"], source.length)
         data = source.slice(0, n)

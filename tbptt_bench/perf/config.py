@@ -17,7 +17,7 @@ from tbptt_bench.training.run import ComposedConfig, RunConfig
 CONFIG_COLUMNS = [
     "task", "model", "method", "seq_len", "batch_size", "hidden_size", "num_layers", "dtype", "path",
     "threads", "warmup", "repeats", "seed", "optimizer", "lr", "compile", "task_params", "memory_limit",
-    "optimizer_args", "lr_schedule", "lr_schedule_args", "clip",
+    "optimizer_args", "lr_schedule", "lr_schedule_args", "clip", "model_params",
 ]
 RESULT_COLUMNS = [
     "status", "error", "fresh_process", "pid", "updates_per_sequence", "tokens_per_sequence",
@@ -83,7 +83,7 @@ class PerfConfig(ComposedConfig):
         del out["device"]
         out["method"] = parse_method(self.method).spec
         out["threads"] = self.run.resolved_threads()
-        for name in ("task_params", "optimizer_args", "lr_schedule_args"):
+        for name in ("task_params", "model_params", "optimizer_args", "lr_schedule_args"):
             if out[name] is not None:
                 out[name] = json.dumps(out[name], sort_keys=True)
         return out

@@ -174,7 +174,8 @@ def _train_run(params: dict[str, Any]) -> Tables:
 #: What a bias cell builds before it calls :func:`tbptt_bench.analysis.bias.analyse_bias` (the model at its
 #: initial θ, drawn from the cell's seed), with defaults; the other keys are the fields of bias.BiasOptions.
 BIAS_BUILD: dict[str, tuple[Any, Any]] = {
-    "task": (str, NO_DEFAULT), "task_params": (dict, {}), "model": (str, NO_DEFAULT), "hidden_size": (int, 32),
+    "task": (str, NO_DEFAULT), "task_params": (dict, {}), "model": (str, NO_DEFAULT), "model_params": (dict, {}),
+    "hidden_size": (int, 32),
     "num_layers": (int, 1), "path": (str, "fused"), "methods": (list[str], NO_DEFAULT),
     "seq_len": (int, 64), "batch_size": (int, 16), "n_batches": (int, 8), "device": (str, "cpu"),
     "dtype": (str, "float64"),
@@ -200,6 +201,11 @@ def _bias_check(params: dict[str, Any]) -> None:
     if params["hidden_size"] < 1 or params["num_layers"] < 1 or params["n_batches"] < 1:
         raise UsageError("hidden_size, num_layers and n_batches must be ≥ 1")
     check_task_and_model(params)
+    if params.get("model_params"):
+        from tbptt_bench.core.build import make_model
+
+        make_model(params["model"], _task_cached(params["task"], json.dumps(params.get("task_params") or {},
+                   sort_keys=True)), params["hidden_size"], params["num_layers"], model_params=params["model_params"])
 
 
 def _bias_run(params: dict[str, Any]) -> Tables:
@@ -207,11 +213,12 @@ def _bias_run(params: dict[str, Any]) -> Tables:
     from tbptt_bench.core.build import make_model
 
     build = {k: params.pop(k) for k in ("task", "task_params", "model", "hidden_size", "num_layers", "path", "methods")}
+    model_params = params.pop("model_params", None) or {}
     task = make_task(build["task"], **build["task_params"])
     model = make_model(build["model"], task, build["hidden_size"], build["num_layers"], seed=params["seed"],
-                       dtype=params["dtype"], device=params["device"], path=build["path"])
-    report = bias.analyse_bias(task, model, build["methods"], with_provenance=False,
-                               labels={"model": build["model"]}, **params)
+                       dtype=params["dtype"], device=params["device"], path=build["path"], model_params=model_params)
+    labels = {"model": build["model"], **{f"model.{k}": v for k, v in sorted(model_params.items())}}
+    report = bias.analyse_bias(task, model, build["methods"], with_provenance=False, labels=labels, **params)
     return {"bias": _records(report.table), "lags": _records(report.lags)}
 
 

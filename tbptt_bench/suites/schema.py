@@ -56,7 +56,7 @@ NULLABLE_INT = frozenset({"k", "k1", "k2", "k_used", "diverged_at"})
 #: Old column names and their new ones (``update`` collided with ``DataFrame.update``).
 RENAMED = {"update": "n_updates"}
 #: Dict parameters and the prefix of their flattened columns.
-DICT_PREFIX = {"task_params": "task"}
+DICT_PREFIX = {"task_params": "task", "model_params": "model"}
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 TOP_KEYS = ("suite", "defaults", *MEASURES)
 SUITE_KEYS = ("name", "description", "seed")
-BLOCK_EXTRA = ("replicates", "task_params", "time_limit")
+BLOCK_EXTRA = ("replicates", "task_params", "model_params", "time_limit")
+#: Tables keyed by the name they apply to: task_params by task, model_params by model.
+KEYED_TABLES = {"task_params": "task", "model_params": "model"}
 
 
 @dataclass(frozen=True)
@@ -156,14 +158,15 @@ def parse_suite(data: Mapping[str, Any], *, default_name: str = "suite", source:
     for measure_name, index, block in blocks:
         where = f"suite file {source}, [[{measure_name}]] block {index}"
         schema = schemas[measure_name]
-        merged = {k: v for k, v in defaults.items() if (k in schema or k in BLOCK_EXTRA) and k != "task_params"}
+        merged = {k: v for k, v in defaults.items() if (k in schema or k in BLOCK_EXTRA) and k not in KEYED_TABLES}
         merged.update(block)
-        shared = defaults.get("task_params")
-        if isinstance(shared, dict) and "task_params" not in block:  # only for the tasks this block runs
-            tasks = set(map(str, _as_list(merged.get("task"))))
-            merged["task_params"] = {t: v for t, v in shared.items() if t in tasks}
-        elif shared is not None and not isinstance(shared, dict):
-            merged["task_params"] = shared
+        for table, by in KEYED_TABLES.items():
+            shared = defaults.get(table)
+            if isinstance(shared, dict) and table not in block:  # only for the tasks (models) this block runs
+                names = set(map(str, _as_list(merged.get(by))))
+                merged[table] = {t: v for t, v in shared.items() if t in names}
+            elif shared is not None and not isinstance(shared, dict):
+                merged[table] = shared
         for cell in expand_block(MEASURES[measure_name], schema, merged, suite=name, suite_seed=seed, where=where):
             if cell.key in seen:
                 log.info("%s: cell %s (%s) is also in an earlier block; kept once", where, cell.key, cell.label)
@@ -186,6 +189,10 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
     if not isinstance(task_params, dict) or not all(isinstance(v, dict) for v in task_params.values()):
         raise UsageError(f"{where}: task_params must be a table of tables keyed by task, "
                          "e.g. task_params = {{ copy = {{ n_remember = 5 }} }}")
+    model_params = block.get("model_params", {})
+    if not isinstance(model_params, dict) or not all(isinstance(v, dict) for v in model_params.values()):
+        raise UsageError(f"{where}: model_params must be a table of tables keyed by model, "
+                         "e.g. model_params = {{ sab = {{ mem = 16 }} }}")
 
     fixed: dict[str, Any] = {}
     axes: dict[str, list[Any]] = {}
@@ -207,11 +214,14 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
         raise UsageError(f"{where}: missing {', '.join(missing)} (required by {measure.name} measurements)")
     if task_params and "task_params" not in schema:
         raise UsageError(f"{where}: {measure.name} measurements take no task_params")
-    tasks_named = set(_as_list(axes.get("task", fixed.get("task"))))
-    for task in task_params:
-        if task not in tasks_named:
-            raise UsageError(f"{where}: task_params names task {task!r}, which the block does not run "
-                             f"(its tasks: {', '.join(sorted(map(str, tasks_named))) or 'none'})")
+    if model_params and "model_params" not in schema:
+        raise UsageError(f"{where}: {measure.name} measurements take no model_params")
+    for table, by in KEYED_TABLES.items():
+        named = set(map(str, _as_list(axes.get(by, fixed.get(by)))))
+        for key in block.get(table, {}):
+            if key not in named:
+                raise UsageError(f"{where}: {table} names {by} {key!r}, which the block does not run "
+                                 f"(its {by}s: {', '.join(sorted(named)) or 'none'})")
 
     cells = []
     names = list(axes)
@@ -222,6 +232,8 @@ def expand_block(measure: Measure, schema: Mapping[str, tuple[Any, Any]], block:
             params = resolve_params(measure, schema, raw, where)
             if "task_params" in schema:
                 params["task_params"] = dict(task_params.get(params.get("task"), {}))
+            if model_params.get(params.get("model")):  # only when set: keys of earlier stores stay valid
+                params["model_params"] = dict(model_params[params["model"]])
             params["seed"] = cell_seed(suite_seed, replicate, params)
             text = canonical_json(params)
             if text not in checked:
@@ -245,7 +257,7 @@ def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw:
     """Defaults filled in, values checked against their types, method specs canonicalised."""
     out: dict[str, Any] = {}
     for name, (hint, default) in schema.items():
-        if name == "task_params":
+        if name in KEYED_TABLES:
             continue
         value = raw.get(name, default)
         if value is NO_DEFAULT:

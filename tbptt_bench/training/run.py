@@ -87,6 +87,8 @@ class RunConfig:
     task: str = "copy"
     task_params: dict[str, Any] = field(default_factory=dict)
     model: str = "lstm"
+    #: Keyword arguments of the model's factory (e.g. ``{"mem": 16}`` for ``sab``); {} for its defaults.
+    model_params: dict[str, Any] = field(default_factory=dict)
     hidden_size: int = 32
     num_layers: int = 1
     path: str = "fused"
@@ -123,11 +125,21 @@ class RunConfig:
         if self.clip is not None and not self.clip > 0:
             raise UsageError(f"gradient clip must be > 0 (or none), got {self.clip}")
         resolve_dtype(self.dtype)
+        self._check_model_params()
         parse_method(self.method)
         probe = nn.Parameter(torch.zeros(2, 2))
         make_optimizer(self, [probe])
         if self.optimizer == NO_OPTIMIZER and self.lr_schedule is not None:
             raise UsageError("an lr_schedule needs an optimizer; set optimizer (or no lr_schedule)")
+
+    def _check_model_params(self) -> None:
+        """Model parameters are a table the model's factory accepts (built once on the CPU to find out)."""
+        if not isinstance(self.model_params, dict):
+            raise UsageError(f"model_params must be a table of the model's factory arguments, e.g. {{mem = 16}}; "
+                             f"got {self.model_params!r}")
+        if self.model_params:
+            make_model(self.model, make_task(self.task, **self.task_params), self.hidden_size, self.num_layers,
+                       seed=0, path=self.path, model_params=self.model_params)
 
     def resolved_threads(self) -> int:
         """``threads``, or every CPU available to this process."""
@@ -206,7 +218,7 @@ def build_run(cfg: RunConfig, method: Method | None = None) -> Run:
     method = method or parse_method(cfg.method)
     task = make_task(cfg.task, **cfg.task_params)
     model = make_model(cfg.model, task, cfg.hidden_size, cfg.num_layers, seed=cfg.seed, dtype=dtype,
-                       device=device, path=cfg.path)
+                       device=device, path=cfg.path, model_params=cfg.model_params)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params)
     engine: Engine | OnlineEngine
