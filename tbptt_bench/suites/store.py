@@ -93,27 +93,26 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     return out.replace_schema_metadata({SCHEMA_META: str(SCHEMA_VERSION).encode()})
 
 
-def _file_version(path: Path) -> str:
-    """The schema version in a Parquet file's metadata (the file is read completely first)."""
+def _read_or_refuse(path: Path, what: str) -> pa.Table:
+    """A store file read completely, or a UsageError naming it (pyarrow raises several types for damage)."""
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise UsageError(f"results file {path} is damaged and cannot be read ({type(exc).__name__}: {exc}); it was "
-                         f"left untouched, as was every other file: {_MOVE_ASIDE}") from None
+    except Exception as exc:
+        raise UsageError(f"results file {path} {what} ({type(exc).__name__}: {exc}); it was left untouched"
+                         f"{', as was every other file' if 'damaged' in what else ''}: {_MOVE_ASIDE}") from None
+
+
+def _file_version(path: Path) -> str:
+    """The schema version in a Parquet file's metadata (the file is read completely first)."""
+    table = _read_or_refuse(path, "is damaged and cannot be read")
     return (table.schema.metadata or {}).get(SCHEMA_META, b"?").decode(errors="replace")
 
 
 def read_checked(path: Path, version: int = SCHEMA_VERSION) -> pa.Table:
     """Read a store file, or raise a UsageError naming it (unreadable, another schema version, no key)."""
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise UsageError(f"results file {path} cannot be read ({type(exc).__name__}: {exc}); it was left "
-                         f"untouched: {_MOVE_ASIDE}") from None
+    table = _read_or_refuse(path, "cannot be read")
     found = (table.schema.metadata or {}).get(SCHEMA_META, b"?").decode(errors="replace")
     if found != str(version):
         raise UsageError(f"results file {path} has schema version {found}; this tbptt-bench reads and writes "

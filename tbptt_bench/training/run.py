@@ -56,28 +56,29 @@ def _needs_argument(step: Any) -> str | None:
                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)), None)
 
 
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The ``torch.optim`` optimiser called ``name`` (any case); UsageError lists the accepted names."""
-    known = _classes(torch.optim, torch.optim.Optimizer)
+def _by_name(module: Any, base: type, name: str, what: str, unusable: str, extra: str = "") -> type[Any]:
+    """The class of ``module`` derived from ``base`` called ``name`` (any case) whose ``step`` takes no
+    argument; UsageError says why another known class is refused (``unusable``) and lists the accepted."""
+    known = _classes(module, base)
     usable = {k: v for k, v in known.items() if _needs_argument(v.step) is None}
     cls = usable.get(name.lower())
     if cls is None:
-        why = "its step needs a closure; " if name.lower() in known else ""
-        raise UsageError(f"unknown optimizer {name!r}; {why}accepted: {NO_OPTIMIZER}, "
+        why = unusable if name.lower() in known else ""
+        raise UsageError(f"unknown {what} {name!r}; {why}accepted: {extra}"
                          f"{', '.join(sorted(v.__name__ for v in usable.values()))}")
     return cls
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` optimiser called ``name`` (any case); UsageError lists the accepted names."""
+    return _by_name(torch.optim, torch.optim.Optimizer, name, "optimizer", "its step needs a closure; ",
+                    f"{NO_OPTIMIZER}, ")
 
 
 def scheduler_class(name: str) -> type[Any]:
     """The ``torch.optim.lr_scheduler`` scheduler called ``name``; it must step without arguments."""
-    known = _classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)
-    usable = {k: v for k, v in known.items() if _needs_argument(v.step) is None}
-    cls = usable.get(name.lower())
-    if cls is None:
-        why = "it steps on a metric, not per update; " if name.lower() in known else ""
-        raise UsageError(f"unknown lr_schedule {name!r}; {why}accepted: "
-                         f"{', '.join(sorted(v.__name__ for v in usable.values()))}")
-    return cls
+    return _by_name(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler, name, "lr_schedule",
+                    "it steps on a metric, not per update; ")
 
 
 @dataclass
