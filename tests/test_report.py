@@ -435,3 +435,11 @@ def test_quick_suite_end_to_end(tmp_path: Path) -> None:
     assert {"learning_curves", "final_metric", "time_to_target", "tradeoff_metric_cost"} <= set(files.figures)
     for name in files.figures:
         assert (tmp_path / "rep" / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_panel_titles_show_whole_task_parameters_as_integers() -> None:
+    """A store column with gaps reads back as float; titles still say lag=4, not lag=4.0."""
+    from tbptt_bench.report.common import _params_text
+
+    assert _params_text('{"lag": 4.0, "length": 4000.0, "rate": 0.5}') == "lag=4 length=4000 rate=0.5"
+    assert _params_text("{}") == "" and _params_text(None) == ""

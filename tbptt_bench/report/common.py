@@ -126,7 +126,12 @@ def _params_text(value: Any) -> str:
         return str(value)
     if not isinstance(params, dict):
         return str(params)
-    return " ".join(f"{k}={v}" for k, v in params.items())
+    return " ".join(f"{k}={_plain(v)}" for k, v in params.items())
+
+
+def _plain(value: Any) -> Any:
+    """A whole number read back as a float (a store column with gaps is float) shown as an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _higher_is_better(task: str, metric_name: str) -> bool:
