@@ -184,3 +184,47 @@ def test_bad_input_is_a_usage_error(kwargs, message) -> None:  # type: ignore[no
 def test_model_state_outside_the_protocol_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="batch in dimension 1"):
         measure_bias(make_task("copy"), ListState(), ["chunked:k=2"], seq_len=24, batch_size=2, n_batches=1, seed=0)
+
+
+def test_alignment_table_equals_cosines_computed_directly() -> None:
+    """Every ordered pair's mean cosine over batches and its standard error, against numpy on gradients taken
+    through the engine batch by batch (the measurement itself takes the fast routes)."""
+    from tbptt_bench.analysis.bias import TRUE_SPEC
+    from tbptt_bench.analysis.gradients import flatten, method_gradient, true_gradient
+
+    task = make_task("adding")
+    model = make_model("rnn", task, 4, seed=5, dtype="float64")
+    specs = ["chunked:k=2", "sliding:k=3", "tbptt:k1=2,k2=4"]
+    rep = analyse_bias(task, model, specs, seq_len=12, batch_size=2, n_batches=4, seed=3, n_flips=0, max_lag=0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    vecs: dict[str, list[np.ndarray]] = {s: [] for s in [*specs, TRUE_SPEC]}
+    for batch, state in bias_batches(task, model, seq_len=12, batch_size=2, n_batches=4, seed=3):
+        for s in specs:
+            vecs[s].append(flatten(method_gradient(model, batch, s, task.loss_kind, state), names).numpy())
+        vecs[TRUE_SPEC].append(flatten(true_gradient(model, batch, task.loss_kind, state), names).numpy())
+    table = rep.alignment.set_index(["spec", "other"])
+    assert len(table) == 16 and (rep.alignment["group"] == "all").all()
+    assert (rep.alignment["task"] == "adding").all()
+    for a, b in [(a, b) for a in vecs for b in vecs]:
+        cos = [x @ y / (np.linalg.norm(x) * np.linalg.norm(y)) for x, y in zip(vecs[a], vecs[b])]
+        assert table.loc[(a, b), "cosine_mean"] == pytest.approx(np.mean(cos), rel=1e-10, abs=1e-13)
+        assert table.loc[(a, b), "cosine_se"] == pytest.approx(np.std(cos, ddof=1) / 2, rel=1e-8, abs=1e-13)
+        assert table.loc[(a, b), "n_finite"] == 4
+
+
+def test_alignment_table_leaves_out_zero_estimates_and_names_full_not_true() -> None:
+    from tbptt_bench.analysis.bias import alignment_table
+
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    b = np.array([[1.0, 1.0], [2.0, 0.0], [1.0, -1.0]])
+    t = alignment_table({"a": a, "b": b}, {"a": "A"}).set_index(["spec", "other"])
+    assert t.loc[("a", "b"), "cosine_mean"] == pytest.approx((math.sqrt(0.5) + 0.0) / 2)
+    assert t.loc[("a", "b"), "n_finite"] == 2 and t.loc[("b", "b"), "n_finite"] == 3
+    assert t.loc[("a", "a"), "label"] == "A" and t.loc[("a", "b"), "other_label"] == "b"
+    task = make_task("adding")
+    model = make_model("rnn", task, 3, seed=0, dtype="float64")
+    rep = analyse_bias(task, model, ["full", "chunked:k=2"], seq_len=6, batch_size=1, n_batches=2, seed=0,
+                       n_flips=0, max_lag=0)
+    assert set(rep.alignment["spec"]) == {"full", "chunked:k=2"}
+    full = rep.alignment.set_index(["spec", "other"]).loc[("full", "full")]
+    assert full["cosine_mean"] == pytest.approx(1.0, abs=1e-12)

@@ -443,3 +443,28 @@ def test_panel_titles_show_whole_task_parameters_as_integers() -> None:
 
     assert _params_text('{"lag": 4.0, "length": 4000.0, "rate": 0.5}') == "lag=4 length=4000 rate=0.5"
     assert _params_text("{}") == "" and _params_text(None) == ""
+
+
+def test_alignment_heatmap_per_panel_and_none_for_older_stores(tmp_path: Path) -> None:
+    """A bias suite's alignment table becomes one heatmap per task × model, in the methods' own order with the
+    store's mean cosines; a store without the table (written before it existed) reports without it."""
+    from tbptt_bench.report.sections.alignment import alignment_matrices
+    from tbptt_bench.suites.store import read_results
+
+    suite = tmp_path / "al.toml"
+    suite.write_text('[suite]\nname = "al"\n[[bias]]\ntask = "adding"\nmodel = "rnn"\nhidden_size = 4\n'
+                     'methods = ["sliding:k=3", "full", "chunked:k=2"]\nseq_len = 10\nbatch_size = 2\nn_batches = 2\n'
+                     'max_lag = 0\nn_flips = 0\n')
+    assert main(["run", str(suite), "--results", str(tmp_path / "res"), "--quiet", "--jobs", "1"]) == 0
+    tables = load_tables(tmp_path / "res" / "al")
+    matrices = alignment_matrices(tables)
+    assert list(matrices) == ["adding · rnn"]
+    matrix = matrices["adding · rnn"]
+    assert list(matrix.index) == list(matrix.columns) == ["full", "chunked K=2", "sliding K=3"]
+    stored = read_results(tmp_path / "res" / "al", "alignment").set_index(["spec", "other"])["cosine_mean"]
+    assert matrix.loc["chunked K=2", "full"] == pytest.approx(stored[("chunked:k=2", "full")], rel=1e-12)
+    doc = build_report(tables, tmp_path / "rep", Options(formats=("png",), dpi=40))
+    assert "alignment_1" in doc.figures
+    older = build_report({k: v for k, v in tables.items() if k != "alignment"}, tmp_path / "rep2",
+                         Options(formats=("png",), dpi=40))
+    assert not [f for f in older.figures if f.startswith("alignment")]

@@ -124,6 +124,22 @@ def test_no_text_overlaps_or_leaves_the_figure(name: str, methods: int, panels: 
         figures.plt.close(fig)
 
 
+@pytest.mark.parametrize("methods", [2, 12])
+def test_alignment_heatmap_is_readable(methods: int) -> None:
+    names = _names(methods)
+    rng = np.random.default_rng(methods)
+    values = np.clip(rng.uniform(-1, 1, size=(methods, methods)), -1, 1)
+    values[0, -1] = np.nan
+    matrix = pd.DataFrame(values, index=names, columns=names)
+    fig = figures.heatmap(matrix, cbar_label="mean cosine", title="Alignment between estimators · copy · lstm")
+    try:
+        assert_readable(fig)
+        texts = {t.get_text() for t in fig.findobj(Text)}
+        assert "mean cosine" in texts and f"{values[1, 0]:.2f}" in texts and "nan" not in texts
+    finally:
+        figures.plt.close(fig)
+
+
 def test_single_k_is_drawn_without_rotated_tick_labels() -> None:
     fig = _ci_lines(_frame(20, 3, xs=(4,)))
     try:

@@ -341,3 +341,40 @@ def test_a_table_missing_from_the_manifest_is_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UsageError, match="manifest.json is damaged"):
         read_results(tmp_path)
+
+
+def test_a_bias_cell_writes_its_alignment_table(tmp_path: Path) -> None:
+    """A tiny suite with one bias block: the store gets an ``alignment`` table with one row per ordered pair of
+    the listed methods and the true gradient, stamped with the cell's key, and each method's cosine with the
+    true gradient equals the bias table's own (computed separately, per method)."""
+    from tbptt_bench.cli import main
+
+    suite_file = tmp_path / "align.toml"
+    suite_file.write_text(textwrap.dedent("""\
+        [suite]
+        name = "align"
+        [[bias]]
+        task = "adding"
+        model = "rnn"
+        hidden_size = 4
+        methods = ["chunked:k=2", "sliding:k=3"]
+        seq_len = 10
+        batch_size = 2
+        n_batches = 3
+        max_lag = 0
+        n_flips = 0
+        """))
+    assert main(["run", str(suite_file), "--results", str(tmp_path / "res"), "--quiet", "--jobs", "1"]) == 0
+    root = tmp_path / "res" / "align"
+    assert "alignment" in table_names(root)
+    align = read_results(root, "alignment")
+    bias = read_results(root, "bias")
+    assert len(align) == 9 and set(align["key"]) == set(bias["key"]) and (align["status"] == "ok").all()
+    pairs = align.set_index(["spec", "other"])
+    assert set(pairs.index) == {(a, b) for a in ("chunked:k=2", "sliding:k=3", "true")
+                                for b in ("chunked:k=2", "sliding:k=3", "true")}
+    cos = bias[bias["group"] == "all"].set_index("spec")["cosine_mean"]
+    for spec in ("chunked:k=2", "sliding:k=3"):
+        assert pairs.loc[(spec, "true"), "cosine_mean"] == pytest.approx(cos[spec], rel=1e-12)
+        assert pairs.loc[(spec, spec), "cosine_mean"] == pytest.approx(1.0, abs=1e-12)
+        assert pairs.loc[(spec, "true"), "cosine_mean"] == pairs.loc[("true", spec), "cosine_mean"]

@@ -250,6 +250,8 @@ class BiasReport:
     lags: pd.DataFrame
     profile: LagProfile | None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: One row per ordered pair of estimators: mean cosine over batches (:func:`alignment_table`).
+    alignment: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def default_max_lag(seq_len: int, methods: Sequence[Method]) -> int:
@@ -361,7 +363,7 @@ def analyse_bias(task: Task, model: nn.Module, methods: Sequence[Method | str], 
     lags = profile.to_frame() if profile is not None else pd.DataFrame(columns=LAG_COLUMNS)
     if len(lags):
         lags.insert(0, "task", task.name)
-    return BiasReport(rows, lags, profile, meta)
+    return BiasReport(rows, lags, profile, meta, _alignment(methods, samples, opts, {"n_batches": opts.n_batches, **meta}))
 
 
 def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOptions, lag_max: int, names: list[str],
@@ -440,6 +442,52 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
     table = pd.DataFrame(rows)
     if "k" in table.columns:
         table["k"] = table["k"].astype("Int64")
+    return table
+
+
+#: The spec and label of the true gradient in the alignment table (when no listed method is ``full``).
+TRUE_SPEC, TRUE_LABEL = "true", "true gradient"
+ALIGNMENT_COLUMNS = ["spec", "label", "other", "other_label", "group", "cosine_mean", "cosine_se", "n_finite"]
+
+
+def alignment_table(vectors: dict[str, np.ndarray], labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """Mean over batches of ``cos(ĝ_i, ĝ_j)`` and its standard error, one row per ordered pair (i, j).
+
+    ``vectors`` maps a spec to its per-batch estimates [N, P] (the same N batches for every spec): the
+    alignment matrix of :mod:`tbptt_bench.analysis.online` averaged over batches (docs/design.md §7.3).
+    A batch where either estimate is zero has no cosine and is left out (``n_finite`` counts the rest).
+    """
+    specs = list(vectors)
+    if not specs:
+        return pd.DataFrame(columns=ALIGNMENT_COLUMNS)
+    stack = np.stack([np.asarray(vectors[s], dtype=float) for s in specs])  # [M, N, P]
+    norms = np.linalg.norm(stack, axis=2)  # [M, N]
+    dots = np.einsum("inp,jnp->ijn", stack, stack)
+    denom = norms[:, None, :] * norms[None, :, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(denom > 0, dots / denom, np.nan)
+    labels = labels or {}
+    rows = []
+    for i, a in enumerate(specs):
+        for j, b in enumerate(specs):
+            mean, se = mean_sem(cos[i, j])
+            rows.append({"spec": a, "label": labels.get(a, a), "other": b, "other_label": labels.get(b, b),
+                         "group": "all", "cosine_mean": mean, "cosine_se": se,
+                         "n_finite": int(np.isfinite(cos[i, j]).sum())})
+    return pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS)
+
+
+def _alignment(methods: list[Method], samples: _Samples, opts: BiasOptions, constant: dict[str, Any]) -> pd.DataFrame:
+    """The alignment table of one measurement: every method, and the true gradient unless ``full`` is listed
+    (with probes there is no true gradient vector, so only the methods)."""
+    vectors = {m.spec: np.stack(samples.est_rows[m]) for m in methods}
+    labels = {m.spec: m.label for m in methods}
+    if not opts.probes and not any(isinstance(m, Full) for m in methods):
+        vectors[TRUE_SPEC], labels[TRUE_SPEC] = np.stack(samples.true_rows), TRUE_LABEL
+    table = alignment_table(vectors, labels)
+    for name, value in constant.items():
+        if name not in table.columns:
+            table[name] = value
     return table
 
 

@@ -514,6 +514,40 @@ def tradeoff(
     return _finish(fig, axes, title)
 
 
+#: Side of one heatmap cell (inches): room for a two-decimal annotation and a three-line row label.
+CELL = 0.45
+
+
+def heatmap(matrix: pd.DataFrame, *, cbar_label: str, title: str, vmin: float = -1.0, vmax: float = 1.0,
+            cmap: str = "RdBu_r") -> Figure:
+    """A square table drawn as an annotated heatmap (rows and columns in the table's order).
+
+    Columns are numbered and rows named ``n  label``, so long labels never collide below the cells; every
+    cell carries its value to two decimals (blank where NaN), and a colour bar says what the colour means.
+    """
+    n_rows, n_cols = matrix.shape
+    sns.set_theme(style="white", context="paper", font_scale=1.05)
+    width = min(MAX_WIDTH, max(5.5, 3.6 + CELL * n_cols + 1.0))
+    fig, ax = plt.subplots(figsize=(width, max(2.8, CELL * n_rows + 1.6)), constrained_layout=True)
+    values = matrix.to_numpy(dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
+    size = 7 if n_cols <= 8 else 6
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            shade = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size,
+                    color="white" if abs(shade - 0.5) > 0.35 else "black")
+    ax.set_xticks(range(n_cols), [str(j + 1) for j in range(n_cols)], fontsize=7)
+    ax.set_yticks(range(n_rows), [wrap(f"{i + 1}  {label}", 30) for i, label in enumerate(matrix.index)], fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_xlabel("column n = the row numbered n", fontsize=8)
+    bar = fig.colorbar(image, ax=ax, shrink=0.9)
+    bar.set_label(cbar_label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(wrap(title, int(width * 10)), fontsize=11)
+    return fig
+
+
 def _save_png(fig: Figure, path: Path, dpi: int) -> None:
     """PNG with a 256-colour palette: line plots lose nothing visible and the file shrinks about 3×."""
     buffer = io.BytesIO()

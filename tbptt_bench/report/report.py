@@ -30,6 +30,7 @@ from tbptt_bench.report import figures
 from tbptt_bench.report.common import order_methods
 from tbptt_bench.report.document import AXIS_WORDS, Document, Options
 from tbptt_bench.report.render import render_html, render_markdown
+from tbptt_bench.report.sections.alignment import alignment_section
 from tbptt_bench.report.sections.bias import bias_section
 from tbptt_bench.report.sections.cost import cost_section
 from tbptt_bench.report.sections.decision import decision_section
@@ -134,6 +135,7 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
     summary = doc.placeholder()
     provenance_section(doc, tables)
     bias_summary = bias_section(doc, tables, palette)
+    alignment_section(doc, tables)
     perf = cost_section(doc, tables, palette)
     train = learning_section(doc, tables, palette)
     tradeoff_section(doc, train, bias_summary, perf, palette)

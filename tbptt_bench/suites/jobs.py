@@ -12,7 +12,8 @@ each row with the cell's key, parameters, provenance, status and timing, and tur
 
 Rows are returned per table: ``cells`` (exactly one row per cell), the measurement's own table
 (``train``, ``bias`` or ``perf``: at least one row per cell, without metrics when it did not end ok)
-and side tables (``curves``: train learning curves, ``lags``: bias lag profiles). Columns:
+and side tables (``curves``: train learning curves, ``lags``: bias lag profiles, ``alignment``: bias
+cosines between estimators). Columns:
 :mod:`tbptt_bench.suites.schema` and docs/suites.md.
 """
 
@@ -219,7 +220,7 @@ def _bias_run(params: dict[str, Any]) -> Tables:
                        dtype=params["dtype"], device=params["device"], path=build["path"], model_params=model_params)
     labels = {"model": build["model"], **{f"model.{k}": v for k, v in sorted(model_params.items())}}
     report = bias.analyse_bias(task, model, build["methods"], with_provenance=False, labels=labels, **params)
-    return {"bias": _records(report.table), "lags": _records(report.lags)}
+    return {"bias": _records(report.table), "lags": _records(report.lags), "alignment": _records(report.alignment)}
 
 
 # --------------------------------------------------------------------------- perf

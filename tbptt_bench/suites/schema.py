@@ -4,7 +4,8 @@ A store holds one table per kind of row (docs/suites.md, "The result store"):
 
 * ``cells``  one row per cell, whatever its outcome: the shared columns below;
 * ``train``  one row per training run (final metrics), ``curves`` one row per learning-curve point;
-* ``bias``   one row per (method spec, parameter group), ``lags`` one row per lag of the profile;
+* ``bias``   one row per (method spec, parameter group), ``lags`` one row per lag of the profile,
+  ``alignment`` one row per ordered pair of estimators (mean cosine over batches);
 * ``perf``   one row per cost measurement.
 
 Every row of every table starts with the same :data:`SHARED` columns, with the same Arrow types.
@@ -30,7 +31,7 @@ SCHEMA_META = b"tbptt_bench.schema_version"
 CELLS = "cells"
 #: The table of each measurement kind and its side tables.
 MEASURE_TABLES = {"train": "train", "bias": "bias", "perf": "perf"}
-SIDE_TABLES = {"curves": "train", "lags": "bias"}
+SIDE_TABLES = {"curves": "train", "lags": "bias", "alignment": "bias"}
 
 _TIME = pa.timestamp("us", tz="UTC")
 #: Columns that every row of every table has, in this order and with these types.

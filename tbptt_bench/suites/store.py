@@ -4,7 +4,7 @@ Layout of a store directory (``results/<suite>/`` by default; columns in :mod:`t
 
     manifest.json          the schema version and the names of the tables (written atomically)
     cells.parquet          one row per cell, whatever its outcome (status, timing, provenance)
-    train.parquet  curves.parquet  bias.parquet  lags.parquet  perf.parquet
+    train.parquet  curves.parquet  bias.parquet  lags.parquet  alignment.parquet  perf.parquet
     parts/<key>/<table>.parquet   cells finished since the last compaction
     backup-v1/             the files of a schema-version-1 store, kept when it was converted
     .lock                  held (fcntl.flock) by the one run that writes here
@@ -298,7 +298,7 @@ def _check_args(root: Path, table: str | None = None) -> None:
 
 
 def read_results(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pd.DataFrame:
-    """A store's table as a DataFrame (``cells``, ``train``, ``curves``, ``bias``, ``lags``, ``perf``); empty if absent.
+    """A store's table as a DataFrame (``cells``, ``train``, ``curves``, ``bias``, ``lags``, ``alignment``, ``perf``); empty if absent.
 
     Needs no lock: safe while a run writes, and then a snapshot of the cells committed so far. A store
     of schema version 1 is converted on the fly.
