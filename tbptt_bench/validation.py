@@ -80,6 +80,20 @@ def integer(name: str, value: Any, lo: int | None = 1, hi: int | None = None) ->
     return number
 
 
+def integer_list(name: str, text: str, lo: int = 1, example: str = "1,2,4", *, skip_empty: bool = True) -> list[int]:
+    """Comma-separated integers ≥ ``lo`` (``"1,2,4"`` → ``[1, 2, 4]``); empty items are skipped unless
+    ``skip_empty`` is False. A bad item is one UsageError naming it and showing ``example``."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item and skip_empty:
+            continue
+        try:
+            out.append(integer(name, item, lo=lo))
+        except UsageError:
+            raise UsageError(f"{name} takes integers ≥ {lo} separated by commas, e.g. {example}; got {item!r}") from None
+    return out
+
+
 def choice(name: str, value: Any, options: Iterable[str]) -> str:
     """``value`` if it is one of ``options`` (compared as written)."""
     accepted = list(options)

@@ -327,3 +327,13 @@ def test_validation_functions_against_their_rules() -> None:
         validation.allocation("t", 11, 8, limit_bytes=80)
     assert validation.run_elements(2, 3, 4, 5) == 5 * 16 + 2 * 3 * 4 + 2 * 3
     assert 0 < validation.available_memory()
+
+
+def test_integer_lists_take_whole_numbers_at_or_above_the_minimum() -> None:
+    from tbptt_bench.validation import integer_list
+
+    assert integer_list("--k", "1, 2,,8") == [1, 2, 8]
+    assert integer_list("update counts", "0,100", lo=0) == [0, 100]
+    for bad, kwargs in (("1,x", {}), ("0,2", {}), ("1,inf", {}), ("-1", {"lo": 0}), ("256,,1024", {"skip_empty": False})):
+        with pytest.raises(UsageError, match="separated by commas"):
+            integer_list("--k", bad, **kwargs)

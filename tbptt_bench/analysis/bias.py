@@ -39,6 +39,7 @@ from scipy import stats
 from torch import nn
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.validation import integer_list
 from tbptt_bench.analysis.expectation import DEFAULT_FLIPS, expectation_bias
 from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
@@ -527,16 +528,7 @@ SNAPSHOT_COLUMNS = {
 
 def parse_update_list(text: str) -> list[int]:
     """``"0,100,200"`` → ``[0, 100, 200]`` (integers ≥ 0)."""
-    out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        try:
-            value = int(item)
-        except ValueError:
-            raise UsageError(f"update counts are integers ≥ 0 separated by commas, e.g. 0,100,200; got {item!r}") from None
-        if value < 0:
-            raise UsageError(f"update counts must be ≥ 0, got {value}")
-        out.append(value)
-    return out
+    return integer_list("update counts", text, lo=0, example="0,100,200")
 
 
 def bias_snapshots(

@@ -20,7 +20,7 @@ from tbptt_bench.commands.common import (add_run_args, build, check_counts, chec
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, describe, grid, split_specs
-from tbptt_bench.validation import finite_float, integer
+from tbptt_bench.validation import finite_float, integer_list
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,14 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_ks(text: str) -> list[int]:
-    out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        try:
-            k = integer("--k", item, lo=1)
-        except UsageError:
-            raise UsageError(f"--k takes integers ≥ 1 separated by commas, e.g. 1,2,4,8; got {item!r}") from None
-        out.append(k)
-    return out
+    """``--k 1,2,4,8`` → ``[1, 2, 4, 8]`` (integers ≥ 1)."""
+    return integer_list("--k", text, lo=1, example="1,2,4,8")
 
 
 def methods_from_args(args: argparse.Namespace) -> list[Method]:

@@ -27,7 +27,7 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import split_specs
 from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.perf.config import PerfConfig
-from tbptt_bench.validation import check_run_size, finite_float, integer
+from tbptt_bench.validation import check_run_size, finite_float, integer, integer_list
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,8 @@ def split_methods(items: list[str]) -> list[str]:
 
 
 def int_list(text: str, name: str) -> list[int]:
-    """``"256,1024"`` → ``[256, 1024]``, each an integer ≥ 1."""
-    try:
-        values = [integer(f"--{name}", v, lo=1) for v in text.split(",")]
-    except UsageError:
-        raise UsageError(f"--{name} takes integers ≥ 1 separated by commas, e.g. 256,1024; got {text!r}") from None
-    return values
+    """``"256,1024"`` → ``[256, 1024]``, each an integer ≥ 1 (no empty items)."""
+    return integer_list(f"--{name}", text, lo=1, example="256,1024", skip_empty=False)
 
 
 def parse_size(text: str | None) -> int | None:
