@@ -60,12 +60,6 @@ log = logging.getLogger(__name__)
 
 GROUPS = ("all", "input", "recurrent", "bias", "readout", "other")
 
-def method_columns(method: Method) -> dict[str, Any]:
-    """The columns that identify a method in the bias table (family, spec, series, k, label), from its own
-    description (:meth:`Method.describe`)."""
-    return method.describe()
-
-
 # -- batches -------------------------------------------------------------------------------------
 
 
@@ -431,7 +425,7 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
             idx = groups.get(group)
             if idx is None:
                 continue
-            row = {**method_columns(m), "group": group}
+            row = {**m.describe(), "group": group}  # the method's own columns: family, spec, series, k, label
             if opts.probes:
                 row.update(probe_metrics(est_mat, samples.directions, true_mat, level=opts.ci_level))
             else:
