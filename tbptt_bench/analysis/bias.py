@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 GROUPS = ("all", "input", "recurrent", "bias", "readout", "other")
 
+
 # -- batches -------------------------------------------------------------------------------------
 
 
