@@ -71,7 +71,10 @@ def test_user_model_tuple_state_without_readout_split() -> None:
 LAYOUTS = [
     (["chunked:k=1", "chunked:k=2", "chunked:k=4", "chunked:k=8", "chunked:k=16"], 4),
     (["chunked:k=1", "chunked:k=2", "tbptt:k1=2,k2=3", "chunked:k=8", "tbptt:k1=8,k2=12", "tbptt:k1=8,k2=10"], 2),
-    (["chunked:k=2", "chunked:k=4", "chunked:k=8", "tbptt:k1=8,k2=15"], None),  # ext 7 fits no coarse segment
+    # ext 7 is no multiple of the coarse segment: the coarse graph gets an extra cut point 7 steps before each chunk
+    (["chunked:k=2", "chunked:k=4", "chunked:k=8", "tbptt:k1=8,k2=15"], 2),
+    (["chunked:k=4", "tbptt:k1=8,k2=15", "tbptt:k1=8,k2=11", "tbptt:k1=16,k2=31", "chunked:k=16"], 4),
+    (["chunked:k=1", "chunked:k=2", "tbptt:k1=2,k2=3"], None),  # no rung between: one stage
 ]
 
 

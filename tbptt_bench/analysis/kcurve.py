@@ -46,7 +46,7 @@ from tbptt_bench.analysis.gradients import true_gradient
 from tbptt_bench.core.engine import Source, step_loss_sum
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, parse_method
-from tbptt_bench.models.protocol import State, check_protocol, cross_cut_parts
+from tbptt_bench.models.protocol import State, check_protocol, cross_cut_parts, input_fold
 from tbptt_bench.tasks.base import Batch
 from tbptt_bench.core.trajectory import (
     blocked, cat_states, core_fn, leaf, like, parts, prepare, readout_fn, shift_rows, states_every,
@@ -120,28 +120,31 @@ def plan(methods: Sequence[Method | str], length: int) -> tuple[list[Ladder], li
 
 
 class _Graph:
-    """A block-stacked forward pass, cut into leaf-started segments of ``g`` steps.
+    """A block-stacked forward pass, cut into leaf-started segments at the positions ``bounds``.
 
     ``starts`` holds the state at the start of every block of ``width`` steps (block ``b`` in rows
-    ``b·B…``); the sequence is zero-padded to whole blocks. ``loss`` (Σ ℓ_t over the sequence) is
-    built only when asked for.
+    ``b·B…``); the sequence is zero-padded to whole blocks. ``bounds`` (``0 = b_0 < … < b_n = width``)
+    are the block positions where a segment starts; the same cut points hold in every block. ``loss``
+    (Σ ℓ_t over the sequence) is built only when asked for.
     """
 
-    def __init__(self, model: nn.Module, data: Batch, loss_kind: str, starts: State, width: int, g: int,
-                 with_loss: bool = True) -> None:
+    def __init__(self, model: nn.Module, data: Batch, loss_kind: str, starts: State, width: int,
+                 bounds: Sequence[int], with_loss: bool = True) -> None:
         B = data.batch_size
-        self.B, self.width, self.g = B, width, g
+        self.B, self.width, self.bounds = B, width, list(bounds)
+        assert self.bounds[0] == 0 and self.bounds[-1] == width and self.bounds == sorted(set(self.bounds))
+        self.index = {pos: i for i, pos in enumerate(self.bounds)}
         self.blocks = parts(starts)[0].shape[1] // B
-        self.segments = width // g
+        self.segments = len(self.bounds) - 1
         x = blocked(data.inputs, width, self.blocks)
         core = core_fn(model)
         self.leaves: list[State] = []
         self.outs: list[State] = []
         features = []
         current = starts
-        for i in range(self.segments):
+        for a, b in zip(self.bounds[:-1], self.bounds[1:]):
             start = leaf(current)
-            f, current = core(x[:, i * g : (i + 1) * g], start)
+            f, current = core(x[:, a:b], start)
             self.leaves.append(start)
             self.outs.append(current)
             features.append(f)
@@ -150,16 +153,25 @@ class _Graph:
             batch = Batch(x, blocked(data.targets, width, self.blocks), blocked(data.weights, width, self.blocks))
             self.loss = step_loss_sum(readout_fn(model)(torch.cat(features, dim=1)), batch, loss_kind, B)
 
-    def starts_every_segment(self) -> State:
-        """The segment-start states re-stacked as blocks of ``g`` steps (block-major), for a finer graph."""
-        B, per = self.B, self.segments
+    def length(self, segment: int) -> int:
+        return self.bounds[segment + 1] - self.bounds[segment]
+
+    def path(self, a: int, b: int) -> list[int]:
+        """The segments that make up block positions ``a..b`` (both cut points), last first."""
+        return list(range(self.index[b] - 1, self.index[a] - 1, -1))
+
+    def starts_every(self, every: int) -> State:
+        """The states at the block positions that are multiples of ``every`` (all cut points), re-stacked
+        as blocks of ``every`` steps (block-major): the starts of a finer graph."""
+        chosen = [self.leaves[self.index[p]] for p in range(0, self.width, every)]
+        B, per = self.B, len(chosen)
         out = []
-        for j in range(len(parts(self.leaves[0]))):
-            t = torch.stack([parts(s)[j].detach() for s in self.leaves], dim=1)  # [d0, per, blocks·B, ...]
+        for j in range(len(parts(chosen[0]))):
+            t = torch.stack([parts(s)[j].detach() for s in chosen], dim=1)  # [d0, per, blocks·B, ...]
             rest = t.shape[3:]
             t = t.reshape(t.shape[0], per, self.blocks, B, *rest).transpose(1, 2)
             out.append(t.reshape(t.shape[0], self.blocks * per * B, *rest))
-        return like(self.leaves[0], out)
+        return like(chosen[0], out)
 
 
 def _add(a: list[torch.Tensor], b: Sequence[torch.Tensor | None]) -> None:
@@ -189,9 +201,17 @@ def _backward(graph: _Graph, params: list[torch.Tensor], segs: list[int], adjoin
     return grads[: len(params)], _grad_states(grads[len(params):], starts)
 
 
+def _hop_lengths(graph: _Graph, paths: list[list[int]]) -> list[int]:
+    """The common segment lengths of parallel paths (every chunk is cut alike: the cut points repeat)."""
+    lengths = [[graph.length(s) for s in p] for p in paths]
+    if any(ls != lengths[0] for ls in lengths):
+        raise AssertionError(f"k-curve graph: chunks cut unlike each other ({lengths[:2]}); the cut points must repeat")
+    return lengths[0]
+
+
 def _base(graph: _Graph, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]]]:
-    """chunked(g) (every segment alone, with its losses) and Λ_g of every segment."""
-    assert graph.loss is not None
+    """chunked(g) (every segment alone, with its losses) and Λ_g of every segment; segments all of g steps."""
+    assert graph.loss is not None and len({graph.length(s) for s in range(graph.segments)}) == 1
     grads = torch.autograd.grad(graph.loss, [*params, *(t for s in graph.leaves for t in parts(s))],
                                 retain_graph=True, allow_unused=True)
     total = [torch.zeros_like(p) for p in params]
@@ -199,25 +219,36 @@ def _base(graph: _Graph, params: list[torch.Tensor]) -> tuple[list[torch.Tensor]
     return total, _grad_states(grads[len(params):], graph.leaves)
 
 
+Snapshots = dict[tuple[int, int], list[torch.Tensor]]
+
+
 def _climb(graph: _Graph, params: list[torch.Tensor], levels: list[int], lam: list[tuple[torch.Tensor, ...]],
-           level_grad: dict[int, list[torch.Tensor]]) -> dict[int, list[tuple[torch.Tensor, ...]]]:
+           level_grad: dict[int, list[torch.Tensor]], exts: dict[int, list[int]], snaps: Snapshots
+           ) -> dict[int, list[tuple[torch.Tensor, ...]]]:
     """Rungs ``levels[0] → levels[1] → …`` on one graph; fills ``level_grad``, returns Λ of every level.
 
-    ``lam`` holds Λ of ``levels[0]`` per chunk of that length within a block (block-local index).
+    ``lam`` holds Λ of ``levels[0]`` per chunk of that length within a block (block-local index). The
+    first backward pass of a rung ``K → m·K`` pushes Λ_K of the last K-chunk of every m·K-chunk through
+    the K-chunk before it: exactly the TBPTT extension of those chunks. Its parameter gradient after
+    ``e`` steps is kept in ``snaps[(K, e)]`` for every extension ``e ≤ K`` in ``exts[K]``.
     """
-    g = graph.g
     lams = {levels[0]: lam}
     for prev, level in zip(levels[:-1], levels[1:]):
-        m, n = level // prev, prev // g
+        m = level // prev
         chunks = graph.width // level
         cross = [torch.zeros_like(p) for p in params]
+        wanted = {e for e in exts.get(prev, []) if 0 < e <= prev}
         rho = [lam[c * m + m - 1] for c in range(chunks)]
         for q in range(m - 2, -1, -1):
             mu = rho
-            for r in range(n):
-                segs = [(c * level + q * prev) // g + n - 1 - r for c in range(chunks)]
-                pg, mu = _backward(graph, params, segs, mu)
+            paths = [graph.path(c * level + q * prev, c * level + (q + 1) * prev) for c in range(chunks)]
+            depth = 0
+            for r, length in enumerate(_hop_lengths(graph, paths)):
+                pg, mu = _backward(graph, params, [p[r] for p in paths], mu)
                 _add(cross, pg)
+                depth += length
+                if q == m - 2 and depth in wanted:
+                    snaps[(prev, depth)] = [t.clone() for t in cross]
             rho = [tuple(a + b for a, b in zip(lam[c * m + q], mu[c])) for c in range(chunks)]
         lam = rho
         lams[level] = lam
@@ -225,24 +256,45 @@ def _climb(graph: _Graph, params: list[torch.Tensor], levels: list[int], lam: li
     return lams
 
 
+def _extensions(graph: _Graph, params: list[torch.Tensor], lam: list[tuple[torch.Tensor, ...]], k1: int,
+                exts: list[int], chunk_ids: list[int]) -> dict[int, list[torch.Tensor]]:
+    """Parameter gradient of pushing ``Λ_{k1}`` of the block-local chunks ``chunk_ids`` back ``e`` steps
+    before their chunk, for every ``e`` in ``exts`` (into the previous block where a push crosses one)."""
+    acc = [torch.zeros_like(p) for p in params]
+    out = {0: [a.clone() for a in acc]}
+    B = graph.B
+    mu = [lam[c] for c in chunk_ids]
+    pos = [c * k1 for c in chunk_ids]
+    depth, target = 0, max(exts, default=0)
+    while chunk_ids and depth < target:
+        for i, p in enumerate(pos):
+            if p == 0:  # step into the previous block: its rows sit B rows earlier
+                mu[i] = tuple(parts(shift_rows(mu[i], B)))
+                pos[i] = graph.width
+        segs = [graph.index[p] - 1 for p in pos]
+        (length,) = _hop_lengths(graph, [[s] for s in segs])
+        pg, mu = _backward(graph, params, segs, mu)
+        _add(acc, pg)
+        depth += length
+        pos = [graph.bounds[s] for s in segs]
+        if depth in exts:
+            out[depth] = [a.clone() for a in acc]
+    return {e: out.get(e, acc) for e in [0, *exts]}
+
+
 def _split_level(ladder: Ladder, levels: list[int]) -> int | None:
     """The rung where a coarser graph takes over (two stages), or None for one stage.
 
-    Fine segments (``g`` steps) are needed only below it; above, segments of ``split`` steps cut the
-    number of kernel calls. Chosen near √(g·W); every TBPTT extension must fit one of the stages.
+    Fine segments (``g`` steps) are needed only below it; above, segments of about ``split`` steps cut
+    the number of kernel calls. Chosen near √(g·W).
     """
     g, top = levels[0], levels[-1]
     inner = [lv for lv in levels[1:-1] if lv * lv <= g * top]
-    if not inner:
-        return None
-    split = inner[-1]
-    if any(s.ext and s.k1 > split and s.ext % split for _, s in ladder.methods):
-        return None
-    return split
+    return inner[-1] if inner else None
 
 
 def _to_coarse(lam: tuple[torch.Tensor, ...], coarse: _Graph, per: int) -> list[tuple[torch.Tensor, ...]]:
-    """Λ of the fine blocks (block ``b·per + c`` in rows) as one entry per coarse segment ``c``."""
+    """Λ of the fine blocks (block ``b·per + c`` in rows) as one entry per ``split``-chunk ``c`` of a coarse block."""
     B = coarse.B
     out = []
     for c in range(per):
@@ -251,58 +303,70 @@ def _to_coarse(lam: tuple[torch.Tensor, ...], coarse: _Graph, per: int) -> list[
     return out
 
 
+def _bounds(width: int, step: int, period: int, exts: Sequence[int]) -> list[int]:
+    """Cut points of a block: every multiple of ``step``, and every position ``e`` steps before a
+    multiple of ``period`` for each extension ``e`` (so that each extension ends on a cut point)."""
+    cuts = set(range(0, width + 1, step))
+    for e in exts:
+        cuts.update(p for p in range((-e) % period, width + 1, period))
+    return sorted(cuts)
+
+
 def _ladder_gradients(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: Ladder,
                       names: list[str], params: list[torch.Tensor]) -> dict[Method, Gradient]:
+    exts = {k1: sorted({s.ext for _, s in ladder.methods if s.k1 == k1 and s.ext > 0}) for k1 in ladder.levels}
     g = ladder.base
     levels = sorted(set(ladder.levels) | {g})
     top = levels[-1]
     starts = cat_states(states_every(model, data, top, state, math.ceil(data.length / top)))
     split = _split_level(ladder, levels)
     level_grad: dict[int, list[torch.Tensor]] = {}
+    snaps: Snapshots = {}
+    graph_of: dict[int, _Graph] = {}
     if split is None:
-        fine = coarse = _Graph(model, data, loss_kind, starts, top, g)
+        fine = _Graph(model, data, loss_kind, starts, top, range(0, top + 1, g))
         level_grad[g], lam = _base(fine, params)
-        lams = _climb(fine, params, levels, lam, level_grad)
+        lams = _climb(fine, params, levels, lam, level_grad, exts, snaps)
+        graph_of = {k: fine for k in levels}
     else:
-        # Coarse graph first (segments of `split` steps): its segment starts are the fine graph's blocks.
-        coarse = _Graph(model, data, loss_kind, starts, top, split, with_loss=False)
-        fine = _Graph(model, data, loss_kind, coarse.starts_every_segment(), split, g)
-        level_grad[g], lam = _base(fine, params)
-        lams = _climb(fine, params, [lv for lv in levels if lv <= split], lam, level_grad)
-        coarse_lams = _climb(coarse, params, [lv for lv in levels if lv >= split],
-                             _to_coarse(lams[split][0], coarse, top // split), level_grad)
+        # Coarse graph first (cut at multiples of `split`, and where a coarse extension ends): its
+        # states at multiples of `split` start the fine graph's blocks.
+        coarse_exts = [e for k, es in exts.items() if k >= split for e in es]
+        coarse = _Graph(model, data, loss_kind, starts, top, _bounds(top, split, split, coarse_exts), with_loss=False)
+        fine_exts = [e for k, es in exts.items() if k < split for e in es]
+        g_fine = reduce(math.gcd, [lv for lv in levels if lv <= split] + fine_exts)
+        fine_levels = sorted({lv for lv in levels if lv <= split} | {g_fine})
+        fine = _Graph(model, data, loss_kind, coarse.starts_every(split), split, range(0, split + 1, g_fine))
+        level_grad[g_fine], lam = _base(fine, params)
+        lams = _climb(fine, params, fine_levels, lam, level_grad, exts, snaps)
+        coarse_levels = [lv for lv in levels if lv >= split]
+        lams.update(_climb(coarse, params, coarse_levels, _to_coarse(lams[split][0], coarse, top // split),
+                           level_grad, exts, snaps))
+        graph_of = {k: (fine if k < split else coarse) for k in levels}
     out: dict[Method, Gradient] = {}
     for k1 in ladder.levels:
-        exts = sorted({s.ext for _, s in ladder.methods if s.k1 == k1})
-        if split is None or k1 <= split:
-            ext_grad = _extensions(fine, params, lams[k1], k1, exts)
-        else:
-            ext_grad = _extensions(coarse, params, coarse_lams[k1], k1, exts)
+        above = [lv for lv in levels if lv > k1]
+        m = above[0] // k1 if above else 0
+        chunk_count = graph_of[k1].width // k1
+        ext_grad: dict[int, list[torch.Tensor]] = {0: [torch.zeros_like(p) for p in params]}
+        if exts[k1]:
+            reused = [e for e in exts[k1] if (k1, e) in snaps]
+            # The first rung above k1 pushed Λ of every m-th chunk already; push the others here.
+            ids = [c for c in range(chunk_count) if not (reused and c % m == m - 1)]
+            explicit = _extensions(graph_of[k1], params, lams[k1], k1, exts[k1], ids)
+            if reused:
+                missing = [e for e in exts[k1] if e not in reused]
+                if missing:  # the reused snapshots miss some extension: push the skipped chunks for those
+                    skipped = [c for c in range(chunk_count) if c % m == m - 1]
+                    extra = _extensions(graph_of[k1], params, lams[k1], k1, missing, skipped)
+                    for e in missing:
+                        snaps[(k1, e)] = extra[e]
+            for e in exts[k1]:
+                ext_grad[e] = [a + b for a, b in zip(explicit[e], snaps[(k1, e)])] if reused else explicit[e]
         for method, shape in ladder.methods:
             if shape.k1 == k1:
                 total = [a + b for a, b in zip(level_grad[k1], ext_grad[shape.ext])]
                 out[method] = {n: t.detach().clone() for n, t in zip(names, total)}
-    return out
-
-
-def _extensions(graph: _Graph, params: list[torch.Tensor], lam: list[tuple[torch.Tensor, ...]], k1: int,
-                exts: list[int]) -> dict[int, list[torch.Tensor]]:
-    """Parameter gradient of pushing each ``Λ_{k1}`` back ``ext`` steps before its chunk, for each ext."""
-    acc = [torch.zeros_like(p) for p in params]
-    out = {0: [a.clone() for a in acc]}
-    g, B = graph.g, graph.B
-    mu = list(lam)
-    offset = [c * k1 // g for c in range(len(lam))]
-    for depth in range(1, max(exts, default=0) // g + 1):
-        for c in range(len(mu)):
-            if offset[c] == 0:  # step into the previous block: its rows sit B rows earlier
-                mu[c] = tuple(parts(shift_rows(mu[c], B)))
-                offset[c] = graph.segments
-            offset[c] -= 1
-        pg, mu = _backward(graph, params, list(offset), mu)
-        _add(acc, pg)
-        if depth * g in exts:
-            out[depth * g] = [a.clone() for a in acc]
     return out
 
 
@@ -312,13 +376,15 @@ def kcurve_gradients(
     loss_kind: str,
     methods: Sequence[Method | str],
     state: State | None = None,
+    fold: bool = True,
 ) -> dict[Method, Gradient]:
     """ĝ of every chunk-shaped method in ``methods`` (others are left out), sharing work along ladders.
 
     Returns ``{method: {parameter name: gradient}}``, equal to :func:`~tbptt_bench.analysis.gradients.method_gradient`
-    of each method up to floating-point rounding. A model with state parts that cross a cut
-    (docs/design.md §7.1) gets nothing here: the nesting assumes a cut detaches the whole state, so its
-    callers fall back to one engine run per method.
+    of each method up to floating-point rounding. With ``fold`` the passes run on the model's input
+    fold when it declares one (docs/design.md §3.9) and the gradients are mapped back. A model with
+    state parts that cross a cut (docs/design.md §7.1) gets nothing here: the nesting assumes a cut
+    detaches the whole state, so its callers fall back to one engine run per method.
     """
     check_protocol(model)
     if cross_cut_parts(model):
@@ -327,11 +393,15 @@ def kcurve_gradients(
     ladders, _ = plan(methods, T)
     if not ladders:
         return {}
-    names, params, data, h0 = prepare(model, source, state)
+    folded = input_fold(model) if fold else None
+    target = folded.model if folded is not None else model
+    names, params, data, h0 = prepare(target, source, state)
     out: dict[Method, Gradient] = {}
     for ladder in ladders:
         log.debug("k-curve ladder %s (base %d) for %s", ladder.levels, ladder.base, [m.spec for m, _ in ladder.methods])
-        out.update(_ladder_gradients(model, data, loss_kind, h0, ladder, names, params))
+        out.update(_ladder_gradients(target, data, loss_kind, h0, ladder, names, params))
+    if folded is not None:
+        out = {m: folded.pullback(g) for m, g in out.items()}
     return out
 
 

@@ -10,6 +10,11 @@ Optionally it declares ``cross_cut_parts``: the indices of the state tuple's par
 leaves differentiable (docs/design.md §7.1), e.g. stored past states an attention layer reads. Without
 it a cut detaches the whole state.
 
+Optionally it offers ``input_fold() -> InputFold | None``: an equivalent model whose recurrence reads
+the raw inputs (its input encoder folded into the first layer's input weights) and the chain rule
+that maps that model's parameter gradients back (docs/design.md §3.9). Analyses that run many backward
+passes over one forward pass (whole K curves) use it; training never does.
+
 Optionally it splits ``forward`` into ``core(inputs, state) -> (features, new_state)`` and
 ``readout(features) -> outputs``. Parameters used only in ``readout`` act outside the recurrence:
 every method keeps their direct gradient term (docs/design.md §2). Without the split every parameter is
@@ -18,6 +23,7 @@ treated as part of the recurrence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, Union, runtime_checkable
 
 import torch
@@ -83,6 +89,31 @@ def cross_cut_parts(model: object) -> tuple[int, ...]:
             f"model {type(model).__name__}: cross_cut_parts must be a tuple of state-part indices ≥ 0, got {declared!r}"
         )
     return declared
+
+
+@dataclass(frozen=True)
+class InputFold:
+    """An equivalent model for analysis, and the map of its parameter gradients back (docs/design.md §3.9).
+
+    ``model`` computes the same outputs and states as the original for the same inputs and states;
+    its parameters are the original's except those the fold replaces. ``pullback`` turns a gradient
+    ``{name: tensor}`` of ``model``'s trainable parameters into one of the original's (same names and
+    order as its ``named_parameters``).
+    """
+
+    model: nn.Module
+    pullback: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def input_fold(model: object) -> InputFold | None:
+    """The model's declared input fold (docs/design.md §3.9), or None when it declares none."""
+    fold = getattr(model, "input_fold", None)
+    if not callable(fold):
+        return None
+    out = fold()
+    if out is not None and not isinstance(out, InputFold):
+        raise UsageError(f"model {type(model).__name__}: input_fold() must return an InputFold or None, got {out!r}")
+    return out
 
 
 def truncate_state(state: State, keep: tuple[int, ...]) -> State:

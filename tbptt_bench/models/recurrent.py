@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.models.protocol import ExecutionPath, State, register_model
+from tbptt_bench.models.protocol import ExecutionPath, InputFold, State, register_model
 
 CELL_TYPES = ("rnn", "lstm", "gru")
 
@@ -105,6 +105,23 @@ class RecurrentNet(nn.Module):
             return self._cell_forward(x, state)
         raise UsageError(f"unknown execution path {self.path!r}; accepted: fused, cell")
 
+    # -- analysis fold --------------------------------------------------------------------------
+    def input_fold(self) -> InputFold | None:
+        """This net with its encoder folded into the first layer's input weights (docs/design.md §3.9).
+
+        Worth it when the raw input is no wider than the hidden state (one-hot tokens of a small
+        vocabulary, low-dimensional real inputs): the first layer's input products shrink from H to
+        that width and the encoder's input adjoint disappears. None on the cell path, for wider inputs,
+        or when the encoder or the first layer's input weights are frozen.
+        """
+        enc = self.encoder
+        width = enc.num_embeddings if isinstance(enc, nn.Embedding) else enc.in_features
+        first = (*enc.parameters(), self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
+        if self.path != "fused" or width > self.hidden_size or not all(p.requires_grad for p in first):
+            return None
+        folded = FoldedNet(self)
+        return InputFold(folded, folded.pullback)
+
     # -- per-step cell path ---------------------------------------------------------------------
     def compile_cell(self, **options: Any) -> None:
         """Use ``torch.compile`` for the one-step function of the cell path (``options`` go to it).
@@ -141,6 +158,73 @@ class RecurrentNet(nn.Module):
         out = torch.stack(outputs, dim=1)
         h_new = torch.stack(hs, 0)
         return out, ((h_new, torch.stack(cs, 0)) if self.cell == "lstm" else h_new)
+
+
+class FoldedNet(nn.Module):
+    """A :class:`RecurrentNet` whose first layer reads the raw inputs (docs/design.md §3.9).
+
+    Tokens enter one-hot with input weights ``W' = W_ih·Eᵀ`` (E the embedding table); real inputs
+    enter as they are with ``W' = W_ih·A`` and ``b' = b_ih + W_ih·c`` (A, c the encoder's weight and
+    bias). Every other parameter is the original's own tensor, so gradients of those need no mapping;
+    :meth:`pullback` maps the gradient of ``W'`` (and ``b'``) back to the encoder and ``W_ih``.
+    """
+
+    def __init__(self, net: RecurrentNet) -> None:
+        super().__init__()
+        enc, rnn = net.encoder, net.rnn
+        self.tokens = isinstance(enc, nn.Embedding)
+        self.width = enc.num_embeddings if self.tokens else enc.in_features
+        self.cell, self.hidden_size, self.num_layers = net.cell, net.hidden_size, net.num_layers
+        self._trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+        w = rnn.weight_ih_l0
+        self.rnn = type(rnn)(self.width, net.hidden_size, num_layers=net.num_layers, batch_first=True,
+                             device=w.device, dtype=w.dtype)
+        for name, p in rnn.named_parameters():
+            if name not in ("weight_ih_l0", "bias_ih_l0") or (self.tokens and name == "bias_ih_l0"):
+                setattr(self.rnn, name, p)
+        self._w_ih = w.detach()
+        self._encoder = {n: p.detach() for n, p in enc.named_parameters()}
+        with torch.no_grad():
+            if self.tokens:
+                self.rnn.weight_ih_l0.copy_(w @ enc.weight.T)
+            else:
+                self.rnn.weight_ih_l0.copy_(w @ enc.weight)
+                self.rnn.bias_ih_l0.copy_(rnn.bias_ih_l0 + w @ enc.bias)
+        self.readout = net.readout
+
+    def initial_state(self, batch_size: int) -> State:
+        p = self.readout.weight
+        h = torch.zeros(self.num_layers, batch_size, self.hidden_size, dtype=p.dtype, device=p.device)
+        return (h, torch.zeros_like(h)) if self.cell == "lstm" else h
+
+    def core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The original net's features and state, computed from the raw inputs."""
+        dtype = self.rnn.weight_hh_l0.dtype
+        x = F.one_hot(inputs.long(), self.width).to(dtype) if self.tokens else inputs
+        return self.rnn(x, state)
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        features, state = self.core(inputs, state)
+        return self.readout(features), state
+
+    def pullback(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A gradient of this net's parameters as one of the original net's (chain rule through the fold)."""
+        d_w = grads["rnn.weight_ih_l0"]
+        w, enc = self._w_ih, self._encoder
+        out: dict[str, torch.Tensor] = {}
+        for name in self._trainable:
+            if name == "encoder.weight":
+                out[name] = d_w.T @ w if self.tokens else w.T @ d_w
+            elif name == "encoder.bias":
+                out[name] = w.T @ grads["rnn.bias_ih_l0"]
+            elif name == "rnn.weight_ih_l0":
+                if self.tokens:
+                    out[name] = d_w @ enc["weight"]
+                else:
+                    out[name] = d_w @ enc["weight"].T + torch.outer(grads["rnn.bias_ih_l0"], enc["bias"])
+            else:
+                out[name] = grads[name]
+        return out
 
 
 def _factory(cell: str):  # type: ignore[no-untyped-def]
