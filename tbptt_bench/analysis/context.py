@@ -15,7 +15,7 @@ The **effective context** at a level L is read off that curve three ways (docs/b
   interval is undefined (fewer than 4 batches);
 * ``k_effective_point``: the smallest K whose noise-corrected estimate ``relative_bias`` is ≤ L;
 * ``k_effective_error``: the smallest K whose mean per-batch relative error ‖ĝ_K − g‖/‖g‖ is ≤ L (the
-  plug-in per batch: it includes the noise of ĝ − g, so it never falls below the bias).
+  plug-in per batch: it includes the noise of ĝ − g as well as the bias).
 """
 
 from __future__ import annotations

@@ -302,7 +302,7 @@ MEASURES: dict[str, Measure] = {
                      schema=_train_schema, check=_train_check, run=_train_run),
     "bias": Measure("bias", 1, timing=False, module="tbptt_bench.analysis.bias", list_keys=frozenset({"methods"}),
                     schema=_bias_schema, check=_bias_check, run=_bias_run),
-    "context": Measure("context", 1, timing=False, module="tbptt_bench.training.context",
+    "context": Measure("context", 1, timing=False, module="tbptt_bench.training.context", list_keys=frozenset({"levels"}),
                        schema=_context_schema, check=_context_check, run=_context_run),
     "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.child",
                     schema=_perf_schema, check=_perf_check, run=_perf_run),
