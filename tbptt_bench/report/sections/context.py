@@ -75,7 +75,8 @@ def context_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
                     "per-batch error are shown.")
     if not levels.empty:
         _context_figure(doc, _panelled(levels), kmax, few)
-    _bias_figure(doc, curve)
+    marks = sorted(levels["level"].dropna().unique()) if "level" in levels.columns and len(levels) else [0.01, 0.05]
+    _bias_figure(doc, curve, [float(v) for v in marks])
     if not levels.empty:
         _context_table(doc, _panelled(levels), kmax, few)
 
@@ -106,8 +107,8 @@ def _context_figure(doc: Document, levels: pd.DataFrame, kmax: int, few: bool) -
                "grid reached the level.")
 
 
-def _bias_figure(doc: Document, curve: pd.DataFrame) -> None:
-    """Relative bias against K, one line per checkpoint coloured by training progress."""
+def _bias_figure(doc: Document, curve: pd.DataFrame, level_values: list[float]) -> None:
+    """Relative bias against K, one line per checkpoint coloured by training progress; the levels dashed."""
     o = doc.options
     curve = curve.assign(K=pd.to_numeric(curve["k"], errors="coerce").astype(float))
     by = ["panel", "update", "K"]
@@ -118,8 +119,8 @@ def _bias_figure(doc: Document, curve: pd.DataFrame) -> None:
     labels = {u: f"update {int(u)} ({_tokens(float(tokens.get(u, np.nan)))} tokens)" for u in order}
     rel["checkpoint"] = rel["update"].map(labels)
     colours = dict(zip((labels[u] for u in order), sns.color_palette("viridis", n_colors=max(len(order), 1))))
-    level_values = sorted({0.01, 0.05} | set(curve.get("level", pd.Series(dtype=float)).dropna()))
-    refs = pd.DataFrame([{"panel": p, "y": v, "label": f"level {v:.0%}"}
+    words = " and ".join(f"{v:.0%}" for v in level_values)
+    refs = pd.DataFrame([{"panel": p, "y": v, "label": f"levels {words}"}
                          for p in rel["panel"].unique() for v in level_values])
     fig = figures.ci_lines(rel, x="K", y="mean", low="ci_low", high="ci_high", hue="checkpoint", panel="panel",
                            colours=colours, refs=refs, logx=True, logy=True, zero_below=EXACT_ZERO, sharey=True,
@@ -128,8 +129,8 @@ def _bias_figure(doc: Document, curve: pd.DataFrame) -> None:
     doc.figure("context_bias_vs_k", fig, "Where the effective context is read: relative bias ‖E(ĝ_K − g)‖/‖E g‖ "
                "(noise-corrected estimate) of chunked(K) against K, one line per checkpoint, from dark (update 0) "
                f"to light (last); band: its {o.confidence:.0%} interval where there are ≥ 4 segments; dashed: the "
-               "1% and 5% levels. Open markers on the axis floor: a zero estimate (exactly zero, ≤ "
-               f"{EXACT_ZERO:g}, when its interval is zero too; else with a bar up to its interval's upper end).")
+               f"levels ({', '.join(f'{v:.0%}' for v in level_values)}). Open markers on the axis floor: a zero "
+               f"estimate (exactly zero, ≤ {EXACT_ZERO:g}, when its interval is zero too; else with a bar up to its interval's upper end).")
 
 
 def _context_table(doc: Document, levels: pd.DataFrame, kmax: int, few: bool) -> None:
