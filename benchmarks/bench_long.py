@@ -10,16 +10,16 @@ time), float32. For every dyadic K the relative error ‖ĝ_K − g‖/‖g‖ a
 the true gradient g (``full:checkpoint=C``) on that one batch of streams, from
 :func:`tbptt_bench.analysis.kcurve.streamed_chunked_curve`; its wall time; and the peak resident
 memory of the measurement (Linux ``VmHWM`` reset after model and data exist, minus the resident set
-then; ``tbptt_bench.perf.harness``). With ``--train-steps`` the model is first trained with the
+then; ``tbptt_bench.perf.memory``). With ``--train-steps`` the model is first trained with the
 project's ``train`` (chunked:k=``--train-k``), and the curve is measured at update 0 and every
-``--eval-every`` updates: the *effective context* is the smallest K whose relative error is ≤ 1% / 5%.
+``--eval-every`` updates on ``--batches`` held-out segments (:func:`tbptt_bench.training.context.train_context`,
+the library function of the suites' ``[[context]]`` cells): the *effective context* is the smallest K whose
+relative bias is ≤ 1% / 5% (interval rule, point estimate and per-batch error; docs/bias.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import logging
 import math
 import sys
@@ -32,9 +32,10 @@ import torch
 from tbptt_bench.analysis.gradients import compare_vectors, flatten
 from tbptt_bench.analysis.kcurve import effective_context, streamed_chunked_curve
 from tbptt_bench.core.build import make_model, make_task
-from tbptt_bench.perf.harness import current_rss_bytes, peak_rss_bytes, reset_peak_rss, write_json_atomic
+from tbptt_bench.perf.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from tbptt_bench.perf.tables import write_json_atomic
 from tbptt_bench.provenance import provenance
-from tbptt_bench.training.loop import TrainConfig, train
+from tbptt_bench.training.context import ContextConfig, train_context
 
 LEVELS = (0.01, 0.05)
 
@@ -73,24 +74,21 @@ def show(result: dict[str, Any], title: str) -> None:
     print(f"  effective context: K(1%) = {result['k_1pct']}, K(5%) = {result['k_5pct']}", flush=True)
 
 
-def figure(points: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+def figure(levels: list[dict[str, Any]], kmax: int, path: Path) -> None:
+    """K(1%) and K(5%) against training tokens, as the report draws them (``figures.seed_lines``)."""
+    import pandas as pd
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tbptt_bench.report import figures
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for lv in LEVELS:
-        key = f"k_{round(100 * lv)}pct"
-        xs = [p["update"] for p in points if p[key] is not None]
-        ax.plot(xs, [p[key] for p in points if p[key] is not None], marker="o", label=f"relative error ≤ {lv:.0%}")
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("training update (chunked K for training)")
-    ax.set_ylabel("smallest chunked K")
-    ax.set_title(f"effective context, char-lm, T = {points[0]['seq_len']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    frame = pd.DataFrame(levels)
+    frame = frame.melt(id_vars=["tokens", "level"], value_vars=["k_effective", "k_effective_point"], var_name="rule",
+                       value_name="K").assign(seed=0, ceiling=float(kmax))
+    frame["K"] = pd.to_numeric(frame["K"], errors="coerce").astype(float)
+    frame["level"] = frame["level"].map(lambda v: f"bias ≤ {v:.0%}")
+    fig = figures.seed_lines(frame, x="tokens", y="K", hue="level", style="rule", unit="seed", ceiling="ceiling",
+                             log_base=2, xlabel="training tokens", ylabel="smallest chunked K",
+                             title="effective context over training, char-lm")
+    figures.save(fig, path.parent, path.stem, (path.suffix.lstrip("."),))
 
 
 def main() -> int:
@@ -101,6 +99,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--kmax", type=int, default=4096)
     p.add_argument("--split", default="train")
+    p.add_argument("--batches", type=int, default=4, help="held-out segments per checkpoint (with --train-steps)")
+    p.add_argument("--warmup", type=int, default=1024, help="steps run without gradient before each segment")
     p.add_argument("--train-steps", type=int, default=0, help="train first, measuring every --eval-every updates")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--train-k", type=int, default=32)
@@ -118,22 +118,18 @@ def main() -> int:
         results["long"] = curve(model, task, args.seq_len, args.batch, args.kmax, args.split)
         show(results["long"], "chunked K curve at initial θ")
     else:
-        points: list[dict[str, Any]] = []
-
-        def on_eval(update: int, model: torch.nn.Module) -> dict[str, Any]:
-            r = curve(copy.deepcopy(model), task, args.seq_len, args.batch, args.kmax, args.split)
-            r["update"] = update
-            points.append(r)
-            show(r, f"update {update}")
-            return {}
-
-        cfg = TrainConfig(task="char-lm", model="lstm", method=f"chunked:k={args.train_k}", steps=args.train_steps,
-                          seq_len=args.train_seq_len, batch_size=args.batch, hidden_size=args.hidden, lr=args.lr,
-                          eval_every=args.eval_every, eval_batches=2)
-        res = train(cfg, on_eval=on_eval)
-        results["training"] = {"config": cfg.__dict__, "curve": res.curve, "snapshots": points}
+        cfg = ContextConfig(task="char-lm", model="lstm", method=f"chunked:k={args.train_k}", steps=args.train_steps,
+                            seq_len=args.train_seq_len, batch_size=args.batch, hidden_size=args.hidden, lr=args.lr,
+                            eval_every=args.eval_every, eval_batches=2, curve_seq_len=args.seq_len, kmax=args.kmax,
+                            n_batches=args.batches, curve_split=args.split, curve_warmup=args.warmup)
+        res = train_context(cfg)
+        for row in res.levels:
+            print(f"update {row['n_updates']:>5} ({row['tokens']} tokens): K({row['level']:.0%}) = {row['k_effective']} "
+                  f"(interval rule), {row['k_effective_point']} (point), {row['k_effective_error']} (per-batch error)")
+        results["training"] = {"config": cfg.flat(), "curve": res.training.curve, "context": res.curve,
+                               "levels": res.levels}
         if args.figure:
-            figure(points, args.figure)
+            figure(res.levels, args.kmax, args.figure)
     if args.out:
         write_json_atomic(args.out, results)
     return 0

@@ -80,6 +80,16 @@ def integer(name: str, value: Any, lo: int | None = 1, hi: int | None = None) ->
     return number
 
 
+def power_of_two(name: str, value: Any, hi: int | None = None) -> int:
+    """``value`` as an integer 2^j ≥ 1 (at most ``hi``): the top of a dyadic K grid 1, 2, 4, …"""
+    number = integer(name, value, lo=1, hi=hi)
+    if number & (number - 1):
+        below = 1 << (number.bit_length() - 1)
+        raise UsageError(f"{name} must be a power of two (the top of the dyadic grid 1, 2, 4, …), got {number}; "
+                         f"e.g. {below} or {2 * below}")
+    return number
+
+
 def integer_list(name: str, text: str, lo: int = 1, example: str = "1,2,4", *, skip_empty: bool = True) -> list[int]:
     """Comma-separated integers ≥ ``lo`` (``"1,2,4"`` → ``[1, 2, 4]``); empty items are skipped unless
     ``skip_empty`` is False. A bad item is one UsageError naming it and showing ``example``."""

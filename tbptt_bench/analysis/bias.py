@@ -74,15 +74,16 @@ def bias_batches(
     seed: int,
     split: str = "valid",
     warmup: int | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[tuple[Batch, State | None]]:
     """The batches a bias measurement averages over, each with its initial state (None: zero state).
 
     Episodic tasks: ``n_batches`` independent samples, batch ``n`` drawn with seed
     ``derive_seed("bias", seed, n)``. Streaming tasks: ``n_batches`` segments of the split's B parallel
-    streams at evenly spaced positions, each starting from the state reached by running the model
-    (without gradient) over the ``warmup`` steps before it from the zero state (default ``warmup =
-    seq_len``; 0 starts from the zero state). The gradient never crosses the segment start, as in
-    training.
+    streams at evenly spaced positions (or at the given start ``positions``, one per batch), each
+    starting from the state reached by running the model (without gradient) over the ``warmup`` steps
+    before it from the zero state (default ``warmup = seq_len``; 0 starts from the zero state). The
+    gradient never crosses the segment start, as in training.
     """
     if n_batches < 1:
         raise UsageError(f"the number of batches must be ≥ 1, got {n_batches}")
@@ -99,7 +100,11 @@ def bias_batches(
     if room < 0:
         raise UsageError(f"the {split} stream has {stream.length} steps per row; a segment needs "
                          f"warm-up {warm} + seq_len {seq_len}")
-    positions = [warm + (room * n) // max(n_batches - 1, 1) for n in range(n_batches)]
+    if positions is None:
+        positions = [warm + (room * n) // max(n_batches - 1, 1) for n in range(n_batches)]
+    elif len(positions) != n_batches or any(not warm <= p <= stream.length - seq_len for p in positions):
+        raise UsageError(f"give {n_batches} segment starts in {warm}..{stream.length - seq_len} (warm-up {warm}, "
+                         f"seq_len {seq_len}, {stream.length} steps per row), got {list(positions)}")
     first = next(model.parameters())
     out: list[tuple[Batch, State | None]] = []
     core = core_fn(model)

@@ -12,7 +12,7 @@ import io
 import logging
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -468,6 +468,68 @@ def seed_strip(
         ax.set_title(str(key), fontsize=9)
         ax.set_ylabel(ylabel or y)
         ax.set_xlabel("method (see legend)")
+    return _finish(fig, axes, title)
+
+
+def seed_lines(
+    data: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    hue: str,
+    unit: str,
+    style: str | None = None,
+    ceiling: str | None = None,
+    panel: str | None = None,
+    colours: dict[str, tuple[float, float, float]] | None = None,
+    log_base: float | None = None,
+    median: Callable[[pd.Series], float] | str = "median",
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str = "",
+) -> Figure:
+    """``y`` against ``x``: one thin line per ``unit`` (seed) and ``hue`` (× ``style``: solid, then dashed, …),
+    and their ``median`` (a pandas aggregation) in a bold line where there are several units. A NaN ``y`` (no
+    value reached) is drawn as an open triangle at the row's ``ceiling`` (legend: "not reached").
+    ``log_base`` sets a log y axis."""
+    groups = _groups(data, panel)
+    colours = colours or palette(data[hue].astype(str).unique())
+    styles = list(dict.fromkeys(data[style].astype(str))) if style else [""]
+    dashes = ("-", "--", ":", "-.")
+    fig, axes = _panels([k for k, _ in groups])
+    for ax, (key, grp) in zip(axes, groups):
+        missed = False
+        for name in _ordered(grp[hue].astype(str), colours):
+            for j, kind in enumerate(styles):
+                rows = grp[grp[hue].astype(str) == name]
+                rows = rows[rows[style].astype(str) == kind] if style else rows
+                if rows.empty:
+                    continue
+                colour, ls = colours.get(name), dashes[j % len(dashes)]
+                label = f"{name}, {kind}" if style else name
+                units = list(rows.groupby(unit, sort=True))
+                several = len(units) > 1
+                for i, (_, one) in enumerate(units):
+                    one = one.sort_values(x)
+                    ax.plot(one[x], one[y], ls=ls, lw=0.9 if several else 1.6, alpha=0.45 if several else 1.0,
+                            marker=_marker(name, colours), ms=3 if several else 4, color=colour,
+                            label=None if several or i else label)
+                    gone = one[one[y].isna()]
+                    if ceiling and len(gone):
+                        missed = True
+                        ax.plot(gone[x], gone[ceiling], ls="none", marker="^", ms=7, mfc="white", color=colour)
+                if several:
+                    middle = rows.groupby(x, as_index=False)[y].agg(median).sort_values(x)
+                    ax.plot(middle[x], middle[y], ls=ls, lw=2.2, color=colour, label=f"{label} (median over seeds)")
+        if missed:
+            ax.plot([], [], ls="none", marker="^", ms=7, mfc="white", color="0.3",
+                    label="not reached within the K grid: drawn at its largest K")
+        if log_base:
+            ax.set_yscale("log", base=log_base)
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.set_title(str(key), fontsize=9)
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
 
 

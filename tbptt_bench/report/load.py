@@ -13,7 +13,7 @@ from tbptt_bench.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-MEASURES = ("train", "bias", "perf")
+MEASURES = ("train", "bias", "context", "perf")
 
 
 #: Columns every row of a tbptt-bench result table has.
@@ -25,6 +25,7 @@ REQUIRED = {
     "train": ("task", "model", "method", "seed", "eval_metric"),
     "perf": ("task", "model", "method", "seq_len", "tokens_per_s", "ms_per_update"),
     "bias": ("task", "model", "spec", "relative_bias"),
+    "context": ("task", "model", "method", "update", "k", "relative_bias"),
 }
 
 
@@ -52,7 +53,7 @@ def _is_store(path: Path) -> bool:
 
 def report_frames(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The store's per-measurement tables (docs/suites.md) in the form the report sections read:
-    one ``results`` frame with the rows of ``train``, ``bias`` and ``perf`` (a ``measure`` column tells
+    one ``results`` frame with the rows of ``train``, ``bias``, ``context`` and ``perf`` (a ``measure`` column tells
     them apart), ``update`` for ``n_updates``, the task parameters as JSON text in ``task_params`` and
     integer columns with gaps as floats with NaN."""
     from tbptt_bench.suites.schema import unflatten

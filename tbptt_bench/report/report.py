@@ -1,7 +1,7 @@
 """The research report: a result store turned into report.md, a self-contained report.html, figures and CSVs.
 
 Sections follow the product brief: provenance (where and with what every number was measured, and
-which cells failed or diverged), gradient bias, cost, learning, the bias/quality–cost trade-off, and
+which cells failed or diverged), gradient bias, the effective context over training (only when measured), cost, learning, the bias/quality–cost trade-off, and
 the statistics of the declared comparisons. Every interval is computed by :mod:`tbptt_bench.report.stats`
 (bootstrap over seeds, scipy) and drawn by :mod:`tbptt_bench.report.figures`, so a figure and its table show
 the same numbers. A section whose measurement kind is absent says so and the report goes on.
@@ -32,6 +32,7 @@ from tbptt_bench.report.document import AXIS_WORDS, Document, Options
 from tbptt_bench.report.render import render_html, render_markdown
 from tbptt_bench.report.sections.alignment import alignment_section
 from tbptt_bench.report.sections.bias import bias_section
+from tbptt_bench.report.sections.context import context_section
 from tbptt_bench.report.sections.cost import cost_section
 from tbptt_bench.report.sections.decision import decision_section
 from tbptt_bench.report.sections.learning import learning_section
@@ -136,6 +137,7 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
     provenance_section(doc, tables)
     bias_summary = bias_section(doc, tables, palette)
     alignment_section(doc, tables)
+    context_section(doc, tables)
     perf = cost_section(doc, tables, palette)
     train = learning_section(doc, tables, palette)
     tradeoff_section(doc, train, bias_summary, perf, palette)

@@ -1,4 +1,4 @@
-"""One cell of a suite = one measurement (train, bias or perf), turned into tidy table rows.
+"""One cell of a suite = one measurement (train, bias, context or perf), turned into tidy table rows.
 
 A *measure* says which parameters a cell of its kind accepts (with defaults and types), checks them
 before anything runs, and runs one cell. :func:`run_cell` wraps every measure the same way: it stamps
@@ -11,9 +11,9 @@ each row with the cell's key, parameters, provenance, status and timing, and tur
 * ``failed``    any other exception (``error`` = its type and message), or a worker process that died.
 
 Rows are returned per table: ``cells`` (exactly one row per cell), the measurement's own table
-(``train``, ``bias`` or ``perf``: at least one row per cell, without metrics when it did not end ok)
-and side tables (``curves``: train learning curves, ``lags``: bias lag profiles, ``alignment``: bias
-cosines between estimators). Columns:
+(``train``, ``bias``, ``context`` or ``perf``: at least one row per cell, without metrics when it did not
+end ok) and side tables (``curves``: train learning curves, ``lags``: bias lag profiles, ``alignment``: bias
+cosines between estimators, ``effective_context``: the effective context per checkpoint and level). Columns:
 :mod:`tbptt_bench.suites.schema` and docs/suites.md.
 """
 
@@ -223,6 +223,33 @@ def _bias_run(params: dict[str, Any]) -> Tables:
     return {"bias": _records(report.table), "lags": _records(report.lags), "alignment": _records(report.alignment)}
 
 
+# --------------------------------------------------------------------------- context
+
+def _context_schema() -> dict[str, tuple[Any, Any]]:
+    from tbptt_bench.training.context import ContextConfig
+
+    return ContextConfig.schema()
+
+
+def _context_check(params: dict[str, Any]) -> None:
+    from tbptt_bench.training.context import ContextConfig
+
+    ContextConfig(**params).validate()
+    check_task_and_model(params)
+
+
+def _context_run(params: dict[str, Any]) -> Tables:
+    from tbptt_bench.training.context import ContextConfig, train_context
+
+    result = train_context(ContextConfig(**params))
+    tables: Tables = {"context": result.curve, "effective_context": result.levels}
+    if result.training.diverged_at is not None:
+        message = f"loss became non-finite by update {result.training.diverged_at}"
+        mark = {"status": "diverged", "error": message, "diverged_at": result.training.diverged_at}
+        tables["context"] = [{**row, **mark} for row in result.curve] or [mark]  # checkpoints before it stay
+    return tables
+
+
 # --------------------------------------------------------------------------- perf
 
 def _perf_schema() -> dict[str, tuple[Any, Any]]:
@@ -275,6 +302,8 @@ MEASURES: dict[str, Measure] = {
                      schema=_train_schema, check=_train_check, run=_train_run),
     "bias": Measure("bias", 1, timing=False, module="tbptt_bench.analysis.bias", list_keys=frozenset({"methods"}),
                     schema=_bias_schema, check=_bias_check, run=_bias_run),
+    "context": Measure("context", 1, timing=False, module="tbptt_bench.training.context", list_keys=frozenset({"levels"}),
+                       schema=_context_schema, check=_context_check, run=_context_run),
     "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.child",
                     schema=_perf_schema, check=_perf_check, run=_perf_run),
 }

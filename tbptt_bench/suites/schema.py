@@ -6,6 +6,10 @@ A store holds one table per kind of row (docs/suites.md, "The result store"):
 * ``train``  one row per training run (final metrics), ``curves`` one row per learning-curve point;
 * ``bias``   one row per (method spec, parameter group), ``lags`` one row per lag of the profile,
   ``alignment`` one row per ordered pair of estimators (mean cosine over batches);
+* ``context`` one row per (checkpoint, K) of an effective-context cell: ``n_updates``, ``tokens``, ``k`` and
+  the relative bias of chunked(K) (:data:`tbptt_bench.analysis.context.CURVE_COLUMNS`);
+  ``effective_context`` one row per (checkpoint, level): ``level``, ``k_effective``,
+  ``k_effective_point``, ``k_effective_error`` (docs/suites.md);
 * ``perf``   one row per cost measurement.
 
 Every row of every table starts with the same :data:`SHARED` columns, with the same Arrow types.
@@ -30,8 +34,8 @@ SCHEMA_VERSION = 2
 SCHEMA_META = b"tbptt_bench.schema_version"
 CELLS = "cells"
 #: The table of each measurement kind and its side tables.
-MEASURE_TABLES = {"train": "train", "bias": "bias", "perf": "perf"}
-SIDE_TABLES = {"curves": "train", "lags": "bias", "alignment": "bias"}
+MEASURE_TABLES = {"train": "train", "bias": "bias", "context": "context", "perf": "perf"}
+SIDE_TABLES = {"curves": "train", "lags": "bias", "alignment": "bias", "effective_context": "context"}
 
 _TIME = pa.timestamp("us", tz="UTC")
 #: Columns that every row of every table has, in this order and with these types.
@@ -50,10 +54,12 @@ INT_COLUMNS = frozenset({
     "k", "k1", "k2", "k_used", "n_updates", "diverged_at", "tokens", "compute_steps", "lag", "n_pairs",
     "horizon", "fit_to", "n_params", "pid", "updates_per_sequence", "tokens_per_sequence", "mem_baseline_bytes",
     "mem_peak_bytes", "mem_delta_bytes", "mem_sequence_bytes", "mem_reserved_peak_bytes", "threads",
-    "replicate", "seed", "concurrency", "schema_version",
+    "replicate", "seed", "concurrency", "schema_version", "k_effective", "k_effective_point", "k_effective_error",
+    "span", "curve_checkpoint",
 })
 #: Integer columns that read back as pandas ``Int64`` even when none of their values is empty.
-NULLABLE_INT = frozenset({"k", "k1", "k2", "k_used", "diverged_at"})
+NULLABLE_INT = frozenset({"k", "k1", "k2", "k_used", "diverged_at", "k_effective", "k_effective_point",
+                          "k_effective_error"})
 #: Old column names and their new ones (``update`` collided with ``DataFrame.update``).
 RENAMED = {"update": "n_updates"}
 #: Dict parameters and the prefix of their flattened columns.

@@ -140,7 +140,7 @@ def parse_suite(data: Mapping[str, Any], *, default_name: str = "suite", source:
             raise UsageError(f"suite file {source}: {measure_name} must be written as [[{measure_name}]] tables")
         blocks.extend((measure_name, i + 1, b) for i, b in enumerate(raw))
     if not blocks:
-        raise UsageError(f"suite file {source} defines no cells; add a [[train]], [[bias]] or [[perf]] block")
+        raise UsageError(f"suite file {source} defines no cells; add a [[train]], [[bias]], [[context]] or [[perf]] block")
 
     schemas: dict[str, dict[str, tuple[Any, Any]]] = {}
     for measure_name, _, _ in blocks:

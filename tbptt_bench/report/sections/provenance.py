@@ -31,7 +31,7 @@ def provenance_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
         end = pd.to_datetime(main.get("finished", main["started"]), utc=True).max()
         rows.append({"what": "measured", "value": f"{start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC"})
     if "duration_s" in main.columns:
-        rows.append({"what": "cell time (sum)", "value": f"{main['duration_s'].sum():.0f} s"})
+        rows.append({"what": "cell time (sum)", "value": f"{main.drop_duplicates('key')['duration_s'].sum():.0f} s"})
     prov = pd.DataFrame(rows, columns=["what", "value"])
     doc.table("provenance", prov, caption="Where and with what the results were measured.")
 
