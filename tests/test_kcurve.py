@@ -108,3 +108,24 @@ def test_non_chunk_shaped_methods_are_left_out() -> None:
     model, batch = make_model("rnn"), token_batch(T=6)
     out = kcurve_gradients(model, batch, "cross_entropy", ["sliding:k=2", "tbptt:k1=3,k2=1"])
     assert out == {}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_chunked_ladder_in_spans_equals_engine(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked-only ladders run on spans of a multiple of the top K (here 8 steps, T = 21: three spans,
+    the last one short); a ladder with a TBPTT extension runs whole."""
+    import tbptt_bench.analysis.kcurve as kcurve
+
+    monkeypatch.setattr(kcurve, "SPAN", 8)
+    model = make_model(cell, layers=2 if cell == "lstm" else 1)
+    batch = token_batch(T=21)
+    calls = []
+    real = kcurve._ladder_gradients
+    monkeypatch.setattr(kcurve, "_ladder_gradients", lambda *a, **k: calls.append(a[1].length) or real(*a, **k))
+    specs = ["chunked:k=1", "chunked:k=2", "chunked:k=4"]
+    for method, g in kcurve_gradients(model, batch, "cross_entropy", specs).items():
+        assert_close(g, method_gradient(model, batch, method, "cross_entropy"))
+    assert calls == [8, 8, 5]
+    calls.clear()
+    kcurve_gradients(model, batch, "cross_entropy", [*specs, "tbptt:k1=4,k2=6"])
+    assert calls == [21]

@@ -14,20 +14,22 @@ the losses injected into them, so
                   that the losses of sub-chunks q+1..m-1 leave at its end]
 
 and ``Λ_K'`` is what those backward passes leave at the chunk start plus ``Λ_K`` of the first
-sub-chunk. A grid K_0 | K_1 | … | K_n is one ladder: the base ``chunked(g)`` (g = the gcd of the grid
+sub-chunk. A grid K_0 | K_1 | … | K_n is one ladder: the base ``chunked(g)`` (g = the gcd of the fine stage's K
 and of the TBPTT extensions) costs one backward pass, each rung about ``(1 - 1/m)`` of one. A TBPTT
 method adds the backward pass of ``Λ_{k1}`` through the ``ext`` steps before each chunk; methods with
-the same k1 share it (the shorter extension is a prefix of the longer).
+the same k1 share it (the shorter extension is a prefix of the longer), and for every m-th chunk it is
+the first backward pass of the rung above, kept at that depth instead of run again.
 
 **Layout.** The sequence is cut into blocks of ``W = max K`` steps (the last block zero-padded with
 zero loss weight), the blocks stacked along the batch (``⌈T/W⌉·B`` rows), and the core run from the
-stored block-start states in fused calls that each start from a leaf state: every backward pass above
-is one ``autograd.grad`` call on segments of that graph, with the adjoint injected through the
-segments' final states. Two stages when the grid allows: rungs up to a split level S ≈ √(g·W) run on
-a graph of g-step segments over blocks of S steps (its block starts are the segment starts of the
-coarse graph), rungs above S on a graph of S-step segments over blocks of W — the same arithmetic with
-about a tenth of the kernel calls. TBPTT extensions run on the stage their k1 belongs to (one stage
-only, if an extension does not fit S-step segments). Cost measured in ``benchmarks/bench_kcurve.py``
+stored block-start states in fused calls that each start from a leaf state at a cut point: every
+backward pass above is one ``autograd.grad`` call on segments of that graph, with the adjoint injected
+through the segments' final states. Two stages when the grid allows: rungs up to a split level
+S ≈ √(g·W) run on a graph cut every g steps over blocks of S steps (its block starts are states of the
+coarse graph), rungs above S on a graph cut at multiples of S and ``e`` steps before every chunk start
+for each coarse extension ``e`` — the same arithmetic with about a tenth of the kernel calls.
+Chunked-only ladders run on spans of about :data:`SPAN` steps. The passes run on the model's input
+fold when it declares one (docs/design.md §3.9). Cost measured in ``benchmarks/bench_kcurve.py``
 (docs/bias.md); memory about that of one full BPTT graph.
 """
 
@@ -370,6 +372,34 @@ def _ladder_gradients(model: nn.Module, data: Batch, loss_kind: str, state: Stat
     return out
 
 
+#: Steps per span of a chunked-only ladder: graphs of about this length stay cache-friendly.
+SPAN = 1024
+
+
+def _spans(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: Ladder, names: list[str],
+           params: list[torch.Tensor]) -> dict[Method, Gradient]:
+    """The ladder on consecutive spans of a multiple of its top K (about :data:`SPAN` steps), each from
+    the state a no-gradient pass carries there, when no method extends past its chunk: chunks of every K
+    then never cross a span's end (docs/design.md §2.5), so the sum over spans is exact."""
+    top = max(ladder.levels)
+    span = max(top, SPAN // top * top)
+    if data.length <= span or any(s.ext for _, s in ladder.methods):
+        return _ladder_gradients(model, data, loss_kind, state, ladder, names, params)
+    total: dict[Method, Gradient] = {}
+    core = core_fn(model)
+    for a in range(0, data.length, span):
+        piece = data.slice(a, min(a + span, data.length))
+        for method, g in _ladder_gradients(model, piece, loss_kind, state, ladder, names, params).items():
+            if method in total:
+                for n, t in g.items():
+                    total[method][n] += t
+            else:
+                total[method] = g
+        with torch.no_grad():
+            _, state = core(piece.inputs, state)
+    return total
+
+
 def kcurve_gradients(
     model: nn.Module,
     source: Source,
@@ -399,7 +429,7 @@ def kcurve_gradients(
     out: dict[Method, Gradient] = {}
     for ladder in ladders:
         log.debug("k-curve ladder %s (base %d) for %s", ladder.levels, ladder.base, [m.spec for m, _ in ladder.methods])
-        out.update(_ladder_gradients(target, data, loss_kind, h0, ladder, names, params))
+        out.update(_spans(target, data, loss_kind, h0, ladder, names, params))
     if folded is not None:
         out = {m: folded.pullback(g) for m, g in out.items()}
     return out
