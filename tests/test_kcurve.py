@@ -112,8 +112,8 @@ def test_non_chunk_shaped_methods_are_left_out() -> None:
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_chunked_ladder_in_spans_equals_engine(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunked-only ladders run on spans of a multiple of the top K (here 8 steps, T = 21: three spans,
-    the last one short); a ladder with a TBPTT extension runs whole."""
+    """Ladders run on spans of a multiple of the top K (here 8 steps, T = 21: three spans, the last one
+    short); TBPTT windows reaching back past a span's start get a zero-weighted lead-in of whole top-K chunks."""
     import tbptt_bench.analysis.kcurve as kcurve
 
     monkeypatch.setattr(kcurve, "SPAN", 8)
@@ -127,5 +127,7 @@ def test_chunked_ladder_in_spans_equals_engine(cell: str, monkeypatch: pytest.Mo
         assert_close(g, method_gradient(model, batch, method, "cross_entropy"))
     assert calls == [8, 8, 5]
     calls.clear()
-    kcurve_gradients(model, batch, "cross_entropy", [*specs, "tbptt:k1=4,k2=6"])
-    assert calls == [21]
+    specs = [*specs, "tbptt:k1=4,k2=6", "tbptt:k1=2,k2=11"]  # extensions 2 and 9: lead-ins of 12 steps
+    for method, g in kcurve_gradients(model, batch, "cross_entropy", specs).items():
+        assert_close(g, method_gradient(model, batch, method, "cross_entropy"))
+    assert calls == [8, 8 + 8, 5 + 12]

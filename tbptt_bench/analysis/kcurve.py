@@ -28,8 +28,8 @@ through the segments' final states. Two stages when the grid allows: rungs up to
 S ≈ √(g·W) run on a graph cut every g steps over blocks of S steps (its block starts are states of the
 coarse graph), rungs above S on a graph cut at multiples of S and ``e`` steps before every chunk start
 for each coarse extension ``e`` — the same arithmetic with about a tenth of the kernel calls.
-Chunked-only ladders run on spans of about :data:`SPAN` steps. The passes run on the model's input
-fold when it declares one (docs/design.md §3.9). Cost measured in ``benchmarks/bench_kcurve.py``
+Ladders run on spans of about :data:`SPAN` steps (TBPTT ones after a zero-weighted lead-in).
+The passes run on the model's input fold when it declares one (docs/design.md §3.9). Cost measured in ``benchmarks/bench_kcurve.py``
 (docs/bias.md); memory about that of one full BPTT graph.
 """
 
@@ -372,31 +372,44 @@ def _ladder_gradients(model: nn.Module, data: Batch, loss_kind: str, state: Stat
     return out
 
 
-#: Steps per span of a chunked-only ladder: graphs of about this length stay cache-friendly.
+#: Steps per span of a ladder: graphs of about this length stay cache-friendly.
 SPAN = 1024
 
 
 def _spans(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: Ladder, names: list[str],
            params: list[torch.Tensor]) -> dict[Method, Gradient]:
     """The ladder on consecutive spans of a multiple of its top K (about :data:`SPAN` steps), each from
-    the state a no-gradient pass carries there, when no method extends past its chunk: chunks of every K
-    then never cross a span's end (docs/design.md §2.5), so the sum over spans is exact."""
+    the state a no-gradient pass carries there. Chunks of every K never cross a span's end (docs/design.md
+    §2.5); a TBPTT window that reaches back past a span's start is served by a lead-in of whole top-K
+    chunks before the span whose losses weigh zero. So the sum over spans is exact."""
     top = max(ladder.levels)
     span = max(top, SPAN // top * top)
-    if data.length <= span or any(s.ext for _, s in ladder.methods):
+    if data.length <= span:
         return _ladder_gradients(model, data, loss_kind, state, ladder, names, params)
+    reach = max(s.ext for _, s in ladder.methods)
+    lead = -(-reach // top) * top
     total: dict[Method, Gradient] = {}
     core = core_fn(model)
+    starts = {0: state}
+    with torch.no_grad():
+        for a in range(0, data.length - 1, top):
+            if a + top >= data.length:
+                break
+            _, state = core(data.inputs[:, a : a + top], state)
+            starts[a + top] = state
     for a in range(0, data.length, span):
-        piece = data.slice(a, min(a + span, data.length))
-        for method, g in _ladder_gradients(model, piece, loss_kind, state, ladder, names, params).items():
+        first = max(0, a - lead)
+        piece = data.slice(first, min(a + span, data.length))
+        if first < a:
+            weights = piece.weights.clone()
+            weights[:, : a - first] = 0
+            piece = Batch(piece.inputs, piece.targets, weights)
+        for method, g in _ladder_gradients(model, piece, loss_kind, starts[first], ladder, names, params).items():
             if method in total:
                 for n, t in g.items():
                     total[method][n] += t
             else:
                 total[method] = g
-        with torch.no_grad():
-            _, state = core(piece.inputs, state)
     return total
 
 
