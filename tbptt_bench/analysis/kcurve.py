@@ -315,12 +315,15 @@ def _bounds(width: int, step: int, period: int, exts: Sequence[int]) -> list[int
 
 
 def _ladder_gradients(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: Ladder,
-                      names: list[str], params: list[torch.Tensor]) -> dict[Method, Gradient]:
+                      names: list[str], params: list[torch.Tensor], block_starts: list[State] | None = None
+                      ) -> dict[Method, Gradient]:
     exts = {k1: sorted({s.ext for _, s in ladder.methods if s.k1 == k1 and s.ext > 0}) for k1 in ladder.levels}
     g = ladder.base
     levels = sorted(set(ladder.levels) | {g})
     top = levels[-1]
-    starts = cat_states(states_every(model, data, top, state, math.ceil(data.length / top)))
+    if block_starts is None:
+        block_starts = states_every(model, data, top, state, math.ceil(data.length / top))
+    starts = cat_states(block_starts)
     split = _split_level(ladder, levels)
     level_grad: dict[int, list[torch.Tensor]] = {}
     snaps: Snapshots = {}
@@ -390,13 +393,13 @@ def _spans(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: 
     lead = -(-reach // top) * top
     total: dict[Method, Gradient] = {}
     core = core_fn(model)
-    starts = {0: state}
+    starts = {0: map_state(lambda t: t.detach(), state)}
     with torch.no_grad():
         for a in range(0, data.length - 1, top):
             if a + top >= data.length:
                 break
             _, state = core(data.inputs[:, a : a + top], state)
-            starts[a + top] = state
+            starts[a + top] = map_state(lambda t: t.detach(), state)
     for a in range(0, data.length, span):
         first = max(0, a - lead)
         piece = data.slice(first, min(a + span, data.length))
@@ -404,7 +407,8 @@ def _spans(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: 
             weights = piece.weights.clone()
             weights[:, : a - first] = 0
             piece = Batch(piece.inputs, piece.targets, weights)
-        for method, g in _ladder_gradients(model, piece, loss_kind, starts[first], ladder, names, params).items():
+        blocks = [starts[p] for p in range(first, first + piece.length, top)]
+        for method, g in _ladder_gradients(model, piece, loss_kind, blocks[0], ladder, names, params, blocks).items():
             if method in total:
                 for n, t in g.items():
                     total[method][n] += t
