@@ -41,12 +41,13 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     bias, _ = _with_panel(bias)
     bias = with_method_axes(bias)
     seeds = int(bias.groupby(["panel", "method"])[_unit(bias)].nunique().min()) if _unit(bias) in bias else 1
-    doc.text("Relative bias ‖mean(ĝ − g)‖ / ‖mean(g)‖ over the measured batches, and the mean cosine of ĝ with "
+    doc.text("Relative bias ‖E(ĝ − g)‖ / ‖E g‖ estimated from the measured batches without their noise floor "
+             "(U-statistics; docs/statistics.md), and the mean cosine of ĝ with "
              "the true gradient g, for the whole parameter vector. "
              + (f"Means over {seeds}+ seeds with {o.confidence:.0%} bootstrap intervals over seeds (each seed's "
                 "estimate averages its batches, so the spread between seeds holds the batch noise as well)."
-                if seeds > 1 else "One seed: intervals are the measurement's own bootstrap over batches (relative "
-                "bias) and ±z·standard error over batches (cosine)."))
+                if seeds > 1 else "One seed: intervals are the measurement's own over batches (test inversion for "
+                "the relative bias, ±z·standard error for the cosine)."))
     if 1 < seeds < stats.FEW_SEEDS:
         doc.warning(f"Only {seeds} seeds per configuration: bootstrap intervals over so few seeds are too narrow and "
                     "are shown for orientation only.")
