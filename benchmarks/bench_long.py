@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from tbptt_bench.analysis.context import LEVELS, dyadic_grid
 from tbptt_bench.analysis.gradients import compare_vectors, flatten
 from tbptt_bench.analysis.kcurve import effective_context, streamed_chunked_curve
 from tbptt_bench.core.build import make_model, make_task
@@ -37,7 +37,6 @@ from tbptt_bench.perf.tables import write_json_atomic
 from tbptt_bench.provenance import provenance
 from tbptt_bench.training.context import ContextConfig, train_context
 
-LEVELS = (0.01, 0.05)
 
 
 def curve(model: torch.nn.Module, task: Any, seq_len: int, batch: int, kmax: int, split: str) -> dict[str, Any]:
@@ -47,7 +46,7 @@ def curve(model: torch.nn.Module, task: Any, seq_len: int, batch: int, kmax: int
         raise SystemExit(f"the {split} split gives {stream.length} steps per stream at batch {batch}; "
                          f"ask for --seq-len ≤ {stream.length}")
     source = stream.slice(0, seq_len)
-    ks = [2**i for i in range(int(math.log2(min(kmax, seq_len))) + 1)]
+    ks = dyadic_grid(min(kmax, seq_len))
     base = current_rss_bytes()
     reset_peak_rss()
     t0 = time.perf_counter()

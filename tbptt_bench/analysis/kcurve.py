@@ -327,7 +327,6 @@ def _ladder_gradients(model: nn.Module, data: Batch, loss_kind: str, state: Stat
     split = _split_level(ladder, levels)
     level_grad: dict[int, list[torch.Tensor]] = {}
     snaps: Snapshots = {}
-    graph_of: dict[int, _Graph] = {}
     if split is None:
         fine = _Graph(model, data, loss_kind, starts, top, range(0, top + 1, g))
         level_grad[g], lam = _base(fine, params)
@@ -375,6 +374,14 @@ def _ladder_gradients(model: nn.Module, data: Batch, loss_kind: str, state: Stat
     return out
 
 
+def _accumulate(total: Gradient | None, part: Gradient) -> Gradient:
+    if total is None:
+        return {n: t.clone() for n, t in part.items()}
+    for n, t in part.items():
+        total[n] += t
+    return total
+
+
 #: Steps per span of a ladder: graphs of about this length stay cache-friendly.
 SPAN = 1024
 
@@ -391,15 +398,8 @@ def _spans(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: 
         return _ladder_gradients(model, data, loss_kind, state, ladder, names, params)
     reach = max(s.ext for _, s in ladder.methods)
     lead = -(-reach // top) * top
-    total: dict[Method, Gradient] = {}
-    core = core_fn(model)
-    starts = {0: map_state(lambda t: t.detach(), state)}
-    with torch.no_grad():
-        for a in range(0, data.length - 1, top):
-            if a + top >= data.length:
-                break
-            _, state = core(data.inputs[:, a : a + top], state)
-            starts[a + top] = map_state(lambda t: t.detach(), state)
+    total: dict[Method, Gradient | None] = {m: None for m, _ in ladder.methods}
+    starts = states_every(model, data, top, state)  # starts[i]: the state at step i·top
     for a in range(0, data.length, span):
         first = max(0, a - lead)
         piece = data.slice(first, min(a + span, data.length))
@@ -407,14 +407,10 @@ def _spans(model: nn.Module, data: Batch, loss_kind: str, state: State, ladder: 
             weights = piece.weights.clone()
             weights[:, : a - first] = 0
             piece = Batch(piece.inputs, piece.targets, weights)
-        blocks = [starts[p] for p in range(first, first + piece.length, top)]
+        blocks = starts[first // top : math.ceil((first + piece.length) / top)]
         for method, g in _ladder_gradients(model, piece, loss_kind, blocks[0], ladder, names, params, blocks).items():
-            if method in total:
-                for n, t in g.items():
-                    total[method][n] += t
-            else:
-                total[method] = g
-    return total
+            total[method] = _accumulate(total[method], g)
+    return {m: g for m, g in total.items() if g is not None}
 
 
 def kcurve_gradients(
@@ -483,14 +479,6 @@ def _default_span(grid: list[int], length: int) -> int:
     """The largest grid K not above ~2√T (at least the smallest K): the ladder's block length."""
     cap = max(grid[0], 2 * math.isqrt(length))
     return max(k for k in grid if k <= cap)
-
-
-def _accumulate(total: Gradient | None, part: Gradient) -> Gradient:
-    if total is None:
-        return {n: t.clone() for n, t in part.items()}
-    for n, t in part.items():
-        total[n] += t
-    return total
 
 
 def streamed_chunked_curve(

@@ -192,20 +192,14 @@ class FoldedNet(nn.Module):
                 self.rnn.bias_ih_l0.copy_(rnn.bias_ih_l0 + w @ enc.bias)
         self.readout = net.readout
 
-    def initial_state(self, batch_size: int) -> State:
-        p = self.readout.weight
-        h = torch.zeros(self.num_layers, batch_size, self.hidden_size, dtype=p.dtype, device=p.device)
-        return (h, torch.zeros_like(h)) if self.cell == "lstm" else h
+    initial_state = RecurrentNet.initial_state
+    forward = RecurrentNet.forward
 
     def core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The original net's features and state, computed from the raw inputs."""
         dtype = self.rnn.weight_hh_l0.dtype
         x = F.one_hot(inputs.long(), self.width).to(dtype) if self.tokens else inputs
         return self.rnn(x, state)
-
-    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        features, state = self.core(inputs, state)
-        return self.readout(features), state
 
     def pullback(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A gradient of this net's parameters as one of the original net's (chain rule through the fold)."""
