@@ -13,6 +13,14 @@ Sections (each variant timed in turn, A B C … then … C B A, medians over rou
 * ``small`` — T = 128, hidden 16, batch 4, K = 1, …, 32: the same plus ``per_loss`` (every loss
   backpropagated on its own through its window, from stored states) and the sliding curve from one
   lag decomposition against one engine run per K;
+* ``floor`` (``--floor``) — what the fused kernel costs per step-row in the layouts a ladder can use:
+  a chain of leaf-started segments of L steps over blocks of W steps stacked along the batch
+  (T·B/W rows), on the model's input fold, timed as a forward pass with graph and as one backward
+  pass with an adjoint injected at every segment end; against the engine's full forward + backward
+  in the same process. With the cheapest layout's costs, ``rows`` backward step-rows and one forward
+  cost ``(forward + rows · backward) / full`` — the estimate of the lowest ratio any ladder that
+  uses this kernel can reach (docs/bias.md derives the rows; it is an estimate, not a bound: other
+  shapes may be cheaper still);
 * ``memory`` — peak resident memory (``ru_maxrss``) of a fresh process per configuration at
   T = 8192: exact full BPTT, ``full:checkpoint=C`` (C ≈ √T), forward-mode probes, and a baseline
   process that imports everything and builds the same model and data but computes nothing.
@@ -142,6 +150,72 @@ def grid_section(model: torch.nn.Module, data: Batch, specs: list[str], rounds: 
     return summarise(times, "full")
 
 
+#: (W, L) layouts of the floor section: W-step blocks stacked along the batch, L-step segments.
+FLOOR_LAYOUTS = [(8, 1), (8, 8), (16, 1), (16, 16), (32, 8), (32, 32), (64, 16), (64, 64), (128, 8), (128, 32)]
+#: Backward step-rows (in units of T·B) an exact ladder needs for 8 dyadic K: base 1, 7 rungs of 1/2;
+#: tbptt(K, 2K−1) adds 1/2 for each of K = 2…64 and 1 for K = 128 (docs/bias.md).
+FLOOR_ROWS = {"chunked": 1 + 7 * 0.5, "tbptt": 1 + 7 * 0.5 + 6 * 0.5 + 1}
+
+
+def floor_section(model: torch.nn.Module, data: Batch, rounds: int) -> dict[str, Any]:
+    """Per-step-row costs of the fused kernel by layout, and the ratios they imply (see the module doc)."""
+    from tbptt_bench.core.trajectory import blocked, core_fn, leaf, parts
+    from tbptt_bench.models.protocol import input_fold
+
+    fold = input_fold(model)
+    target = fold.model if fold is not None else model
+    core = core_fn(target)
+    params = [p for p in target.parameters() if p.requires_grad]
+    T, B = data.length, data.batch_size
+    rows = T * B
+    graphs: dict[tuple[int, int], Any] = {}
+
+    def build(W: int, L: int) -> Any:
+        x = blocked(data.inputs, W, T // W)
+        h = target.initial_state(x.shape[0])
+        leaves, outs = [], []
+        for a in range(0, W, L):
+            start = leaf(h)
+            _, h = core(x[:, a : a + L], start)
+            leaves.append(start)
+            outs.append(h)
+        graphs[(W, L)] = (leaves, outs)
+
+    def push(W: int, L: int) -> Any:
+        leaves, outs = graphs[(W, L)]
+        out = [t for s in outs for t in parts(s)]
+        ins = [t for s in leaves for t in parts(s)]
+        return torch.autograd.grad(out, [*params, *ins], [torch.ones_like(t) for t in out], retain_graph=True,
+                                   allow_unused=True)
+
+    def no_graph() -> Any:
+        x = blocked(data.inputs, 128, T // 128)
+        with torch.no_grad():
+            return core(x, target.initial_state(x.shape[0]))
+
+    fns: dict[str, Callable[[], Any]] = {"full": lambda: true_gradient(model, data, LOSS), "no graph": no_graph}
+    for W, L in FLOOR_LAYOUTS:
+        fns[f"forward W={W} L={L}"] = lambda W=W, L=L: build(W, L)
+        fns[f"backward W={W} L={L}"] = lambda W=W, L=L: push(W, L)
+    for W, L in FLOOR_LAYOUTS:
+        build(W, L)
+    times = interleaved_times(fns, rounds, warmup=1)
+    ns = {name: statistics.median(v) / rows * 1e9 for name, v in times.items()}
+    fwd = min(v for k, v in ns.items() if k.startswith("forward"))
+    bwd = min(v for k, v in ns.items() if k.startswith("backward"))
+    out: dict[str, Any] = {"ns_per_step_row": ns, "cheapest_forward_ns": fwd, "cheapest_backward_ns": bwd,
+                           "folded": fold is not None,
+                           "floor": {g: (fwd + r * bwd) / ns["full"] for g, r in FLOOR_ROWS.items()}}
+    print(f"\nper step-row, T={T}, batch {B}{' (input fold)' if fold is not None else ''}: full (engine) "
+          f"{ns['full']:.0f} ns; forward without graph (W=128, one call) {ns['no graph']:.0f} ns")
+    print(f"  {'layout':<14} {'rows/call':>9} {'forward ns':>11} {'backward ns':>12}")
+    for W, L in FLOOR_LAYOUTS:
+        print(f"  W={W:<4} L={L:<5} {T // W * B:>9} {ns[f'forward W={W} L={L}']:>11.0f} {ns[f'backward W={W} L={L}']:>12.0f}")
+    for g, r in FLOOR_ROWS.items():
+        print(f"  {g}: one forward + {r:g}·T·B backward rows at the cheapest layouts = {out['floor'][g]:.2f} × full")
+    return out
+
+
 def memory_child(kind: str, seq_len: int, hidden: int, batch: int, checkpoint: int) -> dict[str, Any]:
     """Runs in a fresh process: one configuration, then its peak resident memory."""
     model, data = setup(seq_len, hidden, batch)
@@ -195,6 +269,7 @@ def main() -> int:
     p.add_argument("--no-naive", action="store_true", help="leave out the one-engine-run-per-K variants (slow at long T)")
     p.add_argument("--skip-large", action="store_true", help="only the small section (and memory)")
     p.add_argument("--skip-small", action="store_true", help="no small section")
+    p.add_argument("--floor", action="store_true", help="only the per-step-row kernel costs by layout (floor section)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh processes)")
     p.add_argument("--memory-seq-len", type=int, default=8192)
     p.add_argument("--memory-only", action="store_true", help="only the memory section")
@@ -210,6 +285,12 @@ def main() -> int:
     ks = [2**i for i in range(int(math.log2(args.kmax)) + 1)]
     if args.memory_only:
         results["memory"] = memory_section(args.memory_seq_len, args.hidden, args.batch, args.threads)
+        if args.out:
+            write_json_atomic(args.out, results)
+        return 0
+    if args.floor:
+        model, data = setup(args.seq_len, args.hidden, args.batch)
+        results["floor"] = floor_section(model, data, args.rounds)
         if args.out:
             write_json_atomic(args.out, results)
         return 0

@@ -10,6 +10,7 @@ its module on first use.
 Describe a method: :func:`parse_method`, :func:`explain_method`, :func:`method_mask`.
 Gradients at a fixed θ: :func:`method_gradient`, :func:`true_gradient`, :func:`compare`.
 Bias over K for any model: :func:`bias_curve` (and :func:`analyse_bias`, :func:`measure_bias`).
+Long horizons: :func:`kcurve_gradients`, :func:`streamed_chunked_curve`, :func:`long_lag_profile`.
 Your own training loop: :class:`TBPTT`, :func:`wrap_rnn`; Lightning 2: ``tbptt_bench.lightning``.
 Build what the CLI builds: :func:`make_task`, :func:`make_model`, :func:`sample_batch`.
 Extend: :func:`register_task`, :func:`register_model`, :func:`register_method` (with :class:`Task`,
@@ -41,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "compare": "tbptt_bench.analysis.gradients",
     "analyse_bias": "tbptt_bench.analysis.bias",
     "measure_bias": "tbptt_bench.analysis.bias",
+    "kcurve_gradients": "tbptt_bench.analysis.kcurve",
+    "streamed_chunked_curve": "tbptt_bench.analysis.kcurve",
+    "long_lag_profile": "tbptt_bench.analysis.long_lags",
     "TBPTT": "tbptt_bench.loop",
     "Step": "tbptt_bench.loop",
     "wrap_rnn": "tbptt_bench.loop",
@@ -74,6 +78,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from tbptt_bench.analysis.bias import analyse_bias, measure_bias
     from tbptt_bench.analysis.gradients import compare, method_gradient, true_gradient
+    from tbptt_bench.analysis.kcurve import kcurve_gradients, streamed_chunked_curve
+    from tbptt_bench.analysis.long_lags import long_lag_profile
     from tbptt_bench.api import bias_curve, explain_method, method_mask, sample_batch
     from tbptt_bench.core.build import make_model, make_task
     from tbptt_bench.core.mask import Update

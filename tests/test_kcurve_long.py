@@ -13,10 +13,10 @@ from test_engine import assert_close, make_model, real_batch, token_batch
 
 
 class RecordingSource:
-    """A source that remembers the longest slice it handed out (streaming: never the whole sequence)."""
+    """A source that remembers every slice it handed out, and the longest (streaming: never the whole sequence)."""
 
     def __init__(self, batch: Batch) -> None:
-        self.batch, self.longest = batch, 0
+        self.batch, self.longest, self.asked = batch, 0, []
 
     @property
     def batch_size(self) -> int:
@@ -28,6 +28,7 @@ class RecordingSource:
 
     def slice(self, a: int, b: int) -> Batch:
         self.longest = max(self.longest, b - a)
+        self.asked.append((a, b))
         return self.batch.slice(a, b)
 
 

@@ -31,12 +31,18 @@ def test_lags_sum_to_full_gradient_and_give_every_sliding_k(cell: str) -> None:
     assert_close(dec.sliding(3), ref)
 
 
-def test_user_model_with_tuple_state_and_initial_state() -> None:
+def leaky_case(T: int):
+    """A user model with a tuple state (no read-out split), T steps of real inputs, a random start state."""
     torch.manual_seed(2)
     model = LeakyTwoState()
     g = torch.Generator().manual_seed(4)
-    batch = real_batch(B=2, T=8, C=2, D=1)
+    batch = real_batch(B=2, T=T, C=2, D=1)
     h0 = (torch.rand(1, 2, 3, generator=g, dtype=torch.float64), torch.rand(1, 2, 3, generator=g, dtype=torch.float64))
+    return model, batch, h0
+
+
+def test_user_model_with_tuple_state_and_initial_state() -> None:
+    model, batch, h0 = leaky_case(8)
     dec = lag_decomposition(model, batch, "mse", 8, h0, max_rows=6)
     assert_close(dec.total(), true_gradient(model, batch, "mse", h0))
     for k in (1, 4, 7):
