@@ -1,6 +1,6 @@
 """Bias against K at long horizons (char-lm, T up to 65,536) and the effective context over training.
 
-    python benchmarks/bench_long.py --threads 1 --out long.json                      # T = 65,536, K = 1..4096
+    python benchmarks/bench_long.py --threads 1 --float64-spot 64,4096 --out long.json  # T = 65,536, K = 1..4096
     python benchmarks/bench_long.py --threads 1 --train-steps 300 --eval-every 100 \\
         --seq-len 8192 --figure effective_context.png --out context.json          # K_1% / K_5% over training
     python benchmarks/bench_long.py --threads 1 --lag-profile 4096 --positions 64 --train-steps 300 \\
@@ -50,8 +50,10 @@ from tbptt_bench.training.loop import TrainConfig, train
 
 
 
-def curve(model: torch.nn.Module, task: Any, seq_len: int, batch: int, kmax: int, split: str) -> dict[str, Any]:
-    """The chunked K curve against g on the first ``seq_len`` steps of the split's streams."""
+def curve(model: torch.nn.Module, task: Any, seq_len: int, batch: int, kmax: int, split: str,
+          spot: list[int] | None = None) -> dict[str, Any]:
+    """The chunked K curve against g on the first ``seq_len`` steps of the split's streams; with ``spot``,
+    those K and g again in float64 (a copy of the model), compared with the float32 results."""
     stream = task.stream(batch, split)
     if stream.length < seq_len:
         raise SystemExit(f"the {split} split gives {stream.length} steps per stream at batch {batch}; "
@@ -71,9 +73,22 @@ def curve(model: torch.nn.Module, task: Any, seq_len: int, batch: int, kmax: int
         c = compare_vectors(flatten(est), g)
         rows[k] = {"relative_error": c.relative_error, "cosine": c.cosine}
     rel = {k: r["relative_error"] for k, r in rows.items()}
-    return {"seq_len": seq_len, "batch": batch, "span": out.span, "checkpoint": out.checkpoint, "seconds": seconds,
-            "peak_extra_mib": (peak - base) / 2**20 if base is not None else None,
-            "curve": rows, **{f"k_{round(100 * lv)}pct": effective_context(rel, lv) for lv in LEVELS}}
+    result = {"seq_len": seq_len, "batch": batch, "span": out.span, "checkpoint": out.checkpoint, "seconds": seconds,
+              "peak_extra_mib": (peak - base) / 2**20 if base is not None else None,
+              "curve": rows, **{f"k_{round(100 * lv)}pct": effective_context(rel, lv) for lv in LEVELS}}
+    if spot:
+        t0 = time.perf_counter()
+        wide = streamed_chunked_curve(copy.deepcopy(model).double(), source, task.loss_kind, spot)
+        assert wide.truth is not None
+        g64 = flatten(wide.truth)
+        checks = {"truth": compare_vectors(g.double(), g64).relative_error}
+        for k in spot:
+            est64 = flatten(wide.gradients[k])
+            checks[k] = {"float32_vs_float64": compare_vectors(flatten(out.gradients[k]).double(), est64).relative_error,
+                         "relative_error_float64": compare_vectors(est64, g64).relative_error,
+                         "relative_error_float32": rows[k]["relative_error"]}
+        result["float64_spot"] = {"seconds": time.perf_counter() - t0, "checks": checks}
+    return result
 
 
 def show(result: dict[str, Any], title: str) -> None:
@@ -82,6 +97,14 @@ def show(result: dict[str, Any], title: str) -> None:
     for k, r in result["curve"].items():
         print(f"  K={k:>6}  relative error {r['relative_error']:.3e}  cosine {r['cosine']:.6f}")
     print(f"  effective context: K(1%) = {result['k_1pct']}, K(5%) = {result['k_5pct']}", flush=True)
+    if "float64_spot" in result:
+        spot = result["float64_spot"]
+        print(f"  float64 spot check ({spot['seconds']:.1f} s): g in float32 off by {spot['checks']['truth']:.2e}")
+        for k, c in spot["checks"].items():
+            if k != "truth":
+                print(f"    K={k}: ĝ_K float32 off by {c['float32_vs_float64']:.2e}; relative error "
+                      f"{c['relative_error_float64']:.6e} (float64) against {c['relative_error_float32']:.6e} (float32)",
+                      flush=True)
 
 
 def figure(levels: list[dict[str, Any]], kmax: int, path: Path) -> None:
@@ -216,6 +239,8 @@ def main() -> int:
     p.add_argument("--train-k", type=int, default=32)
     p.add_argument("--train-seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--float64-spot", default="", metavar="K,K",
+                   help="K (nested, e.g. 64,4096) to recompute with g in float64 and compare (K-curve mode)")
     p.add_argument("--lag-profile", type=int, default=0, metavar="D", help="measure the lag profile to lag D instead")
     p.add_argument("--positions", type=int, default=64, help="loss positions sampled for --lag-profile")
     p.add_argument("--figure", type=Path, default=None)
@@ -244,7 +269,8 @@ def main() -> int:
             lag_figure(results["lag_profile"], args.figure)
     elif args.train_steps <= 0:
         model = make_model("lstm", task, args.hidden, seed=0)
-        results["long"] = curve(model, task, args.seq_len, args.batch, args.kmax, args.split)
+        spot = [int(k) for k in args.float64_spot.split(",")] if args.float64_spot else None
+        results["long"] = curve(model, task, args.seq_len, args.batch, args.kmax, args.split, spot)
         show(results["long"], "chunked K curve at initial θ")
     else:
         cfg = ContextConfig(task="char-lm", model="lstm", method=f"chunked:k={args.train_k}", steps=args.train_steps,

@@ -1,8 +1,8 @@
 """The lag profile out to thousands of lags on long streams, from a sample of loss positions.
 
 The exact decomposition (:func:`tbptt_bench.core.lags.lag_decomposition`) gives ``φ_d(t)`` for every
-loss ``t`` and every lag ``d ≤ D`` at the cost of ``D`` backward passes of the whole sequence: about
-six hours at T = 65,536 and D = 4096 for an LSTM of hidden 128 on this CPU (docs/bias.md). The profile
+loss ``t`` and every lag ``d ≤ D`` at the cost of ``D`` backward passes of the whole sequence: an
+estimated 6.6 hours at T = 65,536 and D = 4096 for an LSTM of hidden 128 on one CPU thread (docs/bias.md). The profile
 is a mean over losses, so it does not need every loss: this module takes ``n`` loss positions spread
 evenly over the stream, and for each one the exact adjoint of that loss alone at every lag of a grid,
 from one forward and one backward pass through the ``D`` steps before it.
