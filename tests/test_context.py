@@ -16,6 +16,7 @@ import torch
 from tbptt_bench.analysis.context import dyadic_grid
 from tbptt_bench.analysis.expectation import expectation_bias
 from tbptt_bench.analysis.gradients import flatten, method_gradient, true_gradient
+from tbptt_bench.analysis.long_lags import lag_grid, long_lag_profile
 from tbptt_bench.core.build import make_task
 from tbptt_bench.errors import UsageError
 from tbptt_bench.report.load import load_tables
@@ -54,6 +55,8 @@ curve_seq_len = 32
 kmax = 16
 n_batches = 4
 curve_warmup = 4
+max_lag = 8
+lag_positions = 2
 
 [[train]]
 task = "char-lm"
@@ -95,19 +98,25 @@ def _independent(model: torch.nn.Module, cfg: ContextConfig) -> dict[int, tuple[
     return out
 
 
-def _smallest(values: dict[int, float], level: float) -> int | None:
-    return next((k for k in sorted(values) if values[k] <= level), None)
-
-
-def test_effective_context_matches_per_k_engine_runs() -> None:
-    cfg = ContextConfig(**TINY, levels=[0.05, 0.2])
+def _models_at_checkpoints(cfg: ContextConfig) -> dict[int, torch.nn.Module]:
+    """θ at each evaluation of the same (deterministic) training run."""
     models: dict[int, torch.nn.Module] = {}
 
     def keep(update: int, model: torch.nn.Module) -> dict[str, float]:
         models[update] = copy.deepcopy(model)
         return {}
 
-    train(cfg, on_eval=keep)  # the same run, deterministic: θ at each checkpoint
+    train(cfg, on_eval=keep)
+    return models
+
+
+def _smallest(values: dict[int, float], level: float) -> int | None:
+    return next((k for k in sorted(values) if values[k] <= level), None)
+
+
+def test_effective_context_matches_per_k_engine_runs() -> None:
+    cfg = ContextConfig(**TINY, levels=[0.05, 0.2])
+    models = _models_at_checkpoints(cfg)
     result = train_context(cfg)
     assert sorted(models) == [0, 2] and sorted({r["n_updates"] for r in result.curve}) == [0, 2]
     for update, model in models.items():
@@ -125,6 +134,31 @@ def test_effective_context_matches_per_k_engine_runs() -> None:
             assert level_row["k_effective_error"] == _smallest({k: v[2] for k, v in expected.items()}, level)
     assert any(r["k_effective"] is not None for r in result.levels)  # the levels test something
     assert all(r["tokens"] == r["n_updates"] * 4 * 2 for r in result.curve)
+
+
+def test_lag_profile_rows_are_the_pooled_profiles_of_the_held_out_segments() -> None:
+    cfg = ContextConfig(**{**TINY, "curve_seq_len": 40}, max_lag=12, lag_positions=3)
+    models = _models_at_checkpoints(cfg)
+    result = train_context(cfg)
+    task = make_task("char-lm")
+    stream = task.stream(cfg.batch_size, cfg.curve_split)
+    T, N = cfg.curve_seq_len, cfg.n_batches
+    for update, model in models.items():
+        per_position = []
+        for n in range(N):  # segments and warm-up states rebuilt by hand
+            start = stream.length - (N - n) * T
+            with torch.no_grad():
+                _, state = model(stream.slice(start - cfg.curve_warmup, start).inputs, model.initial_state(2))
+            prof = long_lag_profile(model, stream.slice(start, start + T), task.loss_kind, 12, n_positions=3,
+                                    state=state)
+            per_position.append(np.nanmean(prof.phi, axis=1))
+        per = np.concatenate(per_position)
+        rows = [r for r in result.lags if r["n_updates"] == update]
+        assert [r["lag"] for r in rows] == lag_grid(12)
+        np.testing.assert_allclose([r["phi_mean"] for r in rows], per.mean(0), rtol=1e-10)
+        np.testing.assert_allclose([r["phi_se"] for r in rows], per.std(0, ddof=1) / math.sqrt(len(per)), rtol=1e-8)
+        assert all(r["n_positions"] == N * 3 for r in rows)
+    assert {r["n_updates"] for r in result.lags} == {0, 2}
 
 
 def test_context_tables_round_trip_through_the_store(tmp_path: Path) -> None:
@@ -145,6 +179,9 @@ def test_context_tables_round_trip_through_the_store(tmp_path: Path) -> None:
     assert stored == [r["k_effective_point"] for r in result.tables["effective_context"]]
     assert set(curve["key"]) == set(levels["key"]) == {cell.key}
     assert "context" in read_tables(tmp_path) and (tmp_path / "context.parquet").is_file()
+    lags = read_results(tmp_path, "context_lags")
+    assert len(lags) == 2 * 8 and str(lags["lag"].dtype) in ("int64", "Int64")  # checkpoints 0 and 2; lags 1..8
+    assert np.allclose(lags["phi_mean"], [r["phi_mean"] for r in result.tables["context_lags"]])
 
 
 def test_report_section_appears_only_with_context_rows(tmp_path: Path) -> None:
@@ -157,7 +194,8 @@ def test_report_section_appears_only_with_context_rows(tmp_path: Path) -> None:
     files = build_report(tables, tmp_path / "with")
     text = files.markdown.read_text()
     assert "## Effective context over training" in text
-    assert {"effective_context", "context_bias_vs_k"} <= set(files.figures) and "effective_context" in files.tables
+    assert {"effective_context", "context_bias_vs_k", "context_lag_profile"} <= set(files.figures)
+    assert "effective_context" in files.tables
     assert "upper end" in text and "conservative" in text  # the caption says what the interval rule is
     without = {name: frame for name, frame in tables.items() if name != "effective_context"}
     without["results"] = tables["results"][tables["results"]["measure"] != "context"]
@@ -171,7 +209,8 @@ def test_report_section_appears_only_with_context_rows(tmp_path: Path) -> None:
     ("kmax = 16", "kmax = 16\nlevels = []"), ("n_batches = 4", "n_batches = 100000"),
     ('task = "char-lm"\nmodel = "lstm"\nmethod = "chunked:k=4"\nsteps = 2', 'task = "copy"\nmodel = "lstm"\n'
      'method = "chunked:k=4"\nsteps = 2'),
-    ("steps = 2", 'steps = 100000\ncurve_split = "train"'),
+    ("steps = 2", 'steps = 100000\ncurve_split = "train"'), ("max_lag = 8", "max_lag = 32"),
+    ("max_lag = 8", "max_lag = -1"), ("lag_positions = 2", "lag_positions = 0"),
 ])
 def test_bad_context_values_are_one_line_errors(change: str, expected: str) -> None:
     block = SUITE.split("[[train]]")[0]

@@ -20,18 +20,22 @@ The **effective context** at a level L is read off that curve three ways (docs/b
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from tbptt_bench.analysis.bias import bias_batches, group_metrics
 from tbptt_bench.analysis.gradients import flatten
 from tbptt_bench.analysis.kcurve import effective_context, streamed_chunked_curve
+from tbptt_bench.analysis.long_lags import LongLagProfile, lag_grid, long_lag_profile
+from tbptt_bench.models.protocol import map_state
 from tbptt_bench.errors import UsageError
 from tbptt_bench.seeding import derive_seed
 from tbptt_bench.tasks.base import Task
@@ -78,6 +82,8 @@ class CurveOptions:
     warmup: int = 512
     levels: tuple[float, ...] = LEVELS
     ci_level: float = 0.95
+    max_lag: int = 0
+    lag_positions: int = 8
 
     def check(self) -> None:
         """One-line UsageError for a value no measurement can use."""
@@ -90,17 +96,31 @@ class CurveOptions:
         for level in self.levels:
             finite_float("levels", level, 0.0, 1.0, lo_open=True, hi_open=True)
         finite_float("ci_level", self.ci_level, 0.0, 1.0, lo_open=True, hi_open=True)
+        integer("max_lag", self.max_lag, lo=0, hi=self.seq_len - 1)
+        integer("lag_positions", self.lag_positions, lo=1)
 
 
 @dataclass
 class ContextCurve:
-    """One measurement: a row per K (:data:`CURVE_COLUMNS` and ``k``), a row per level, and its cost."""
+    """One measurement: a row per K (:data:`CURVE_COLUMNS` and ``k``), a row per level, its cost, and (with
+    ``max_lag``) a row per lag of the lag profile (:func:`lag_rows`)."""
 
     curve: list[dict[str, Any]]
     levels: list[dict[str, Any]]
     seconds: float
     span: int
     checkpoint: int
+    lags: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lag_rows(profiles: Sequence[LongLagProfile]) -> list[dict[str, Any]]:
+    """One row per lag of profiles on several segments, pooled (positions of every segment together):
+    ``lag``, ``phi_mean``, ``phi_se``, ``underflow`` and ``n_positions``."""
+    first = profiles[0]
+    pooled = LongLagProfile(first.lags, np.concatenate([p.positions for p in profiles]),
+                            np.concatenate([p.phi for p in profiles]), first.horizon)
+    return [{k: (int(v) if k in ("lag", "n_positions") else float(v)) for k, v in row.items()}
+            for row in pooled.frame().to_dict("records")]
 
 
 def context_curve(task: Task, model: nn.Module, options: CurveOptions, *, batch_size: int, seed: int = 0
@@ -122,9 +142,16 @@ def context_curve(task: Task, model: nn.Module, options: CurveOptions, *, batch_
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     true_rows: list[np.ndarray] = []
     est_rows: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    wide = copy.deepcopy(model).to(torch.float64) if options.max_lag else None
+    profiles: list[LongLagProfile] = []
     t0 = time.perf_counter()
     span = checkpoint = 0
     for n, (segment, state) in enumerate(batches):
+        if wide is not None:
+            start = None if state is None else map_state(lambda t: t.to(torch.float64), state)
+            profiles.append(long_lag_profile(wide, segment, task.loss_kind, options.max_lag,
+                                             n_positions=options.lag_positions, lags=lag_grid(options.max_lag),
+                                             state=start))
         out = streamed_chunked_curve(model, segment, task.loss_kind, ks, state=state)
         assert out.truth is not None
         true_rows.append(flatten(out.truth, names).cpu().numpy())
@@ -139,7 +166,8 @@ def context_curve(task: Task, model: nn.Module, options: CurveOptions, *, batch_
         metrics = group_metrics(np.stack(est_rows[k]), true_mat, n_flips=0, level=options.ci_level,
                                 seed=derive_seed("context", seed, k))
         curve.append({"k": k, **{c: metrics[c] for c in CURVE_COLUMNS}})
-    return ContextCurve(curve, effective_contexts(curve, options.levels), seconds, span, checkpoint)
+    return ContextCurve(curve, effective_contexts(curve, options.levels), seconds, span, checkpoint,
+                        lag_rows(profiles) if profiles else [])
 
 
 def effective_contexts(curve: Sequence[dict[str, Any]], levels: Sequence[float]) -> list[dict[str, Any]]:
@@ -165,4 +193,4 @@ def describe_contexts(levels: Sequence[dict[str, Any]]) -> str:
 
 
 __all__ = ["CURVE_COLUMNS", "LEVELS", "RULES", "ContextCurve", "CurveOptions", "context_curve", "dyadic_grid",
-           "describe_contexts", "effective_contexts", "held_out_positions"]
+           "describe_contexts", "effective_contexts", "held_out_positions", "lag_rows"]

@@ -13,7 +13,8 @@ each row with the cell's key, parameters, provenance, status and timing, and tur
 Rows are returned per table: ``cells`` (exactly one row per cell), the measurement's own table
 (``train``, ``bias``, ``context`` or ``perf``: at least one row per cell, without metrics when it did not
 end ok) and side tables (``curves``: train learning curves, ``lags``: bias lag profiles, ``alignment``: bias
-cosines between estimators, ``effective_context``: the effective context per checkpoint and level). Columns:
+cosines between estimators, ``effective_context``: the effective context per checkpoint and level,
+``context_lags``: the lag profile per checkpoint and lag, when a context cell sets ``max_lag``). Columns:
 :mod:`tbptt_bench.suites.schema` and docs/suites.md.
 """
 
@@ -243,6 +244,8 @@ def _context_run(params: dict[str, Any]) -> Tables:
 
     result = train_context(ContextConfig(**params))
     tables: Tables = {"context": result.curve, "effective_context": result.levels}
+    if result.lags:
+        tables["context_lags"] = result.lags
     if result.training.diverged_at is not None:
         message = f"loss became non-finite by update {result.training.diverged_at}"
         mark = {"status": "diverged", "error": message, "diverged_at": result.training.diverged_at}

@@ -9,7 +9,9 @@ A store holds one table per kind of row (docs/suites.md, "The result store"):
 * ``context`` one row per (checkpoint, K) of an effective-context cell: ``n_updates``, ``tokens``, ``k`` and
   the relative bias of chunked(K) (:data:`tbptt_bench.analysis.context.CURVE_COLUMNS`);
   ``effective_context`` one row per (checkpoint, level): ``level``, ``k_effective``,
-  ``k_effective_point``, ``k_effective_error`` (docs/suites.md);
+  ``k_effective_point``, ``k_effective_error`` (docs/suites.md); ``context_lags`` one row per (checkpoint,
+  lag) of the lag profile when the cell sets ``max_lag``: ``lag``, ``phi_mean``, ``phi_se``, ``underflow``,
+  ``n_positions``;
 * ``perf``   one row per cost measurement.
 
 Every row of every table starts with the same :data:`SHARED` columns, with the same Arrow types.
@@ -35,7 +37,8 @@ SCHEMA_META = b"tbptt_bench.schema_version"
 CELLS = "cells"
 #: The table of each measurement kind and its side tables.
 MEASURE_TABLES = {"train": "train", "bias": "bias", "context": "context", "perf": "perf"}
-SIDE_TABLES = {"curves": "train", "lags": "bias", "alignment": "bias", "effective_context": "context"}
+SIDE_TABLES = {"curves": "train", "lags": "bias", "alignment": "bias", "effective_context": "context",
+               "context_lags": "context"}
 
 _TIME = pa.timestamp("us", tz="UTC")
 #: Columns that every row of every table has, in this order and with these types.

@@ -51,12 +51,16 @@ class ContextConfig(TrainConfig):
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     #: Confidence level of the relative bias's interval.
     ci_level: float = 0.95
+    #: The lag profile out to this lag on the same segments, in float64 (0: none).
+    max_lag: int = 0
+    #: Loss positions sampled per segment for the lag profile.
+    lag_positions: int = 8
 
     def curve_options(self) -> CurveOptions:
         """The curve measurement's options."""
         return CurveOptions(seq_len=self.curve_seq_len, kmax=self.kmax, n_batches=self.n_batches,
                             split=self.curve_split, warmup=self.curve_warmup, levels=tuple(self.levels),
-                            ci_level=self.ci_level)
+                            ci_level=self.ci_level, max_lag=self.max_lag, lag_positions=self.lag_positions)
 
     def validate(self) -> None:
         """TrainConfig's checks, the curve's, and that the held-out segments fit the split and miss training."""
@@ -79,11 +83,13 @@ class ContextConfig(TrainConfig):
 
 @dataclass
 class ContextResult:
-    """The training run and, per checkpoint, its curve rows (one per K) and level rows (one per level)."""
+    """The training run and, per checkpoint, its curve rows (one per K), level rows (one per level) and lag
+    profile rows (one per lag; none without ``max_lag``)."""
 
     training: TrainResult
     curve: list[dict[str, Any]]
     levels: list[dict[str, Any]]
+    lags: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train_context(cfg: ContextConfig, progress: Callable[[int, int], None] | None = None) -> ContextResult:
@@ -106,6 +112,7 @@ def train_context(cfg: ContextConfig, progress: Callable[[int, int], None] | Non
     training = train(cfg, on_eval=on_eval, progress=progress)
     curve: list[dict[str, Any]] = []
     levels: list[dict[str, Any]] = []
+    lags: list[dict[str, Any]] = []
     for point in training.curve:
         result = measured.get(point["update"])
         if result is None:
@@ -114,4 +121,5 @@ def train_context(cfg: ContextConfig, progress: Callable[[int, int], None] | Non
                   "seconds": result.seconds, "span": result.span, "curve_checkpoint": result.checkpoint}
         curve.extend({**common, **row} for row in result.curve)
         levels.extend({**common, **row} for row in result.levels)
-    return ContextResult(training, curve, levels)
+        lags.extend({**common, **row} for row in result.lags)
+    return ContextResult(training, curve, levels, lags)

@@ -4,6 +4,7 @@ Drawn only when the results hold ``context`` rows (suites' ``[[context]]`` cells
 effective context at a level L is the smallest K of the dyadic grid whose relative bias of chunked(K)
 against the true gradient is at most L: under the interval rule (the upper end of its interval, which is
 conservative), by the point estimate, or by the mean per-batch relative error (docs/bias.md, "Long horizons").
+With ``context_lags`` rows (cells with ``max_lag``) it also draws the lag profile at each checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ RULES = {"k_effective": "interval rule (conservative)", "k_effective_point": "po
          "k_effective_error": "per-batch relative error"}
 #: The readings drawn in the figure (the table has every one).
 DRAWN = ("k_effective", "k_effective_point")
+#: Lag-profile values below this fraction of the largest are left out of the figure (they would set its scale).
+LAG_FLOOR = 1e-30
 #: Batches below which the relative bias has no interval (analysis/expectation.py).
 MIN_BATCHES_FOR_INTERVALS = 4
 
@@ -77,6 +80,10 @@ def context_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
         _context_figure(doc, _panelled(levels), kmax, few)
     marks = sorted(levels["level"].dropna().unique()) if "level" in levels.columns and len(levels) else [0.01, 0.05]
     _bias_figure(doc, curve, [float(v) for v in marks])
+    lags = tables.get("context_lags", pd.DataFrame())
+    lags = lags[lags["key"].isin(curve["key"])] if "key" in lags.columns else lags.iloc[0:0]
+    if not lags.empty:
+        _lag_figure(doc, _panelled(lags))
     if not levels.empty:
         _context_table(doc, _panelled(levels), kmax, few)
 
@@ -131,6 +138,34 @@ def _bias_figure(doc: Document, curve: pd.DataFrame, level_values: list[float]) 
                f"to light (last); band: its {o.confidence:.0%} interval where there are ≥ 4 segments; dashed: the "
                f"levels ({', '.join(f'{v:.0%}' for v in level_values)}). Open markers on the axis floor: a zero "
                f"estimate (exactly zero, ≤ {EXACT_ZERO:g}, when its interval is zero too; else with a bar up to its interval's upper end).")
+
+
+def _lag_figure(doc: Document, lags: pd.DataFrame) -> None:
+    """The lag profile φ̄_d against d, one line per checkpoint coloured by training progress."""
+    o = doc.options
+    phi = pd.to_numeric(lags["phi_mean"], errors="coerce")
+    shown = lags[phi >= phi.max() * LAG_FLOOR]
+    by = ["panel", "update", "lag"]
+    prof = seed_interval(shown, "phi_mean", by, se="phi_se", options=o)
+    prof["ci_low"] = prof["ci_low"].clip(lower=prof["mean"] * 1e-3)
+    tokens = lags.groupby("update")["tokens"].median()
+    order = sorted(prof["update"].unique())
+    labels = {u: f"update {int(u)} ({_tokens(float(tokens.get(u, np.nan)))} tokens)" for u in order}
+    prof["checkpoint"] = prof["update"].map(labels)
+    colours = dict(zip((labels[u] for u in order), sns.color_palette("viridis", n_colors=max(len(order), 1))))
+    positions = int(lags["n_positions"].max()) if "n_positions" in lags.columns else 0
+    fig = figures.ci_lines(prof, x="lag", y="mean", low="ci_low", high="ci_high", hue="checkpoint", panel="panel",
+                           colours=colours, logx=True, logy=True, markers=False, sharey=True,
+                           xlabel="lag d (steps from the state to the loss)",
+                           ylabel="mean ‖∂ℓ_t / ∂state‖ (float64)",
+                           title="Lag profile at checkpoints of training")
+    doc.figure("context_lag_profile", fig, "How far back a loss still pulls on the state: the lag profile φ̄_d, the "
+               "mean over sampled losses of ‖∂ℓ_t/∂h_{t−d}‖ (each value exact, on a float64 copy of the model; "
+               f"{positions} losses per checkpoint, pooled over the held-out segments), against the lag d, one line "
+               "per checkpoint from dark (update 0) to light (last). Band: the "
+               f"{o.confidence:.0%} interval from the spread across positions (one seed; its lower end is drawn "
+               f"no lower than a thousandth of the mean) or across seeds. Values below {LAG_FLOOR:g} of the largest "
+               "are not drawn (the store has them, and exact zeros where φ̄ falls below float64's range).")
 
 
 def _context_table(doc: Document, levels: pd.DataFrame, kmax: int, few: bool) -> None:
