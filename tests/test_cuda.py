@@ -51,6 +51,28 @@ def test_cuda_gradient_equals_cpu(cell, spec):
         torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_k_curve_and_long_lag_profile_equal_cpu(cell):
+    """The K-curve ladder (with the input fold) and the sampled lag profile give the CPU's numbers."""
+    from tbptt_bench.analysis.kcurve import kcurve_gradients
+    from tbptt_bench.analysis.long_lags import long_lag_profile
+
+    cpu = make_model(cell)
+    gpu = copy.deepcopy(cpu).cuda()
+    batch = token_batch(T=40)
+    specs = ["chunked:k=1", "chunked:k=2", "chunked:k=4", "tbptt:k1=2,k2=3", "tbptt:k1=4,k2=7"]
+    a = {m.spec: g for m, g in kcurve_gradients(cpu, batch, "cross_entropy", specs).items()}
+    b = {m.spec: g for m, g in kcurve_gradients(gpu, batch, "cross_entropy", specs).items()}
+    assert sorted(a) == sorted(b) == sorted(specs)
+    for spec in specs:
+        for k in a[spec]:
+            torch.testing.assert_close(b[spec][k].cpu(), a[spec][k], rtol=1e-9, atol=1e-11)
+    pa = long_lag_profile(cpu, batch, "cross_entropy", 12, n_positions=5)
+    pb = long_lag_profile(gpu, batch, "cross_entropy", 12, n_positions=5)
+    assert (pa.positions == pb.positions).all()
+    torch.testing.assert_close(torch.from_numpy(pb.phi), torch.from_numpy(pa.phi), rtol=1e-9, atol=1e-14)
+
+
 def test_cuda_fused_equals_cell():
     fused = make_model("lstm").cuda()
     cell = make_model("lstm", path="cell").cuda()
