@@ -34,7 +34,7 @@ from torch import nn
 from tbptt_bench.analysis.bias import bias_batches, group_metrics
 from tbptt_bench.analysis.gradients import flatten
 from tbptt_bench.analysis.kcurve import effective_context, streamed_chunked_curve
-from tbptt_bench.analysis.long_lags import LongLagProfile, lag_grid, long_lag_profile
+from tbptt_bench.analysis.long_lags import LongLagProfile, long_lag_profile
 from tbptt_bench.models.protocol import map_state
 from tbptt_bench.errors import UsageError
 from tbptt_bench.seeding import derive_seed
@@ -150,8 +150,7 @@ def context_curve(task: Task, model: nn.Module, options: CurveOptions, *, batch_
         if wide is not None:
             start = None if state is None else map_state(lambda t: t.to(torch.float64), state)
             profiles.append(long_lag_profile(wide, segment, task.loss_kind, options.max_lag,
-                                             n_positions=options.lag_positions, lags=lag_grid(options.max_lag),
-                                             state=start))
+                                             n_positions=options.lag_positions, state=start))
         out = streamed_chunked_curve(model, segment, task.loss_kind, ks, state=state)
         assert out.truth is not None
         true_rows.append(flatten(out.truth, names).cpu().numpy())

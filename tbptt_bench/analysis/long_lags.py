@@ -21,7 +21,7 @@ without gradient; memory: one group's graph.
 
 **Statistics.** ``φ̄_d`` is the mean over sampled positions of each position's mean over its scored
 rows; its standard error is the spread across positions over √n (positions at least ``T/n`` steps
-apart are treated as independent — the assumption is named in the output, not checked).
+apart are treated as independent: an assumption, named here and in docs/bias.md, not checked).
 """
 
 from __future__ import annotations
