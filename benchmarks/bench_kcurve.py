@@ -47,7 +47,7 @@ from tbptt_bench.analysis.gradients import Gradient, method_gradient, true_gradi
 from tbptt_bench.analysis.kcurve import kcurve_gradients
 from tbptt_bench.core.lags import lag_decomposition
 from tbptt_bench.methods.base import parse_method
-from tbptt_bench.models.protocol import map_state
+from tbptt_bench.models.protocol import input_fold, map_state
 from tbptt_bench.core.mask import update_owner
 from tbptt_bench.perf.harness import interleaved_times
 from tbptt_bench.perf.tables import write_json_atomic
@@ -55,7 +55,7 @@ from tbptt_bench.provenance import provenance
 from tbptt_bench.seeding import derive_seed, generator
 from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.tasks.base import Batch
-from tbptt_bench.core.trajectory import core_fn, dense_states, readout_fn, rows
+from tbptt_bench.core.trajectory import blocked, core_fn, dense_states, leaf, parts, readout_fn, rows
 from tbptt_bench.core.engine import step_loss_sum
 
 LOSS = "cross_entropy"
@@ -159,15 +159,13 @@ FLOOR_ROWS = {"chunked": 1 + 7 * 0.5, "tbptt": 1 + 7 * 0.5 + 6 * 0.5 + 1}
 
 def floor_section(model: torch.nn.Module, data: Batch, rounds: int) -> dict[str, Any]:
     """Per-step-row costs of the fused kernel by layout, and the ratios they imply (see the module doc)."""
-    from tbptt_bench.core.trajectory import blocked, core_fn, leaf, parts
-    from tbptt_bench.models.protocol import input_fold
-
     fold = input_fold(model)
     target = fold.model if fold is not None else model
     core = core_fn(target)
     params = [p for p in target.parameters() if p.requires_grad]
     T, B = data.length, data.batch_size
     rows = T * B
+    layouts = [(W, L) for W, L in FLOOR_LAYOUTS if T % W == 0]
     graphs: dict[tuple[int, int], Any] = {}
 
     def build(W: int, L: int) -> Any:
@@ -189,15 +187,16 @@ def floor_section(model: torch.nn.Module, data: Batch, rounds: int) -> dict[str,
                                    allow_unused=True)
 
     def no_graph() -> Any:
-        x = blocked(data.inputs, 128, T // 128)
+        W = max(W for W, _ in layouts)
+        x = blocked(data.inputs, W, T // W)
         with torch.no_grad():
             return core(x, target.initial_state(x.shape[0]))
 
     fns: dict[str, Callable[[], Any]] = {"full": lambda: true_gradient(model, data, LOSS), "no graph": no_graph}
-    for W, L in FLOOR_LAYOUTS:
+    for W, L in layouts:
         fns[f"forward W={W} L={L}"] = lambda W=W, L=L: build(W, L)
         fns[f"backward W={W} L={L}"] = lambda W=W, L=L: push(W, L)
-    for W, L in FLOOR_LAYOUTS:
+    for W, L in layouts:
         build(W, L)
     times = interleaved_times(fns, rounds, warmup=1)
     ns = {name: statistics.median(v) / rows * 1e9 for name, v in times.items()}
@@ -207,9 +206,9 @@ def floor_section(model: torch.nn.Module, data: Batch, rounds: int) -> dict[str,
                            "folded": fold is not None,
                            "floor": {g: (fwd + r * bwd) / ns["full"] for g, r in FLOOR_ROWS.items()}}
     print(f"\nper step-row, T={T}, batch {B}{' (input fold)' if fold is not None else ''}: full (engine) "
-          f"{ns['full']:.0f} ns; forward without graph (W=128, one call) {ns['no graph']:.0f} ns")
+          f"{ns['full']:.0f} ns; forward without graph (largest W, one call) {ns['no graph']:.0f} ns")
     print(f"  {'layout':<14} {'rows/call':>9} {'forward ns':>11} {'backward ns':>12}")
-    for W, L in FLOOR_LAYOUTS:
+    for W, L in layouts:
         print(f"  W={W:<4} L={L:<5} {T // W * B:>9} {ns[f'forward W={W} L={L}']:>11.0f} {ns[f'backward W={W} L={L}']:>12.0f}")
     for g, r in FLOOR_ROWS.items():
         print(f"  {g}: one forward + {r:g}·T·B backward rows at the cheapest layouts = {out['floor'][g]:.2f} × full")
