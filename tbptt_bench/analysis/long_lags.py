@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tbptt_bench.core.engine import Source, step_loss_sum
-from tbptt_bench.core.lags import DecayFit, fit_decay
+from tbptt_bench.core.lags import DecayFit, fit_decay, row_norms
 from tbptt_bench.core.trajectory import cat_states, core_fn, leaf, parts, readout_fn
 from tbptt_bench.errors import UsageError
 from tbptt_bench.models.protocol import State, check_protocol, cross_cut_parts, map_state
@@ -155,17 +155,11 @@ def _group_phi(model: nn.Module, source: Source, loss_kind: str, positions: list
     loss = step_loss_sum(readout(features[:, -1:]), last, loss_kind, 1)  # Σ over rows of w·ℓ_t, each row its own
     wanted = [at_cut[max_lag - d] for d in lags]
     grads = torch.autograd.grad(loss, [t for s in wanted for t in parts(s)], allow_unused=True)
-    n_rows = x.shape[0]
-    phi = np.empty((n_rows, len(lags)))
-    i = 0
-    for j, s in enumerate(wanted):
-        total = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
-        for t in parts(s):
-            g = grads[i]
-            i += 1
-            if g is not None:
-                total += g.transpose(0, 1).reshape(n_rows, -1).to(torch.float64).pow(2).sum(1)
-        phi[:, j] = total.sqrt().cpu().numpy()
+    n_rows, per = x.shape[0], len(parts(wanted[0]))
+    adjoints = [g if g is not None else torch.zeros_like(t)
+                for g, t in zip(grads, (t for s in wanted for t in parts(s)))]
+    phi = torch.stack([row_norms(adjoints[j * per : (j + 1) * per], n_rows) for j in range(len(lags))], 1)
+    phi = phi.cpu().numpy()
     scored = (last.weights[:, 0] != 0).cpu().numpy()
     phi[~scored] = np.nan
     return phi.reshape(len(positions), B, len(lags))

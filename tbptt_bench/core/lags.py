@@ -117,7 +117,7 @@ def _stack_steps(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return piece.transpose(0, 1).reshape((b - a) * x.shape[0], 1, *x.shape[2:])
 
 
-def _row_norms(tensors: Sequence[torch.Tensor], n_rows: int) -> torch.Tensor:
+def row_norms(tensors: Sequence[torch.Tensor], n_rows: int) -> torch.Tensor:
     """Per-row Euclidean norm over all state tensors (batch in dimension 1)."""
     total = torch.zeros(n_rows, dtype=torch.float64, device=tensors[0].device)
     for s in tensors:
@@ -216,7 +216,7 @@ def _record(samples: LagSamples, d: int, cot: list[torch.Tensor], weights: torch
     keep = w != 0
     if not bool(keep.any()):
         return
-    phi = (_row_norms(used, n) * B)[keep]
+    phi = (row_norms(used, n) * B)[keep]
     vec = (_row_vectors(used, n) * B)[keep].sum(0)
     samples.phi[d - 1].append(phi.cpu().numpy())
     prev = samples.vector_sum[d - 1]
