@@ -6,6 +6,27 @@ OpenMP threads slow them down 10x or more); tests that measure threading set the
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where the README's ``tbptt-bench run quick && tbptt-bench report results/quick --out
+    reports/quick`` ran, as written, once per test session (``results/quick`` and ``reports/quick`` in it)."""
+    from readme import readme_section_commands, tbptt_bench_argv
+
+    cwd = tmp_path_factory.mktemp("readme_quick")
+    for command in readme_section_commands():
+        argv = shlex.split(command)
+        if argv[1] not in ("run", "report"):
+            continue
+        proc = subprocess.run(tbptt_bench_argv() + argv[1:], cwd=cwd, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return cwd

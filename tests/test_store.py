@@ -378,3 +378,13 @@ def test_a_bias_cell_writes_its_alignment_table(tmp_path: Path) -> None:
         assert pairs.loc[(spec, "true"), "cosine_mean"] == pytest.approx(cos[spec], rel=1e-12)
         assert pairs.loc[(spec, spec), "cosine_mean"] == pytest.approx(1.0, abs=1e-12)
         assert pairs.loc[(spec, "true"), "cosine_mean"] == pairs.loc[("true", spec), "cosine_mean"]
+
+
+def test_read_results_refuses_a_table_no_store_holds_and_reads_an_unmeasured_one_as_empty(tmp_path: Path) -> None:
+    """``table="results"`` (the old one-table name) is an error naming the tables there are, not an empty frame."""
+    with ResultStore(tmp_path) as store:
+        store.commit(key_of(0), cell_tables(0))
+    with pytest.raises(UsageError, match=r"no table 'results'; its tables: cells, curves"):
+        read_results(tmp_path, table="results")
+    assert read_results(tmp_path, "bias").empty  # a table a store can hold; no cell here measured bias
+    assert len(read_results(tmp_path, "curves")) == 3

@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tbptt_bench.errors import UsageError
-from tbptt_bench.suites.schema import CELLS, SCHEMA_META, SCHEMA_VERSION, convert_v1, to_arrow, to_frame, v1_frame
+from tbptt_bench.suites.schema import CELLS, MEASURE_TABLES, SIDE_TABLES, SCHEMA_META, SCHEMA_VERSION, convert_v1, to_arrow, to_frame, v1_frame
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,10 @@ def read_arrow(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pa.Tabl
     return _read_table(root, table, SCHEMA_VERSION)
 
 
+#: Every table a store written by this version can hold (an absent one reads as empty).
+KNOWN_TABLES = frozenset({CELLS, *MEASURE_TABLES.values(), *SIDE_TABLES})
+
+
 def _check_args(root: Path, table: str | None = None) -> None:
     if not root.is_dir():
         raise UsageError(f"results directory {root} does not exist")
@@ -298,13 +302,17 @@ def _check_args(root: Path, table: str | None = None) -> None:
 
 
 def read_results(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pd.DataFrame:
-    """A store's table as a DataFrame (``cells``, ``train``, ``curves``, ``bias``, ``lags``, ``alignment``, ``perf``); empty if absent.
+    """A store's table as a DataFrame (``cells``, ``train``, ``curves``, ``bias``, ``lags``, ``alignment``, ``perf``, …).
 
-    Needs no lock: safe while a run writes, and then a snapshot of the cells committed so far. A store
-    of schema version 1 is converted on the fly.
+    A table this kind of store can hold but this one does not (no cell measured it) reads as an empty frame;
+    any other name is a UsageError listing the tables there are. Needs no lock: safe while a run writes, and
+    then a snapshot of the cells committed so far. A store of schema version 1 is converted on the fly.
     """
     root = Path(root)
     _check_args(root, table)
+    if table not in KNOWN_TABLES and table not in (present := table_names(root)):
+        raise UsageError(f"{root} has no table {table!r}; its tables: {', '.join(present) or 'none'} "
+                         f"(a store can hold {', '.join(sorted(KNOWN_TABLES))})")
     arrow = read_arrow(root, table)
     return pd.DataFrame() if arrow is None else to_frame(arrow)
 

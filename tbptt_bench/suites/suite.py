@@ -33,12 +33,16 @@ import importlib.resources
 import itertools
 import json
 import logging
-import tomllib
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 import tbptt_bench
 from tbptt_bench.suites.jobs import MEASURES, NO_DEFAULT, SEED_KEYS, GridPoint, Measure
