@@ -69,3 +69,39 @@ def test_python_blocks_run(doc: Path, quick_run: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(blocks), cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"a Python block of {doc.name} failed:\n{proc.stderr[-4000:]}"
+
+
+SIGNATURE = re.compile(r"`(\w+)\(([^`]*)\)(?: -> [^`]*)?`")
+
+
+def documented_signatures(path: Path = ROOT / "docs" / "api.md") -> list[tuple[str, list[str]]]:
+    """``(name, [parameter text, ...])`` for every ```name(a, b=1, *, c)``` of a public name in ``path``."""
+    import tbptt_bench
+
+    out = []
+    for name, params in SIGNATURE.findall(path.read_text()):
+        if name in tbptt_bench.__all__:
+            out.append((name, [p.strip() for p in params.split(",") if p.strip()]))
+    return out
+
+
+def test_api_md_signatures_match_the_code() -> None:
+    """Every parameter docs/api.md names exists under that name, with the default it states."""
+    import ast
+    import inspect
+
+    import tbptt_bench
+
+    checked = 0
+    for name, params in documented_signatures():
+        signature = inspect.signature(getattr(tbptt_bench, name))
+        for text in params:
+            if text in ("*", "...") or text.startswith("**"):
+                continue
+            param, _, default = text.partition("=")
+            assert param in signature.parameters, f"docs/api.md: {name}() has no parameter {param!r} ({signature})"
+            if default:
+                actual = signature.parameters[param].default
+                assert actual == ast.literal_eval(default), f"docs/api.md: {name}({param}=…) defaults to {actual!r}"
+            checked += 1
+    assert checked >= 30, f"only {checked} documented parameters found: the pattern no longer matches api.md"
