@@ -13,6 +13,7 @@ import errno
 import hashlib
 import io
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from tbptt_bench.cli import main
 from tbptt_bench.errors import (EXIT_RESOURCE, EXIT_TERMINATED, EXIT_USAGE, ResourceError, UsageError,
                                 resource_cause, touching)
 from tbptt_bench.suites.store import check_store, read_results, read_tables
+from tbptt_bench.validation import MEMORY_SHARE, available_memory
 from test_run import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +281,21 @@ def _writes_fail_under(folder: Path) -> Iterator[None]:
         patch.setattr("builtins.open", fake_open)
         patch.setattr("io.open", fake_open)
         yield
+
+
+def test_out_of_memory_past_the_size_check_is_one_line(tmp_path: Path) -> None:
+    """A recurrent matrix of 6.4 GB passes the size check (a lower bound against the free memory) but not a
+    4 GB address-space limit: the allocation fails inside torch, and the command ends in one line."""
+    need = 40000 * 40000 * 4
+    if need > MEMORY_SHARE * available_memory():
+        pytest.skip("this machine refuses the size before the run; the test needs about 8 GB free")
+    limit = 4 * 2**30
+    proc = cli("grad", "--task", "adding", "--model", "rnn", "--seq-len", "6", "--batch", "2", "--hidden", "40000",
+               "--method", "full", preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    code, _, err = finish(proc)
+    line = one_line(err)
+    assert code == EXIT_RESOURCE and line.startswith("tbptt-bench: error: out of memory (") and \
+        f"{need} bytes" in line and line.endswith("; free memory or use smaller sizes"), line
 
 
 # --------------------------------------------------------------------------- SIGTERM
