@@ -8,6 +8,7 @@ measures exactly the missing ones (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -139,16 +140,18 @@ def run(args: argparse.Namespace) -> int:
 
 def measure(suite: Suite, executor: Executor, store: ResultStore, todo: list[GridPoint], counts: Counter[str],
             quiet: bool) -> None:
-    """Run ``todo``, committing each cell as it finishes; a line (or the progress bar) per cell."""
+    """Run ``todo``, committing each cell as it finishes; a line (or the progress bar) per cell. However it
+    ends (SIGTERM, a full disk), the executor is closed at once, which stops the cells still running."""
     from tbptt_bench.suites.jobs import CELL_STATUSES
 
     console = Console(stderr=True)
     show_bar = not quiet and console.is_terminal
     columns = (TextColumn(f"[bold]{suite.name}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not show_bar) as bar:
+    results = executor.run(todo)
+    with Progress(*columns, console=console, disable=not show_bar) as bar, contextlib.closing(results):  # type: ignore[type-var]
         job = bar.add_task("cells", total=len(todo), counts="")
-        for result in executor.run(todo):
+        for result in results:
             store.commit(result.key, result.tables)
             counts[result.status] += 1
             done = sum(counts.values())
