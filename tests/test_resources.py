@@ -363,7 +363,13 @@ def _garbled(store: Path) -> str:
     return f"results file {path} cannot be read (OSError: Couldn't deserialize thrift"
 
 
-@pytest.mark.parametrize("damage", [_truncate, _unlisted_missing, _garbled])
+def _manifest_cut(store: Path) -> str:
+    path = store / "manifest.json"
+    path.write_text(path.read_text()[:20])
+    return f"store manifest {path} is damaged (JSONDecodeError: "
+
+
+@pytest.mark.parametrize("damage", [_truncate, _unlisted_missing, _garbled, _manifest_cut])
 def test_every_reader_refuses_a_damaged_store_with_the_same_line(tmp_path: Path, three: Path, damage: Any,
                                                                   capsys: pytest.CaptureFixture) -> None:
     store = copy_store(three, tmp_path / "res")
