@@ -75,10 +75,12 @@ def resource_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _cause_words(cause: BaseException) -> tuple[str, str]:
+def _cause_words(cause: BaseException, action: str) -> tuple[str, str]:
     """(what ran out or was refused, with the errno's name; what to do)."""
     if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
         what, hint = RESOURCE_ERRNOS[cause.errno]
+        if hint == _ACCESS and action == "read":
+            hint = "make it readable and run the command again"
         return f"{what} ({errno.errorcode.get(cause.errno, cause.errno)})", hint
     detail = " ".join(str(cause).split())[:160]
     return f"out of memory ({detail})" if detail else "out of memory", "free memory or use smaller sizes"
@@ -97,7 +99,7 @@ class ResourceError(Exception):
 
     def message(self) -> str:
         """``cannot ACTION PATH: CAUSE; NOTE; WHAT TO DO`` (``out of memory (...) while ...`` for memory)."""
-        what, hint = _cause_words(self.cause)
+        what, hint = _cause_words(self.cause, self.action)
         if self.path is None:
             head = what
         elif isinstance(self.cause, OSError) and self.cause.errno != errno.ENOMEM:

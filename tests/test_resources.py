@@ -28,6 +28,7 @@ import pytest
 from tbptt_bench.cli import main
 from tbptt_bench.errors import (EXIT_RESOURCE, EXIT_TERMINATED, EXIT_USAGE, ResourceError, UsageError,
                                 resource_cause, touching)
+from tbptt_bench.suites import store as store_module
 from tbptt_bench.suites.store import check_store, read_results, read_tables
 from tbptt_bench.validation import MEMORY_SHARE, available_memory
 from test_run import TINY
@@ -403,6 +404,27 @@ def test_a_read_only_store_is_listed_read_and_run_when_nothing_is_to_do(tmp_path
         assert main(["run", str(three / "five.toml"), "--results", results]) == EXIT_USAGE
         line = one_line(capsys.readouterr().err)
         assert "not writable" in line and "Read-only file system" in line, line
+
+
+def test_a_store_file_without_read_permission_is_one_line(tmp_path: Path, three: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Parquet reader refused a file (EACCES; injected, since root reads any file): status 3 and a line
+    that names the file and says to make it readable, from every reader."""
+    store = copy_store(three, tmp_path / "res")
+    real = store_module.pq.read_table
+
+    def read_table(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "train.parquet":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.pq, "read_table", read_table)
+    expected = (f"tbptt-bench: error: cannot read {store / 'train.parquet'}: permission denied (EACCES); "
+                "make it readable and run the command again")
+    for argv in (["run", str(three / "three.toml"), "--results", str(tmp_path / "res"), "--list"],
+                 ["report", str(store), "--out", str(tmp_path / "rep")]):
+        assert main(argv) == EXIT_RESOURCE
+        assert one_line(capsys.readouterr().err) == expected
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from tbptt_bench.commands.common import check_counts
-from tbptt_bench.errors import ResourceError
+from tbptt_bench.errors import EXIT_FAILED_CELLS, ResourceError
 from tbptt_bench.suites import EXECUTORS
 from tbptt_bench.validation import writable_dir
 
@@ -197,4 +197,4 @@ def summary(suite: Suite, cells: list[GridPoint], root: Path, after: dict[str, s
     missing = {c.key for c in cells} - set(after)
     if missing:
         print(f"  {len(missing)} cells have no result", file=sys.stderr)
-    return 1 if failed or missing else 0
+    return EXIT_FAILED_CELLS if failed or missing else 0

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tbptt_bench.errors import ResourceError, UsageError, resource_cause, touching
+from tbptt_bench.errors import ResourceError, UsageError, touching
 from tbptt_bench.suites.schema import CELLS, SCHEMA_META, SCHEMA_VERSION, convert_v1, to_arrow, to_frame, v1_frame
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,11 @@ def _read_or_refuse(path: Path, what: str) -> pa.Table:
     """A store file read completely, or a UsageError naming it (pyarrow raises several types for damage);
     no memory or no permission to read it is a ResourceError."""
     try:
-        return pq.read_table(path)
-    except FileNotFoundError:
+        with touching(path, "read"):
+            return pq.read_table(path)
+    except (FileNotFoundError, ResourceError):
         raise
     except Exception as exc:
-        if resource_cause(exc) is not None:
-            raise ResourceError(path, resource_cause(exc), "read") from None
         raise UsageError(f"results file {path} {what} ({_one_line(exc)}); it was left untouched"
                          f"{', as was every other file' if 'damaged' in what else ''}: {_MOVE_ASIDE}") from None
 
