@@ -70,7 +70,7 @@ def build_report(tables: dict[str, pd.DataFrame], out: str | Path, options: Opti
     options = options or Options()
     out = Path(out).absolute()
     _check_replaceable(out)
-    with touching(out, note="the report there before is unchanged and no half-built report is left"):
+    with touching(out, note="any earlier report there is unchanged and no half-built one is left"):
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(out)
         building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
