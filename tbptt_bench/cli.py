@@ -1,21 +1,28 @@
 """The ``tbptt-bench`` command line. Each sub-command lives in ``tbptt_bench.commands.<name>``.
 
-Bad input (a UsageError, an argument the parser rejects, a size that cannot be allocated) prints one
-line ``tbptt-bench[ CMD]: error: ...`` on stderr and exits with status 2 (docs/reliability.md).
+Every way a command can end early is one line on stderr and an exit status of its own
+(docs/reliability.md): bad input (a UsageError, an argument the parser rejects, a size that cannot be
+allocated) ``tbptt-bench[ CMD]: error: ...`` and 2; no space left, out of memory or permission refused
+while working ``tbptt-bench: error: cannot write PATH: ...`` and 3; SIGINT 130 and SIGTERM 143, both
+raised as an interruption in the main thread so that temporary files and folders are removed on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from typing import NoReturn
+import threading
+from types import FrameType
+from typing import Iterator, NoReturn
 
-from tbptt_bench.errors import UsageError
+from tbptt_bench.errors import (EXIT_INTERRUPTED, EXIT_RESOURCE, EXIT_TERMINATED, EXIT_USAGE, ResourceError,
+                                Terminated, UsageError, resource_cause)
 from tbptt_bench.registry import add_plugin_dirs
-from tbptt_bench.validation import is_allocation_failure
 
 COMMANDS = ("tasks", "explain", "grad", "train", "bias", "perf", "run", "report")
 
@@ -66,34 +73,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`~tbptt_bench.errors.Terminated` in the main thread (as SIGINT
+    raises KeyboardInterrupt); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(text: str, status: int) -> int:
+    """Print ``tbptt-bench: TEXT`` as one line (a library's message may carry newlines); return ``status``."""
+    print("tbptt-bench: " + " ".join(text.split()), file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a one-line argument error (2)
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.plugins:
-            add_plugin_dirs(args.plugins)
-        return int(args.run(args) or 0)
-    except UsageError as exc:
-        print(f"tbptt-bench: error: {exc}", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as exc:
-        if not is_allocation_failure(exc):
-            raise
-        print(f"tbptt-bench: error: not enough memory ({' '.join(str(exc).split())[:160]}); use smaller sizes",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tbptt-bench: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into a reader that stopped early (e.g. `| head`)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    with sigterm_as_interrupt():
+        try:
+            if args.plugins:
+                add_plugin_dirs(args.plugins)
+            return int(args.run(args) or 0)
+        except UsageError as exc:
+            return _error(f"error: {exc}", EXIT_USAGE)
+        except ResourceError as exc:
+            return _error(f"error: {exc}", EXIT_RESOURCE)
+        except Terminated:
+            return _error("terminated (SIGTERM)", EXIT_TERMINATED)
+        except KeyboardInterrupt:
+            return _error("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:  # output piped into a reader that stopped early (e.g. `| head`)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+        except Exception as exc:  # no space, memory or permission where no path was attached
+            cause = resource_cause(exc)
+            if cause is None:
+                raise
+            return _error(f"error: {ResourceError(getattr(cause, 'filename', None), cause)}", EXIT_RESOURCE)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.errors import is_allocation_failure  # noqa: F401 (re-exported: suites and core.build use it)
 
 #: Fraction of the available memory that one run's lower-bound estimate may claim.
 MEMORY_SHARE = 0.9
@@ -202,15 +203,6 @@ def check_run_size(batch: int, seq_len: int, hidden: int, layers: int = 1, items
     """UsageError when even the lower bound of :func:`run_elements` does not fit in memory."""
     what = f"a run with batch {batch}, seq_len {seq_len}, hidden {hidden}, layers {layers}"
     return allocation(what, run_elements(batch, seq_len, hidden, layers), itemsize, limit_bytes)
-
-
-def is_allocation_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` says memory could not be allocated (MemoryError, or torch's allocator error)."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text
-                                              or "not enough memory" in text)
 
 
 def _bytes(n: int) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tbptt_bench.errors import UsageError
+from tbptt_bench.errors import UsageError, touching
 from tbptt_bench.report import figures
 from tbptt_bench.report.common import order_methods
 from tbptt_bench.report.document import AXIS_WORDS, Document, Options
@@ -63,21 +63,24 @@ def build_report(tables: dict[str, pd.DataFrame], out: str | Path, options: Opti
 
     The report is built in a hidden sibling folder and swapped in only when complete (the old report is
     renamed aside, the new one renamed in, the old one removed), so a report killed midway leaves the
-    previous one whole; folders left by a killed run are removed by the next one.
+    previous one whole; an interrupted (SIGINT, SIGTERM) or failed report removes its half-built folder,
+    and folders left by a killed one (SIGKILL) are removed by the next report. No space left, out of memory
+    or permission refused is a ResourceError naming ``out``.
     """
     options = options or Options()
     out = Path(out).absolute()
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out)
-    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
-    try:
-        doc = _write(tables, building, options)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    os.chmod(building, 0o777 & ~_umask())
-    _swap_in(building, out)
+    with touching(out, note="any earlier report there is unchanged and no half-built one is left"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
+        building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+        try:
+            doc = _write(tables, building, options)
+            os.chmod(building, 0o777 & ~_umask())
+            _swap_in(building, out)
+        except BaseException:  # SIGINT, SIGTERM (raised as Terminated), a full disk: no folder is left behind
+            shutil.rmtree(building, ignore_errors=True)
+            raise
     log.info("report with %d figures and %d tables written to %s", len(doc.figures), len(doc.tables), out)
     return ReportFiles(out, out / "report.md", out / "report.html", [f.name for f in doc.figures], list(doc.tables))
 
@@ -116,7 +119,12 @@ def _swap_in(building: Path, out: Path) -> None:
     aside = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     os.rename(out, aside)
-    os.rename(building, out)
+    try:
+        os.rename(building, out)
+    except BaseException:  # interrupted between the two renames: the old report goes back
+        if not out.exists():
+            os.rename(aside, out)
+        raise
     shutil.rmtree(aside, ignore_errors=True)
 
 

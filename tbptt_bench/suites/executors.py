@@ -111,10 +111,15 @@ def _child_main(cell: GridPoint, conn: Connection, initargs: tuple[Any, ...], ex
     except OSError:
         pass
     _init_worker(*initargs)
-    conn.send(STARTED)  # the time limit counts from here: process start-up is not the cell's time
+    try:
+        conn.send(STARTED)  # the time limit counts from here: process start-up is not the cell's time
+    except OSError:  # the driver was stopped (SIGTERM, SIGINT) while this process started: end quietly
+        os._exit(1)
     result = run_cell(cell, executor=executor, concurrency=concurrency)
     try:
         conn.send(result)
+    except OSError:  # the driver is gone
+        os._exit(1)
     except Exception as exc:  # a result that cannot be pickled
         conn.send(crashed_result(cell, f"could not return its result: {type(exc).__name__}: {exc}",
                                  executor=executor, concurrency=concurrency))

@@ -12,7 +12,9 @@ Layout of a store directory (``results/<suite>/`` by default; columns in :mod:`t
 Protocol (a single writer, enforced by the lock):
 
 1. before anything is written, every table, part file and the manifest are read completely
-   (:func:`check_store`); a damaged store is a UsageError naming the file, and nothing is modified;
+   (:func:`check_store`); a damaged store is a UsageError naming the file, and nothing is modified.
+   Readers (``run --list``, ``report``, :func:`read_results`) make the same check, so every command
+   accepts and refuses the same stores with the same message;
 2. a finished cell is written to ``parts/.tmp-<key>-…/`` (each file fsynced), then renamed to
    ``parts/<key>/``: a cell is either wholly committed or absent;
 3. compaction merges the parts into the main tables: for every table, rows of the committed keys are
@@ -24,7 +26,9 @@ Protocol (a single writer, enforced by the lock):
 A store of schema version 1 (one ``results`` table with a ``measure`` column) is converted when read,
 and converted on disk by the first run that writes it (its files are kept in ``backup-v1/``).
 Readers (:func:`read_results`) need no lock: they read parts first, then the main table, and keep
-each key once.
+each key once; a read-only store can be read (and ``run`` over one that needs nothing done ends without
+taking the lock). No space left, out of memory or permission refused while a file is written or read is
+a ResourceError naming the file (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -48,10 +52,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tbptt_bench.errors import UsageError
-from tbptt_bench.suites.schema import CELLS, MEASURE_TABLES, SIDE_TABLES, SCHEMA_META, SCHEMA_VERSION, convert_v1, to_arrow, to_frame, v1_frame
-
-log = logging.getLogger(__name__)
+from tbptt_bench.errors import ResourceError, UsageError, touching
+from tbptt_bench.suites.schema import (CELLS, MEASURE_TABLES, SCHEMA_META, SCHEMA_VERSION, SIDE_TABLES, convert_v1,
+                                       to_arrow, to_frame, v1_frame)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,8 @@ _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _KEY = re.compile(r"^[0-9a-f]{16}$")
 _MOVE_ASIDE = "move it aside (or restore it from a copy) or pass another --results directory"
 
-__all__ = ["SCHEMA_VERSION", "ResultStore", "check_store", "read_results", "read_tables", "table_names",
-           "store_dir", "to_arrow"]
+__all__ = ["SCHEMA_VERSION", "ResultStore", "check_store", "read_results", "read_tables", "settled",
+           "table_names", "store_dir", "to_arrow"]
 
 
 # --------------------------------------------------------------------------- arrow helpers
@@ -93,14 +96,21 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     return out.replace_schema_metadata({SCHEMA_META: str(SCHEMA_VERSION).encode()})
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (the Parquet reader's messages carry newlines)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def _read_or_refuse(path: Path, what: str) -> pa.Table:
-    """A store file read completely, or a UsageError naming it (pyarrow raises several types for damage)."""
+    """A store file read completely, or a UsageError naming it (pyarrow raises several types for damage);
+    no memory or no permission to read it is a ResourceError."""
     try:
-        return pq.read_table(path)
-    except FileNotFoundError:
+        with touching(path, "read"):
+            return pq.read_table(path)
+    except (FileNotFoundError, ResourceError):
         raise
     except Exception as exc:
-        raise UsageError(f"results file {path} {what} ({type(exc).__name__}: {exc}); it was left untouched"
+        raise UsageError(f"results file {path} {what} ({_one_line(exc)}); it was left untouched"
                          f"{', as was every other file' if 'damaged' in what else ''}: {_MOVE_ASIDE}") from None
 
 
@@ -139,13 +149,14 @@ def _write_file(table: pa.Table, path: Path) -> None:
 
 def _replace_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with touching(path):
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
@@ -181,11 +192,13 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     """The store's manifest, None when it has none; a damaged one is a UsageError naming it."""
     path = root / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        with touching(path, "read"):
+            manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"store manifest {path} is damaged ({exc}); it was left untouched: {_MOVE_ASIDE}") from None
+        raise UsageError(f"store manifest {path} is damaged ({_one_line(exc)}); it was left untouched: "
+                         f"{_MOVE_ASIDE}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tables"), list):
         raise UsageError(f"store manifest {path} has no table list; it was left untouched: {_MOVE_ASIDE}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -218,21 +231,36 @@ def _layout(root: Path) -> tuple[int, Path]:
 def check_store(root: str | os.PathLike[str]) -> int:
     """Read every file of a store completely, changing nothing; its schema version (0: no store yet).
 
-    Raises a UsageError naming the first damaged file: a table or part that cannot be read, has another
-    schema version or no ``key`` column, a table the manifest does not list, or a damaged manifest.
+    The one check of a store, made by every command that reads or writes one (``run``, ``run --list``,
+    ``report``, :func:`read_results`). Raises a UsageError naming the first damaged file: a table or part
+    that cannot be read, has another schema version or no ``key`` column, a table the manifest does not
+    list, a listed table that is nowhere, or a damaged manifest. Safe while a run writes the store: the
+    files are listed in the order in which a writer's compaction makes them appear and vanish.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"results directory {root} is a file; pass a store directory such as results/quick")
+    before = _main_files(root)  # a table file appears only after the manifest lists it
     version, source = _layout(root)
     if version == SCHEMA_VERSION:
         listed = set(read_manifest(root)["tables"])  # type: ignore[index]
-        for name, path in _main_files(root).items():
+        for name, path in before.items():
             if name not in listed:
                 raise UsageError(f"results file {path} is not listed in {root / MANIFEST}; the store is "
                                  f"inconsistent and was left untouched: {_MOVE_ASIDE}")
+        in_parts = {f.stem for p in _part_dirs(root) for f in p.glob("*.parquet")}  # parts vanish only
+        absent = sorted(listed - in_parts - set(_main_files(root)))               # after the tables are written
+        if absent:
+            raise UsageError(f"store manifest {root / MANIFEST} lists the table {absent[0]!r} but the store holds "
+                             f"no {absent[0]}.parquet; the store is inconsistent and was left untouched: "
+                             f"{_MOVE_ASIDE}")
     files = [f for f in _main_files(source).values() if version == SCHEMA_VERSION or f.stem in V1_TABLES]
     files += [f for p in _part_dirs(source) for f in sorted(p.glob("*.parquet"))]
     for path in files:
-        read_checked(path, version or SCHEMA_VERSION)
+        try:
+            read_checked(path, version or SCHEMA_VERSION)
+        except FileNotFoundError:  # a part compacted and removed by a run writing the store meanwhile
+            continue
     return version
 
 
@@ -295,10 +323,17 @@ KNOWN_TABLES = frozenset({CELLS, *MEASURE_TABLES.values(), *SIDE_TABLES})
 
 
 def _check_args(root: Path, table: str | None = None) -> None:
-    if not root.is_dir():
-        raise UsageError(f"results directory {root} does not exist")
+    """UsageError unless ``root`` is a store directory that passes :func:`check_store` and ``table`` a table name."""
     if table is not None and not _TABLE_NAME.match(table):
         raise UsageError(f"bad table name {table!r}; expected lower-case letters, digits and _")
+    if not root.is_dir():
+        raise UsageError(f"results directory {root} does not exist")
+    check_store(root)
+
+
+def _frame(root: Path, table: str) -> pd.DataFrame:
+    arrow = read_arrow(root, table)
+    return pd.DataFrame() if arrow is None else to_frame(arrow)
 
 
 def read_results(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pd.DataFrame:
@@ -306,25 +341,25 @@ def read_results(root: str | os.PathLike[str], table: str = MAIN_TABLE) -> pd.Da
 
     A table this kind of store can hold but this one does not (no cell measured it) reads as an empty frame;
     any other name is a UsageError listing the tables there are. Needs no lock: safe while a run writes, and
-    then a snapshot of the cells committed so far. A store of schema version 1 is converted on the fly.
+    then a snapshot of the cells committed so far. A store of schema version 1 is converted on the fly. The
+    store is checked first (:func:`check_store`).
     """
     root = Path(root)
     _check_args(root, table)
     if table not in KNOWN_TABLES and table not in (present := table_names(root)):
         raise UsageError(f"{root} has no table {table!r}; its tables: {', '.join(present) or 'none'} "
                          f"(a store can hold {', '.join(sorted(KNOWN_TABLES))})")
-    arrow = read_arrow(root, table)
-    return pd.DataFrame() if arrow is None else to_frame(arrow)
+    return _frame(root, table)
 
 
 def read_tables(root: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
-    """Every table of a store, by name (an old store converted once, not once per table)."""
+    """Every table of a store, by name (an old store converted once, not once per table; checked once)."""
     root = Path(root)
     _check_args(root)
     version, source = _layout(root)
     if version == 1:
         return {name: to_frame(t) for name, t in sorted(_read_v1(source).items())}
-    return {name: read_results(root, name) for name in table_names(root)}
+    return {name: _frame(root, name) for name in table_names(root)}
 
 
 def table_names(root: str | os.PathLike[str]) -> list[str]:
@@ -337,6 +372,14 @@ def table_names(root: str | os.PathLike[str]) -> list[str]:
     for part in _part_dirs(root):
         names.update(p.stem for p in part.glob("*.parquet"))
     return sorted(names)
+
+
+def settled(root: str | os.PathLike[str]) -> bool:
+    """Whether a store needs nothing written before it is read as it is: no store at all, or one of this
+    schema version without committed parts waiting for compaction (so ``run`` with nothing to measure
+    leaves it alone, read-only or not)."""
+    root = Path(root)
+    return not root.exists() or (_layout(root)[0] != 1 and not _part_dirs(root))
 
 
 # --------------------------------------------------------------------------- writing
@@ -364,15 +407,13 @@ class ResultStore:
     def acquire(self) -> None:
         """Take the directory's lock (fail fast if another run holds it), clean up, compact leftovers."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            with touching(self.root):
+                self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create results directory {self.root}: {exc.strerror}") from None
         lock_path = self.root / LOCK_NAME
-        try:
+        with touching(lock_path):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UsageError(f"cannot open the lock file {lock_path}: {exc.strerror}; is the results "
-                             "directory writable?") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -385,9 +426,10 @@ class ResultStore:
         self._lock_fd = fd
         try:
             version = check_store(self.root)  # read-only: a damaged store is reported with nothing modified
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                     .encode())
+            with touching(lock_path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             self._clean_temporaries()
             if version == 1:
                 self._migrate()
@@ -437,8 +479,23 @@ class ResultStore:
         """
         backup = self.root / BACKUP_V1
         if not backup.is_dir():
-            tmp = self.root / f".{BACKUP_V1}.tmp-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
+            with touching(backup):
+                self._back_up_v1(backup)
+        tables = _read_v1(backup)
+        for name, table in tables.items():
+            write_atomic(table, self.root / f"{name}.parquet")
+        (self.root / "results.parquet").unlink(missing_ok=True)
+        for part in _part_dirs(self.root):
+            self._discard(part)
+        _write_manifest(self.root, set(tables))
+        log.warning("converted the schema-version-1 store %s to version %d; its old files are in %s",
+                    self.root, SCHEMA_VERSION, backup)
+
+    def _back_up_v1(self, backup: Path) -> None:
+        """Copy a version-1 store's files into ``backup`` (complete and fsynced before it gets its name)."""
+        tmp = self.root / f".{BACKUP_V1}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
             for name in V1_TABLES:
                 if (self.root / f"{name}.parquet").exists():
                     shutil.copy2(self.root / f"{name}.parquet", tmp / f"{name}.parquet")
@@ -450,17 +507,11 @@ class ResultStore:
                         os.fsync(fh.fileno())
                 else:
                     _fsync_dir(path)
-            os.rename(tmp, backup)
-            _fsync_dir(self.root)
-        tables = _read_v1(backup)
-        for name, table in tables.items():
-            write_atomic(table, self.root / f"{name}.parquet")
-        (self.root / "results.parquet").unlink(missing_ok=True)
-        for part in _part_dirs(self.root):
-            self._discard(part)
-        _write_manifest(self.root, set(tables))
-        log.warning("converted the schema-version-1 store %s to version %d; its old files are in %s",
-                    self.root, SCHEMA_VERSION, backup)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.rename(tmp, backup)
+        _fsync_dir(self.root)
 
     # ---- writing
     def commit(self, key: str, tables: dict[str, list[dict[str, Any]]]) -> None:
@@ -470,25 +521,27 @@ class ResultStore:
             raise ValueError(f"bad cell key {key!r}")
         if len(tables.get(MAIN_TABLE) or ()) != 1:
             raise ValueError(f"cell {key} must have exactly one row in the {MAIN_TABLE!r} table")
+        for name in tables:
+            if not _TABLE_NAME.match(name):
+                raise ValueError(f"bad table name {name!r}")
         parts = self.root / PARTS
-        parts.mkdir(exist_ok=True)
         final = parts / key
-        tmp = parts / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            for name, rows in tables.items():
-                if not _TABLE_NAME.match(name):
-                    raise ValueError(f"bad table name {name!r}")
-                if rows:
-                    _write_file(to_arrow(rows), tmp / f"{name}.parquet")
-            _fsync_dir(tmp)
-            if final.exists():
-                self._discard(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(parts)
+        with touching(final):
+            parts.mkdir(exist_ok=True)
+            tmp = parts / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                for name, rows in tables.items():
+                    if rows:
+                        _write_file(to_arrow(rows), tmp / f"{name}.parquet")
+                _fsync_dir(tmp)
+                if final.exists():
+                    self._discard(final)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _fsync_dir(parts)
 
     def compact(self) -> None:
         """Merge committed parts into the main tables (idempotent; safe to interrupt at any point)."""
