@@ -365,13 +365,15 @@ class EngineRun:
         self.leaves: list[State] = []
         self.done = 0
 
-    def steps(self, updates: Sequence[Update], horizon: int | None = None) -> Iterator[UpdateStep]:
+    def steps(self, updates: Sequence[Update], horizon: int | None = None, ahead: Sequence[Update] = ()) -> Iterator[UpdateStep]:
         """Yield each of ``updates`` before its backward pass; chain kept adjoints when resumed.
 
         ``horizon``: the earliest position a later call's updates may need (None: there is none).
+        ``ahead``: later updates known already; their boundary states are stored as the forward passes
+        them, exactly as if they had been given with ``updates``.
         """
         engine = self.engine
-        for u in updates:
+        for u in (*updates, *ahead):
             self.splits.update((u.window_start, u.loss_start, u.loss_end))
         self.split_list = sorted(self.splits)
         last = 10**18 if horizon is None else horizon
