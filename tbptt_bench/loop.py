@@ -268,10 +268,12 @@ class TBPTT:
         self.batches_done += 1
 
     def stream(self, batches: Iterable[BatchLike]) -> Iterator[Step]:
-        """:meth:`steps` over consecutive batches of one stream, then :meth:`flush`."""
+        """:meth:`steps` over consecutive batches of one stream; in ``carry`` mode, then :meth:`flush`
+        (in ``cut`` mode the state stays carried for more batches)."""
         for batch in batches:
             yield from self.steps(batch)
-        yield from self.flush()
+        if self.boundary == "carry":
+            yield from self.flush()
 
     # -- the two modes -----------------------------------------------------------------------------
     def _segment_steps(self, data: Batch) -> Iterator[Step]:

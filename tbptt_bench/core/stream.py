@@ -13,11 +13,16 @@ must come out, in the same order, each as soon as the data for it has arrived (d
   there on, so memory is bounded by the window, not by the stream;
 * the plan is recomputed from a *restart* position ``r``: the loss start of an update at or before the
   horizon from which ``U`` over the rest of the stream, started afresh with the update count and the
-  random generator as they stand at ``r``, gives the same updates. The restart moves forward only when
+  random generator as they stand at ``r``, gives the same unsettled updates. The restart moves forward only when
   that holds on a lookahead as long again as the stretch being planned, so the planning work per piece
-  is bounded by the window as well. A method whose later updates reach further back than that
-  lookahead sees (a K schedule that jumps far within it) keeps its restart earlier, which costs memory,
-  not correctness of the updates already checked.
+  is bounded by the window as well. The lookahead is also at least twice the longest reach settled so
+  far, so that the states later updates start from are stored as the forward passes them, as in the
+  whole stream. A K schedule whose reach jumps beyond that between two updates would see some of its
+  window states recomputed at a later θ in training (at frozen θ the updates are the same anyway).
+
+One thing the pieces cannot know is where the stream will end: a trailing tbptt(k1 > k2) update
+(§2.6) reaches back from the end, so in training its window's first state may be recomputed with the
+current θ where the whole stream had stored it earlier.
 
 Random methods (ARTBP) draw their cuts position by position from one generator; the plan keeps the
 generator's state at the restart, so the draws are those of the whole stream.
@@ -104,6 +109,7 @@ class UpdatePlan:
         self.count_at_restart = first_update
         self.rng_at_restart = copy.deepcopy(rng)
         self.settled_end = 0
+        self.reach = 1
         #: The generator after drawing the whole stream's updates (set by :meth:`close`).
         self.rng_after: np.random.Generator | None = None
 
@@ -140,29 +146,34 @@ class UpdatePlan:
 
     def horizon(self, n: int) -> int:
         """The earliest position an update not yet settled may read (NEVER when none can come)."""
-        ahead = self._updates(self._lookahead(n))
-        pending = [earliest_needed(u) for u in ahead if u.loss_end > self.settled_end]
+        pending = [earliest_needed(u) for m in (n, self._lookahead(n)) for u in self._unsettled(self._updates(m))]
         return min(pending, default=NEVER)
 
     def advance(self, n: int) -> None:
         """Move the restart forward to the latest settled update start from which planning anew gives
-        the same updates over the lookahead."""
+        the same updates over the lookahead and, were the stream to end now, the same closing updates."""
         horizon = self.horizon(n)
         ahead = self._updates(self._lookahead(n))
         starts = [u.loss_start for u in ahead if self.restart < u.loss_start <= min(horizon, self.settled_end)]
+        closing = self._updates(n)
         for r in reversed(starts):
-            before = [u for u in ahead if u.loss_start < r]
+            count = self.count_at_restart + sum(u.loss_start < r for u in ahead)
             rng = self._rng()
             self.method.updates(r - self.restart + 1, first_update=self.count_at_restart, rng=rng)
-            again = [shifted(u, r) for u in self.method.updates(
-                self._lookahead(n) - r, first_update=self.count_at_restart + len(before), rng=copy.deepcopy(rng))]
-            if again == [u for u in ahead if u.loss_start >= r]:
-                self.restart, self.count_at_restart, self.rng_at_restart = r, self.count_at_restart + len(before), rng
+
+            def anew(m: int, r: int = r, count: int = count, rng: np.random.Generator = rng) -> list[Update]:
+                return [shifted(u, r) for u in self.method.updates(m - r, first_update=count, rng=copy.deepcopy(rng))]
+
+            if (self._unsettled(anew(self._lookahead(n))) == self._unsettled(ahead)
+                    and self._unsettled(anew(n)) == self._unsettled(closing)):
+                self.restart, self.count_at_restart, self.rng_at_restart = r, count, rng
                 return
 
     # -- helpers -----------------------------------------------------------------------------------
     def _lookahead(self, n: int) -> int:
-        return n + 1 + max(n - self.restart, 1)
+        """How far ahead to plan: as long again as the stretch from the restart, and at least twice the
+        longest reach (last loss to first position needed) of any update settled so far."""
+        return n + 1 + max(n - self.restart, 2 * self.reach)
 
     def _rng(self) -> np.random.Generator:
         return copy.deepcopy(self.rng_at_restart)
@@ -175,6 +186,10 @@ class UpdatePlan:
                                        rng=self._rng() if rng is None else rng)
         return [shifted(u, self.restart) for u in relative]
 
+    def _unsettled(self, updates: list[Update]) -> list[Update]:
+        return [u for u in updates if u.loss_end > self.settled_end]
+
     def _mark(self, settled: list[Update]) -> None:
+        self.reach = max([self.reach, *(u.loss_end - earliest_needed(u) for u in settled)])
         if settled:
             self.settled_end = settled[-1].loss_end
