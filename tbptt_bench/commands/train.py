@@ -47,13 +47,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-methods", metavar="SPECS", default=None,
                    help="methods measured by --bias-at, comma-separated specs (default: --method)")
     p.add_argument("--bias-batches", type=int, default=4, help="held-out batches per bias snapshot")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: as torch sets them; 1 on a busy machine is often much faster)")
     p.set_defaults(run=run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training configuration the flags describe, every value checked (docs/reliability.md)."""
     check_sizes(args)
-    check_counts(args, {"steps": 1, "eval_every": 1, "eval_batches": 1, "bias_batches": 1})
+    check_counts(args, {"steps": 1, "eval_every": 1, "eval_batches": 1, "bias_batches": 1, "threads": 1})
     if args.max_tokens is not None:
         integer("--max-tokens", args.max_tokens, lo=1, hi=2**62)
     finite_float("--lr", args.lr, 0, lo_open=True)
@@ -64,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         seed=args.seed, device=args.device, dtype=args.dtype, path=args.path,
         task_params=parse_task_params(args.task_param), max_tokens=args.max_tokens,
-        model_params=parse_task_params(args.model_param, "--model-param"),
+        model_params=parse_task_params(args.model_param, "--model-param"), threads=args.threads,
     )
 
 
