@@ -2,9 +2,11 @@
 
 The caller keeps the optimiser, scheduler, clipping, mixed precision and the ``backward`` call; this
 module supplies, update by update, a loss whose gradient is exactly the update's ``G_j`` under the
-method's mask (docs/design.md §2.3, §7.4), and carries the recurrent state across updates and across
-the batches of a stream (each batch is a segment in the sense of docs/design.md §2.8: its initial state
-is the carried state, treated as a constant). The losses come from the project's one engine
+method's mask (docs/design.md §2.3, §7.4), and carries the recurrent state across updates and batches.
+Batches are consecutive pieces of one stream (``boundary="carry"``): every update is the one the
+stream fed whole would give, windows reaching into earlier pieces (docs/design.md §2.8;
+:mod:`tbptt_bench.core.stream` plans the updates and bounds what is kept), or each batch is a segment
+of its own (``boundary="cut"``). The losses come from the project's one engine
 (:meth:`tbptt_bench.core.engine.Engine.steps`), so every family — tbptt with k2 < k1, = k1 or > k1
 (windows recomputed from stored boundary states with the current θ), trailing segments, sliding,
 hybrid, ARTBP, scheduled and adaptive K — behaves exactly as in the benchmark.
