@@ -31,15 +31,22 @@ generator's state at the restart, so the draws are those of the whole stream.
 from __future__ import annotations
 
 import copy
+from typing import Protocol
+
 import numpy as np
 import torch
 
 from tbptt_bench.core.mask import Update
-from tbptt_bench.methods.base import Method
 from tbptt_bench.tasks.base import Batch
 
 #: A position later than any stream.
 NEVER = 10**18
+
+
+class Schedule(Protocol):
+    """What the plan needs of a method: its updates over a sequence of some length."""
+
+    def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]: ...
 
 
 def shifted(u: Update, offset: int) -> Update:
@@ -103,7 +110,7 @@ class StreamBuffer:
 class UpdatePlan:
     """The updates of ``method`` over a stream whose length grows; see the module doc."""
 
-    def __init__(self, method: Method, first_update: int, rng: np.random.Generator) -> None:
+    def __init__(self, method: Schedule, first_update: int, rng: np.random.Generator) -> None:
         self.method = method
         self.restart = 0
         self.count_at_restart = first_update
