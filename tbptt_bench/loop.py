@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -142,7 +143,9 @@ class _OpenStream:
                  batch_size: int) -> None:
         self.buffer = StreamBuffer(batch_size)
         self.plan = UpdatePlan(method, first_update, rng)
-        self.run = engine.start(self.buffer, state)
+        # a model with cross-cut parts runs updates other than consecutive chunks on the cross-cut path
+        crosscut = bool(engine.keep_parts) and not is_chunk_shaped(method.updates(64, first_update, copy.deepcopy(rng)))
+        self.run = engine.start(self.buffer, state, crosscut=crosscut)
 
     def feed(self, piece: Batch) -> Iterator[UpdateStep]:
         """Add ``piece``; the engine's steps over the updates it settles."""
@@ -204,11 +207,6 @@ class TBPTT:
         self.loss_kind = loss
         self.boundary = boundary
         self.engine = Engine(model, loss, device=device, checkpoint=self.method.checkpoint)
-        if boundary == "carry" and self.engine.keep_parts and not is_chunk_shaped(self.method.updates(64)):
-            raise UsageError(
-                f"model {type(model).__name__} keeps state parts differentiable across cuts; across batches it "
-                f"runs chunk-shaped methods only (chunked, tbptt with k1 = k2), not {self.method.spec}; "
-                "pass boundary='cut' to run each batch as its own segment")
         self.autocast = autocast
         self.rng = method_rng(seed)
         #: Updates yielded so far (the global update count that hybrid and scheduled K follow).

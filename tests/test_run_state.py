@@ -57,7 +57,7 @@ def test_the_readme_loop_runs_with_a_plain_backward_for_every_built_in_model(nam
     stream, for every registered model (``sab`` shares graph between updates); the first update's
     gradient is the engine's own for that update."""
     model = built_in(name)
-    spec = "tbptt:k1=3,k2=5" if boundary == "cut" or not getattr(model, "cross_cut_parts", ()) else "chunked:k=3"
+    spec = "tbptt:k1=3,k2=5"
     runner = TBPTT(model, spec, boundary=boundary)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
     task = make_task("copy", n_symbols=4, n_remember=2)

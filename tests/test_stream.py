@@ -18,6 +18,7 @@ from tbptt_bench.seeding import method_rng
 from tbptt_bench.tasks.base import Batch
 
 from reference import masked_reference
+from test_attention import sab
 from test_loop import assert_close, grads, model_of
 
 FAMILIES = [
@@ -158,3 +159,17 @@ def test_an_empty_batch_yields_no_step(spec, boundary):
     tb = TBPTT(model_of("rnn"), spec, boundary=boundary)
     assert list(tb.steps(stream_batch(0))) == []
     assert list(tb.flush()) == []
+
+
+@pytest.mark.parametrize("spec", ["tbptt:k1=2,k2=5", "sliding:k=3", "artbp:c=0.3,min=2", "chunked:k=3"])
+def test_a_model_whose_memory_crosses_cuts_streams_like_the_whole_stream(spec):
+    """sab (memory differentiable across cuts, docs/design.md §7.1): fed in pieces, every update's loss
+    and gradient equal the whole stream's, the cross-cut path included."""
+    model = sab()
+    whole = stream_batch(17, B=2)
+    reference = whole_stream(model, whole, spec, seed=5)
+    got = per_update(TBPTT(model, spec, seed=5).stream(random_pieces(whole, np.random.default_rng(1), longest=5)), model)
+    assert [u for u, _, _ in got] == [u for u, _, _ in reference]
+    for (_, loss, g), (_, loss_ref, g_ref) in zip(got, reference):
+        assert abs(loss - loss_ref) <= 1e-12
+        assert_close(g, g_ref, tol=1e-12)

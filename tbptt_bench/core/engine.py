@@ -299,16 +299,17 @@ class Engine:
         ``fixed_params=True`` (θ unchanged between updates) lets overlapping windows reuse kept
         graphs; their adjoints are chained when the generator resumes.
         """
-        run = self.start(source, state, fixed_params=fixed_params)
-        if self.keep_parts and (self.force_crosscut or not is_chunk_shaped(updates)):
-            return (yield from run.crosscut_steps(updates))
+        crosscut = bool(self.keep_parts) and (self.force_crosscut or not is_chunk_shaped(updates))
+        run = self.start(source, state, fixed_params=fixed_params, crosscut=crosscut)
         yield from run.steps(updates)
-        return run.final_state()
+        return run.final_state(updates[-1].loss_end if updates else 0)
 
-    def start(self, source: Source, state: State, *, fixed_params: bool = False) -> EngineRun:
+    def start(self, source: Source, state: State, *, fixed_params: bool = False, crosscut: bool = False) -> EngineRun:
         """A run over ``source`` from ``state``, fed updates by :meth:`EngineRun.steps` (several calls
-        continue one run: a stream whose updates become known piece by piece)."""
-        return EngineRun(self, source, state, fixed_params)
+        continue one run: a stream whose updates become known piece by piece). ``crosscut``: run every
+        update through :mod:`tbptt_bench.core.crosscut` (a model with cross-cut parts and updates
+        that are not consecutive chunks)."""
+        return EngineRun(self, source, state, fixed_params, crosscut)
 
     # -- model, loss and data (no run state) ------------------------------------------------------
     def versions(self) -> tuple[int, ...]:
@@ -349,7 +350,7 @@ class EngineRun:
     states from there on are kept and everything before it may be forgotten.
     """
 
-    def __init__(self, engine: Engine, source: Source, state: State, fixed_params: bool) -> None:
+    def __init__(self, engine: Engine, source: Source, state: State, fixed_params: bool, crosscut: bool = False) -> None:
         check_state(state)
         self.engine = engine
         self.source = source
@@ -364,6 +365,7 @@ class EngineRun:
         self.links: list[tuple[State, State]] = []
         self.leaves: list[State] = []
         self.done = 0
+        self.cross = CrossCutRun(state, engine.keep_parts, self._fetch, engine.core, self._loss) if crosscut else None
 
     def steps(self, updates: Sequence[Update], horizon: int | None = None, ahead: Sequence[Update] = ()) -> Iterator[UpdateStep]:
         """Yield each of ``updates`` before its backward pass; chain kept adjoints when resumed.
@@ -373,6 +375,11 @@ class EngineRun:
         them, exactly as if they had been given with ``updates``.
         """
         engine = self.engine
+        if self.cross is not None:
+            self.cross.plan([*updates, *ahead])
+            for i, u, loss, after in self.cross.steps(updates, horizon):
+                yield UpdateStep(i, u, loss, after, True)
+            return
         for u in (*updates, *ahead):
             self.splits.update((u.window_start, u.loss_start, u.loss_end))
         self.split_list = sorted(self.splits)
@@ -391,25 +398,17 @@ class EngineRun:
             self._forget_before(last, reachable=horizon is not None)
         self.kept = {} if horizon is None else self.kept
 
-    def final_state(self) -> State:
-        """The state at the end of the last update run (detached)."""
-        return self.bank[max(self.bank)]
+    def final_state(self, end: int) -> State:
+        """The state at ``end``, the end of the last update run (detached)."""
+        if self.cross is not None:
+            return self.cross.final_state(end)
+        return self.bank[end] if end in self.bank else self.bank[max(self.bank)]
 
     def earliest_needed(self) -> int:
         """The first position whose data a later update may still read."""
+        if self.cross is not None:
+            return min(self.cross.traj)
         return min(min(self.bank), min(self.dense, default=10**18))
-
-    def crosscut_steps(self, updates: Sequence[Update]) -> Generator[UpdateStep, None, State]:
-        """Updates of any shape for a model with declared cross-cut parts (docs/design.md §7.1)."""
-        engine = self.engine
-        run = CrossCutRun(updates, self.bank[0], engine.keep_parts, self._fetch, engine.core, self._loss)
-        steps = run.steps()
-        while True:
-            try:
-                i, u, loss, after = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            yield UpdateStep(i, u, loss, after, True)
 
     def _forget_before(self, p: int, reachable: bool) -> None:
         """Drop stored states and kept graphs before ``p``; ``reachable``: first store the state at ``p``
