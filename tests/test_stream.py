@@ -173,3 +173,26 @@ def test_a_model_whose_memory_crosses_cuts_streams_like_the_whole_stream(spec):
     for (_, loss, g), (_, loss_ref, g_ref) in zip(got, reference):
         assert abs(loss - loss_ref) <= 1e-12
         assert_close(g, g_ref, tol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["tbptt:k1=2,k2=5", "sliding:k=3"])
+def test_training_a_model_whose_memory_crosses_cuts_over_pieces_equals_the_whole_stream(spec):
+    whole = stream_batch(18, B=2, seed=2)
+    a, b = sab(), sab()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.3), torch.optim.SGD(b.parameters(), lr=0.3)
+    losses = []
+    for step in TBPTT(a, spec, seed=4).stream(random_pieces(whole, np.random.default_rng(7), longest=5)):
+        step.loss.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        losses.append(float(step.loss.detach()))
+
+    def on_update(i, u, loss):
+        opt_b.step()
+        opt_b.zero_grad()
+
+    updates = parse_method(spec).updates(whole.length, rng=method_rng(4))
+    run = Engine(b, "cross_entropy").run(whole, updates, b.initial_state(2), on_update)
+    np.testing.assert_allclose(losses, run.update_losses.tolist(), rtol=0, atol=1e-12)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-12, msg=n)
