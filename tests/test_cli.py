@@ -126,6 +126,15 @@ def test_train_threads_sets_torchs_thread_count_and_is_saved(tmp_path):
     assert json.loads(out.read_text())["config"]["threads"] == 1
 
 
+def test_train_without_flags_is_the_dataclass_default():
+    """Every train option's default is TrainConfig's (or RunConfig's): a CLI default that differs fails here."""
+    from tbptt_bench.cli import build_parser
+    from tbptt_bench.commands.train import config_from_args
+    from tbptt_bench.training.loop import TrainConfig
+
+    assert config_from_args(build_parser().parse_args(["train"])).flat() == TrainConfig().flat()
+
+
 def test_console_script_runs_as_a_process():
     proc = subprocess.run([sys.executable, "-m", "tbptt_bench.cli", "grad", "--method", "bad spec!"],
                           capture_output=True, text=True)
