@@ -46,14 +46,17 @@ class TBPTTMixin:
     """Mixin for a ``LightningModule`` with ``automatic_optimization = False``.
 
     Class attributes: ``tbptt_method`` (a method spec), ``tbptt_loss`` (``"cross_entropy"`` or
-    ``"mse"``), ``tbptt_seed`` (the method's own draws), ``tbptt_log_name`` (the logged key). The
-    carried state is reset at the start of every training epoch (the stream starts again); call
-    :meth:`tbptt_reset` for other boundaries.
+    ``"mse"``), ``tbptt_seed`` (the method's own draws), ``tbptt_boundary`` (``"carry"``: the batches
+    are consecutive pieces of one stream, gradient and updates run across them; ``"cut"``: each batch
+    is a segment of its own; see :class:`~tbptt_bench.loop.TBPTT`), ``tbptt_log_name`` (the logged
+    key). The stream ends at the start of every training epoch (its waiting losses are closed as one
+    update, yielded first in the next batch); call :meth:`tbptt_reset` for other boundaries.
     """
 
     tbptt_method: str = "chunked:k=32"
     tbptt_loss: str = "cross_entropy"
     tbptt_seed: int = 0
+    tbptt_boundary: str = "carry"
     tbptt_log_name: str = "tbptt_loss"
 
     def tbptt_updates(self, batch: BatchLike, model: nn.Module | None = None) -> Iterator[Step]:
@@ -68,7 +71,7 @@ class TBPTTMixin:
         runner = self._tbptt_runner(model if model is not None else self)  # type: ignore[arg-type]
         for step in runner.steps(data):
             self.manual_backward(step.loss)  # type: ignore[attr-defined]
-            scored = data.weights[:, step.update.loss_start : step.update.loss_end].sum() / data.batch_size
+            scored = step.weights.sum() / data.batch_size
             per_step = step.loss.detach() / scored.clamp_min(1e-12)
             self.log(self.tbptt_log_name, per_step, on_step=True, on_epoch=True,  # type: ignore[attr-defined]
                      prog_bar=True, batch_size=data.batch_size)
@@ -96,7 +99,7 @@ class TBPTTMixin:
         moved = runner is not None and first is not None and (
             runner.engine.device != first.device or runner.engine.dtype != first.dtype)
         if runner is None or runner.model is not model or moved:
-            runner = TBPTT(model, self.tbptt_method, self.tbptt_loss, seed=self.tbptt_seed)
+            runner = TBPTT(model, self.tbptt_method, self.tbptt_loss, boundary=self.tbptt_boundary, seed=self.tbptt_seed)
             self.__dict__["_tbptt"] = runner
         return runner
 

@@ -65,6 +65,7 @@ def test_grad_json_and_npz_verified_independently(tmp_path, capsys):
         (["grad", "--method", "full", "--save", "/nonexistent/dir/g.npz"], "does not exist"),
         (["explain", "tbptt:k1=2,k2=2", "--seq-len", "0"], "--seq-len must be ≥ 1"),
         (["train", "--method", "full", "--lr", "-1"], "--lr must be > 0"),
+        (["train", "--method", "full", "--threads", "0"], "--threads must be ≥ 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
@@ -108,6 +109,30 @@ def test_train_saves_curve(tmp_path, capsys):
     assert [r["update"] for r in saved["curve"]] == [0, 3, 6]
     assert saved["config"]["method"] == "tbptt:k1=4,k2=8"
     assert saved["baseline"] == pytest.approx(1 / 6 - 1 / 72)  # the memoryless optimum at T = 12
+
+
+def test_train_threads_sets_torchs_thread_count_and_is_saved(tmp_path):
+    out = tmp_path / "curve.json"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        argv = ["train", "--task", "adding", "--model", "gru", "--method", "chunked:k=4", "--seq-len", "12",
+                "--batch", "2", "--hidden", "4", "--steps", "2", "--eval-every", "2", "--quiet", "--threads", "1",
+                "--save", str(out)]
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads(out.read_text())["config"]["threads"] == 1
+
+
+def test_train_without_flags_is_the_dataclass_default():
+    """Every train option's default is TrainConfig's (or RunConfig's): a CLI default that differs fails here."""
+    from tbptt_bench.cli import build_parser
+    from tbptt_bench.commands.train import config_from_args
+    from tbptt_bench.training.loop import TrainConfig
+
+    assert config_from_args(build_parser().parse_args(["train"])).flat() == TrainConfig().flat()
 
 
 def test_console_script_runs_as_a_process():

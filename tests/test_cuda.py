@@ -87,8 +87,7 @@ def test_chunks_go_through_pinned_memory():
     assert _pinned(torch.ones(2, 3), torch.float32).is_pinned()
     engine = Engine(make_model("gru").cuda(), "cross_entropy")
     assert engine.pin_memory
-    engine._source = token_batch()
-    data = engine._fetch(2, 5)
+    data = engine.fetch(token_batch(), 2, 5)
     assert data.inputs.is_cuda and data.weights.dtype == torch.float64 and data.inputs.shape == (3, 3)
 
 

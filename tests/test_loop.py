@@ -67,9 +67,9 @@ def stream_reference(model, data: list[Batch], spec: str, seed: int = 0) -> dict
     return total
 
 
-def run_utility(model, data: list[Batch], spec: str) -> tuple[dict[str, torch.Tensor], TBPTT]:
+def run_utility(model, data: list[Batch], spec: str, boundary: str = "cut") -> tuple[dict[str, torch.Tensor], TBPTT]:
     model.zero_grad(set_to_none=True)
-    tb = TBPTT(model, spec)
+    tb = TBPTT(model, spec, boundary=boundary)
     for step in tb.stream(data):
         step.loss.backward()
     return grads(model), tb
@@ -84,8 +84,9 @@ FAMILIES = [
 
 @pytest.mark.parametrize("spec", FAMILIES)
 def test_every_family_over_a_stream_equals_the_brute_force_reference(spec):
-    """Two batches of T = 9 (not a multiple of k1) with the state carried: the accumulated gradient
-    is the sum of each batch's masked reference from its carried state, update counts running on."""
+    """boundary='cut', two batches of T = 9 (not a multiple of k1) with the state carried: the
+    accumulated gradient is the sum of each batch's masked reference from its carried state, update
+    counts running on."""
     model = model_of("lstm")
     data = batches(2)
     got, tb = run_utility(model, data, spec)
@@ -122,7 +123,7 @@ def test_training_with_the_callers_optimiser_equals_the_engines_training(spec):
     data = batches(3)
     a, b = model_of("lstm"), model_of("lstm")
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
-    tb = TBPTT(a, spec, seed=3)
+    tb = TBPTT(a, spec, boundary="cut", seed=3)
     losses_a = []
     for step in tb.stream(data):
         step.loss.backward()
@@ -194,7 +195,7 @@ def test_wrap_rnn_equals_the_built_in_model():
 def test_reset_and_early_break_carry_the_right_state():
     model = model_of("gru")
     data = batches(2)
-    tb = TBPTT(model, "chunked:k=4")
+    tb = TBPTT(model, "chunked:k=4", boundary="cut")
     for step in tb.steps(data[0]):
         if step.update.loss_end == 4:
             break

@@ -111,8 +111,9 @@ def hand_pattern(H: int, C: int) -> torch.Tensor:
 
 
 def closed_form_estimate(model: RecurrentNet, batch: Batch, rule: str, *, pattern=None, tau: float = 1.0,
-                         signs=None) -> torch.Tensor:
-    """Σ_t of an online estimate for MSE with one output, all by hand; flat in named_parameters order."""
+                         signs=None, trained=None) -> torch.Tensor:
+    """Σ_t of an online estimate for MSE with one output, all by hand; flat in named_parameters order.
+    ``trained``: 1/0 over the recurrent parameters' entries, the ones UORO's norms run over (default all)."""
     B, T = batch.weights.shape
     H = model.hidden_size
     P = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("readout."))
@@ -137,9 +138,11 @@ def closed_form_estimate(model: RecurrentNet, batch: Batch, rule: str, *, patter
             nu = signs[t]
             dh = torch.einsum("bij,bj->bi", D, ht)
             nuI = torch.einsum("bi,bip->bp", nu, I)
+            on = torch.ones(P, dtype=torch.float64) if trained is None else trained
             rho0 = torch.tensor([math.sqrt(a / b) if a > 0 and b > 0 else 1.0
-                                 for a, b in zip(tt.norm(dim=1).tolist(), dh.norm(dim=1).tolist())], dtype=torch.float64)
-            rho1 = torch.sqrt(nuI.norm(dim=1) / nu.norm(dim=1))
+                                 for a, b in zip((tt * on).norm(dim=1).tolist(), dh.norm(dim=1).tolist())],
+                                dtype=torch.float64)
+            rho1 = torch.sqrt((nuI * on).norm(dim=1) / nu.norm(dim=1))
             ht, tt = rho0[:, None] * dh + rho1[:, None] * nu, tt / rho0[:, None] + nuI / rho1[:, None]
             g += torch.einsum("b,bp->p", (adj * ht).sum(1), tt)
         else:
@@ -197,6 +200,23 @@ def test_uoro_follows_its_recursion_with_the_documented_draws() -> None:
     est = flatten(method_gradient(model, batch, "uoro", "mse"))
     ref = closed_form_estimate(model, batch, "uoro", signs=library_signs("uoro", 5, (2, 3)))
     torch.testing.assert_close(est, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_uoro_normalises_over_the_trained_parameters_only() -> None:
+    """With the recurrent bias frozen, ρ₀ and ρ₁ take θ̃'s norms over the trained entries: the estimate
+    follows the hand recursion with those norms, and differs from the one with norms over all entries."""
+    model, batch = tanh_model(), real_batch(B=2, T=5)
+    model.rnn.bias_hh_l0.requires_grad_(False)
+    recurrent = [(n, p) for n, p in model.named_parameters() if not n.startswith("readout.")]
+    trained = torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=torch.float64) for _, p in recurrent])
+    keep = torch.cat([trained, torch.ones(sum(p.numel() for n, p in model.named_parameters()
+                                              if n.startswith("readout.")), dtype=torch.float64)]).bool()
+    signs = library_signs("uoro", 5, (2, 3))
+    est = flatten(method_gradient(model, batch, "uoro", "mse"))
+    ref = closed_form_estimate(model, batch, "uoro", signs=signs, trained=trained)[keep]
+    torch.testing.assert_close(est, ref, rtol=1e-10, atol=1e-10)
+    over_all = closed_form_estimate(model, batch, "uoro", signs=signs)[keep]
+    assert float((over_all - ref).abs().max()) > 1e-6
 
 
 def enumerate_uoro(model: RecurrentNet, batch: Batch) -> torch.Tensor:

@@ -23,7 +23,7 @@ chunked and ARTBP updates forward each step once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -71,30 +71,42 @@ def _groups(u: Update) -> list[_Group]:
 
 
 class CrossCutRun:
-    """One pass of ``updates`` over a source for a model with declared cross-cut parts ``keep``."""
+    """One pass of updates over a source for a model with declared cross-cut parts ``keep``.
 
-    def __init__(self, updates: Sequence[Update], state: State, keep: tuple[int, ...], fetch: Fetch, core: Core,
-                 loss: LossFn) -> None:
-        self.updates, self.keep = list(updates), keep
+    :meth:`plan` makes updates known (their window starts join the cut set before the trajectory
+    passes them); :meth:`steps` runs them, and may be called again with later updates (a stream fed
+    in pieces), ``horizon`` then bounding what later updates may read.
+    """
+
+    def __init__(self, state: State, keep: tuple[int, ...], fetch: Fetch, core: Core, loss: LossFn) -> None:
+        self.keep = keep
         self.fetch, self.core, self.loss = fetch, core, loss
-        self.groups = [_groups(u) for u in self.updates]
-        self.cuts = {g.w for gs in self.groups for g in gs if g.w}
+        self.cuts: set[int] = set()
         self.owner_scale: dict[int, float] = {}
-        for u in self.updates:
-            self.owner_scale.update((p, f) for p, f in u.scales if u.loss_start < p < u.loss_end)
         self.traj: dict[int, State] = {0: detach_state(state)}
+        self.done = 0
 
-    def steps(self) -> Generator[tuple[int, Update, torch.Tensor, State], None, State]:
-        """Yield ``(index, update, loss, state after the update)``; return the final state (detached)."""
-        needed = [min(u.window_start, u.loss_start) for u in self.updates]
-        for i, (u, groups) in enumerate(zip(self.updates, self.groups)):
-            total, after = self._update(u, groups)
-            yield i, u, total, detach_state(after)
-            later = min(needed[i + 1 :], default=u.loss_end)
+    def plan(self, updates: Sequence[Update]) -> None:
+        """Make ``updates`` known: their window starts are cuts, their scales the trajectory's."""
+        for u in updates:
+            self.cuts.update(g.w for g in _groups(u) if g.w)
+            self.owner_scale.update((p, f) for p, f in u.scales if u.loss_start < p < u.loss_end)
+
+    def steps(self, updates: Sequence[Update], horizon: int | None = None
+              ) -> Iterator[tuple[int, Update, torch.Tensor, State]]:
+        """Yield ``(index, update, loss, state after the update)`` for ``updates`` (planned already)."""
+        needed = [min(u.window_start, u.loss_start) for u in updates]
+        for i, u in enumerate(updates):
+            total, after = self._update(u, _groups(u))
+            yield self.done, u, total, detach_state(after)
+            self.done += 1
+            later = min([*needed[i + 1 :], *(() if horizon is None else (horizon,))], default=u.loss_end)
             base = max((p for p in self.traj if p <= later), default=0)
             frontier = max(self.traj)
             self.traj = {p: s for p, s in self.traj.items() if p >= base or p == frontier}
-        end = self.updates[-1].loss_end if self.updates else 0
+
+    def final_state(self, end: int) -> State:
+        """The trajectory's state at ``end`` (detached)."""
         return detach_state(self._trajectory(end))
 
     # -- the trajectory ----------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
-from typing import Callable, Generator, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,8 @@ class UpdateStep:
 
     ``index``: the update's position in the list run; ``loss``: ``Σ ℓ_t`` over its losses, whose
     gradient is the update's ``G_j``; ``state``: the (detached) state after its last loss;
-    ``retain_graph``: what the backward call must pass (True only while kept graphs are reused).
+    ``retain_graph``: what the backward call must pass (True while kept graphs are reused and for a
+    model with cross-cut parts, whose trajectory later updates backpropagate through again).
     """
 
     index: int
@@ -117,6 +118,16 @@ class UpdateStep:
     loss: torch.Tensor
     state: State
     retain_graph: bool = False
+    #: Carries kept adjoints back once the loss has been backpropagated (the engine also does it on resume).
+    after_backward: Callable[[], None] | None = field(default=None, repr=False)
+
+    def backward(self) -> None:
+        """The backward pass this update needs (a no-op for a loss without graph: an online estimate,
+        already in ``.grad``)."""
+        if self.loss.requires_grad:
+            self.loss.backward(retain_graph=self.retain_graph)
+        if self.after_backward is not None:
+            self.after_backward()
 
 
 @dataclass
@@ -154,13 +165,66 @@ def _pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t)
 
 
-class Engine:
-    """Runs updates of a gradient method for one model on one device.
+class UpdateEngine(Protocol):
+    """What training and the loop utility ask of an engine (:class:`Engine`, ``OnlineEngine``).
 
-    ``checkpoint``: recompute activations per chunk of that many steps in the backward pass.
-    ``max_fused_steps``: split calls with gradient into pieces of at most that many steps, aligned
-    to multiples of it (the same math; default :data:`CPU_FUSED_STEPS` on the CPU, 0 = no limit, the
-    default on CUDA). ``pin_memory`` (default: on CUDA) stages chunks in page-locked memory.
+    ``steps`` yields each update before its backward pass (:meth:`UpdateStep.backward` does it) and
+    returns the final state; ``run`` is ``steps`` with the backward pass and a callback; both keep a
+    run's state in the run, so one engine may serve several runs at once.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def update_steps(self, u: Update) -> tuple[int, int]: ...
+
+    def steps(
+        self, source: Source, updates: Sequence[Update], state: State, *, fixed_params: bool = False
+    ) -> Generator[UpdateStep, None, State]: ...
+
+    def run(
+        self,
+        source: Source,
+        updates: Sequence[Update],
+        state: State,
+        on_update: Callable[[int, Update, torch.Tensor], bool | None] | None = None,
+        *,
+        fixed_params: bool | None = None,
+    ) -> RunResult: ...
+
+
+def drive(
+    steps: Generator[UpdateStep, None, State],
+    count: int,
+    on_update: Callable[[int, Update, torch.Tensor], bool | None] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> RunResult:
+    """Backpropagate each step of ``steps`` and call ``on_update``; True from it ends the run there."""
+    # one preallocated vector, not a tensor object per update: memory stays flat in the length
+    losses = torch.empty(count, device=device, dtype=dtype)
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return RunResult(stop.value, losses)
+        step.backward()
+        loss = step.loss.detach()
+        losses[step.index] = loss
+        if on_update is not None and on_update(step.index, step.update, loss):
+            steps.close()  # the callback asked to stop after this update
+            return RunResult(step.state, losses[: step.index + 1])
+
+
+class Engine:
+    """Runs updates of a gradient method for one model on one device: configuration only.
+
+    Each :meth:`steps` or :meth:`run` call keeps its run's state (stored boundary states, kept graphs)
+    in its own :class:`EngineRun`, so runs on one engine may interleave. ``checkpoint``: recompute
+    activations per chunk of that many steps in the backward pass. ``max_fused_steps``: split calls
+    with gradient into pieces of at most that many steps, aligned to multiples of it (the same math;
+    default :data:`CPU_FUSED_STEPS` on the CPU, 0 = no limit, the default on CUDA). ``pin_memory``
+    (default: on CUDA) stages chunks in page-locked memory.
     """
 
     def __init__(
@@ -187,7 +251,7 @@ class Engine:
             max_fused_steps = CPU_FUSED_STEPS if self.device.type == "cpu" else 0
         self.max_fused_steps = max_fused_steps
         self.split_readout = has_readout(model)
-        self._params = list(model.parameters())
+        self.params = list(model.parameters())
         self.keep_parts = cross_cut_parts(model)
         #: Run chunk-shaped updates of such a model through the general cross-cut path too (for tests).
         self.force_crosscut = False
@@ -219,79 +283,141 @@ class Engine:
         through ``p.data`` is not, so do not pass True with such a callback.
         This is :meth:`steps` with the backward pass done here.
         """
-        check_state(state)
         retain = on_update is None if fixed_params is None else fixed_params
-        # one preallocated vector, not a tensor object per update: memory stays flat in the length
-        losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
         steps = self.steps(source, updates, state, fixed_params=retain)
-        while True:
-            try:
-                step = next(steps)
-            except StopIteration as stop:
-                return RunResult(stop.value, losses)
-            if step.loss.requires_grad:
-                step.loss.backward(retain_graph=step.retain_graph)
-            self._chain_adjoints()
-            loss = step.loss.detach()
-            losses[step.index] = loss
-            if on_update is not None and on_update(step.index, step.update, loss):
-                steps.close()  # the callback asked to stop after this update
-                return RunResult(step.state, losses[: step.index + 1])
+        return drive(steps, len(updates), on_update, self.device, self.dtype)
 
     def steps(
         self, source: Source, updates: Sequence[Update], state: State, *, fixed_params: bool = False
     ) -> Generator[UpdateStep, None, State]:
         """Yield each update's loss *before* its backward pass; return the final state.
 
-        The consumer calls ``step.loss.backward()`` (or ``manual_backward``, or a scaled backward)
-        and may step an optimiser before asking for the next update; the engine then goes on with the
-        state stored at the update's boundaries, so the gradient of each yielded loss is exactly the
-        update's ``G_j`` (docs/design.md §2.3, §7.4). ``fixed_params=True`` (θ unchanged between
-        updates) lets overlapping windows reuse kept graphs; their adjoints are chained when the
-        generator resumes, so the consumer must backpropagate with ``retain_graph=step.retain_graph``.
+        The consumer calls ``step.backward()`` (or ``step.loss.backward(retain_graph=step.retain_graph)``,
+        ``manual_backward``, a scaled backward) and may step an optimiser before asking for the next
+        update; the engine then goes on with the state stored at the update's boundaries, so the
+        gradient of each yielded loss is exactly the update's ``G_j`` (docs/design.md §2.3, §7.4).
+        ``fixed_params=True`` (θ unchanged between updates) lets overlapping windows reuse kept
+        graphs; their adjoints are chained when the generator resumes.
         """
-        check_state(state)
-        self._source = source
-        self._batch_size = source.batch_size
-        if self.keep_parts and (self.force_crosscut or not is_chunk_shaped(updates)):
-            return (yield from self._crosscut_steps(updates, state))
-        splits = {0}
-        for u in updates:
-            splits.update((u.window_start, u.loss_start, u.loss_end))
-        self._splits = splits
-        self._split_list = sorted(splits)
-        keep_from = _later_minimum([self._earliest_needed(u) for u in updates])
-        self._bank: dict[int, State] = {0: detach_state(state)}
-        self._kept: dict[tuple[int, int], _Segment] = {}
-        self._dense: dict[int, State] = {}  # states of an earlier source are not this one's
-        self._retain = fixed_params and not self.keep_parts
-        for i, u in enumerate(updates):
-            self._keep_from = keep_from[i]
-            self._drop_stale_segments()
-            self._links: list[tuple[State, State]] = []
-            self._leaves: list[State] = []
-            loss = self._update_loss(u)
-            after = self._bank.get(u.loss_end, self._bank[max(self._bank)])
-            yield UpdateStep(i, u, loss, after, bool(self._leaves) or bool(self.keep_parts))
-            self._chain_adjoints()  # a no-op when the consumer (``run``) has chained already
-            frontier = max(self._bank)
-            self._bank = {p: s for p, s in self._bank.items() if p >= keep_from[i] or p == frontier}
-            self._kept = {k: g for k, g in self._kept.items() if k[0] >= keep_from[i]}
-        self._kept = {}
-        end = updates[-1].loss_end if updates else 0
-        return self._bank[end] if end in self._bank else self._bank[max(self._bank)]
+        crosscut = bool(self.keep_parts) and (self.force_crosscut or not is_chunk_shaped(updates))
+        run = self.start(source, state, fixed_params=fixed_params, crosscut=crosscut)
+        yield from run.steps(updates)
+        return run.final_state(updates[-1].loss_end if updates else 0)
 
-    def _crosscut_steps(self, updates: Sequence[Update], state: State) -> Generator[UpdateStep, None, State]:
-        """Updates of any shape for a model with declared cross-cut parts (docs/design.md §7.1)."""
-        self._links, self._leaves = [], []
-        run = CrossCutRun(updates, state, self.keep_parts, self._fetch, self._core, self._loss)
-        steps = run.steps()
-        while True:
-            try:
-                i, u, loss, after = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            yield UpdateStep(i, u, loss, after, True)
+    def start(self, source: Source, state: State, *, fixed_params: bool = False, crosscut: bool = False) -> EngineRun:
+        """A run over ``source`` from ``state``, fed updates by :meth:`EngineRun.steps` (several calls
+        continue one run: a stream whose updates become known piece by piece). ``crosscut``: run every
+        update through :mod:`tbptt_bench.core.crosscut` (a model with cross-cut parts and updates
+        that are not consecutive chunks)."""
+        return EngineRun(self, source, state, fixed_params, crosscut)
+
+    # -- model, loss and data (no run state) ------------------------------------------------------
+    def versions(self) -> tuple[int, ...]:
+        """The parameters' version counters: an optimiser step changes them."""
+        return tuple(p._version for p in self.params)
+
+    def core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Features (or outputs, for models without a read-out split) and the new state."""
+        if self.split_readout:
+            return self.model.core(inputs, state)  # type: ignore[operator]
+        return self.model(inputs, state)
+
+    def loss(self, features: torch.Tensor, data: Batch, lo: int, hi: int, batch_size: int) -> torch.Tensor:
+        """``Σ ℓ_t`` over positions ``lo..hi-1`` of a segment; the read-out runs with gradient."""
+        if hi <= lo:
+            return torch.zeros((), device=self.device, dtype=self.dtype)
+        feats = features[:, lo:hi]
+        outputs = self.model.readout(feats) if self.split_readout else feats  # type: ignore[operator]
+        return step_loss_sum(outputs, data.slice(lo, hi), self.loss_kind, batch_size)
+
+    def fetch(self, source: Source, a: int, b: int) -> Batch:
+        """Steps ``[a, b)`` of ``source`` on the engine's device (one chunk; the source stays put)."""
+        return self.to_device(source.slice(a, b))
+
+    def to_device(self, data: Batch) -> Batch:
+        """Move a chunk; to CUDA through page-locked memory, asynchronously (no host wait)."""
+        if self.pin_memory and self.device.type == "cuda":
+            data = Batch(*(_pinned(t, self.dtype) for t in (data.inputs, data.targets, data.weights)))
+            return data.to(self.device, self.dtype, non_blocking=True)
+        return data.to(self.device, self.dtype, self.non_blocking)
+
+
+class EngineRun:
+    """The state of one run of an :class:`Engine`: stored boundary states, kept graphs, pending links.
+
+    Positions are those of ``source``. :meth:`steps` may be called again with later updates (a
+    stream fed in pieces); ``horizon`` then says how far back those later updates may reach, so
+    states from there on are kept and everything before it may be forgotten.
+    """
+
+    def __init__(self, engine: Engine, source: Source, state: State, fixed_params: bool, crosscut: bool = False) -> None:
+        check_state(state)
+        self.engine = engine
+        self.source = source
+        self.batch_size = source.batch_size
+        self.splits: set[int] = {0}
+        self.split_list: list[int] = [0]
+        self.bank: dict[int, State] = {0: detach_state(state)}
+        self.kept: dict[tuple[int, int], _Segment] = {}
+        self.dense: dict[int, State] = {}
+        self.retain = fixed_params and not engine.keep_parts
+        self.keep_from = 0
+        self.links: list[tuple[State, State]] = []
+        self.leaves: list[State] = []
+        self.done = 0
+        self.cross = CrossCutRun(state, engine.keep_parts, self._fetch, engine.core, self._loss) if crosscut else None
+
+    def steps(self, updates: Sequence[Update], horizon: int | None = None, ahead: Sequence[Update] = ()) -> Iterator[UpdateStep]:
+        """Yield each of ``updates`` before its backward pass; chain kept adjoints when resumed.
+
+        ``horizon``: the earliest position a later call's updates may need (None: there is none).
+        ``ahead``: later updates known already; their boundary states are stored as the forward passes
+        them, exactly as if they had been given with ``updates``.
+        """
+        engine = self.engine
+        if self.cross is not None:
+            self.cross.plan([*updates, *ahead])
+            for i, u, loss, after in self.cross.steps(updates, horizon):
+                yield UpdateStep(i, u, loss, after, True)
+            return
+        for u in (*updates, *ahead):
+            self.splits.update((u.window_start, u.loss_start, u.loss_end))
+        self.split_list = sorted(self.splits)
+        last = 10**18 if horizon is None else horizon
+        keep_from = _later_minimum([self._earliest_needed(u) for u in updates] + [last])
+        for i, u in enumerate(updates):
+            self.keep_from = keep_from[i]
+            self._drop_stale_segments()
+            loss = self._update_loss(u)
+            after = self.bank.get(u.loss_end, self.bank[max(self.bank)])
+            yield UpdateStep(self.done, u, loss, after, bool(self.leaves) or bool(engine.keep_parts), self.chain_adjoints)
+            self.done += 1
+            self.chain_adjoints()  # a no-op when the consumer has chained already
+            self._forget_before(keep_from[i], reachable=horizon is not None)
+        if not updates:
+            self._forget_before(last, reachable=horizon is not None)
+        self.kept = {} if horizon is None else self.kept
+
+    def final_state(self, end: int) -> State:
+        """The state at ``end``, the end of the last update run (detached)."""
+        if self.cross is not None:
+            return self.cross.final_state(end)
+        return self.bank[end] if end in self.bank else self.bank[max(self.bank)]
+
+    def earliest_needed(self) -> int:
+        """The first position whose data a later update may still read."""
+        if self.cross is not None:
+            return min(self.cross.traj)
+        return min(min(self.bank), min(self.dense, default=10**18))
+
+    def _forget_before(self, p: int, reachable: bool) -> None:
+        """Drop stored states and kept graphs before ``p``; ``reachable``: first store the state at ``p``
+        (a later call's updates, unknown so far, may start anywhere from ``p`` on)."""
+        frontier = max(self.bank)
+        if reachable and p < frontier:
+            self._ensure_state(p)
+        self.bank = {q: s for q, s in self.bank.items() if q >= p or q == frontier}
+        self.kept = {k: g for k, g in self.kept.items() if k[0] >= p}
 
     # -- one update ------------------------------------------------------------------------------
     def _update_loss(self, u: Update) -> torch.Tensor:
@@ -320,18 +446,19 @@ class Engine:
 
     def _chain(self, start: int, end: int, la: int, lb: int, u: Update, grad: bool) -> torch.Tensor:
         """Forward from the state at ``start`` to ``end``; return Σ ℓ_t for t in ``[la, lb)``."""
+        engine = self.engine
         state = self._state_at(start)
-        inner = self._split_list[bisect.bisect_right(self._split_list, start) : bisect.bisect_left(self._split_list, end)]
+        inner = self.split_list[bisect.bisect_right(self.split_list, start) : bisect.bisect_left(self.split_list, end)]
         cuts = {start, end, *inner}
         scales = dict(u.scales)
         cuts.update(p for p in scales if start < p < end)
-        if self.checkpoint and grad:
-            cuts.update(range(start - start % self.checkpoint + self.checkpoint, end, self.checkpoint))
-        elif self.max_fused_steps and grad and end - start > self.max_fused_steps:
-            n = self.max_fused_steps
+        if engine.checkpoint and grad:
+            cuts.update(range(start - start % engine.checkpoint + engine.checkpoint, end, engine.checkpoint))
+        elif engine.max_fused_steps and grad and end - start > engine.max_fused_steps:
+            n = engine.max_fused_steps
             cuts.update(range(start - start % n + n, end, n))
         points = sorted(cuts)
-        retain = grad and not scales and not self.checkpoint and self._worth_retaining(points)
+        retain = grad and not scales and not engine.checkpoint and self._worth_retaining(points)
         total: torch.Tensor | None = None
         previous_out: State | None = None
         for x, y in zip(points[:-1], points[1:]):
@@ -341,73 +468,71 @@ class Engine:
             if retain:
                 segment = self._segment(x, y, state)
                 if previous_out is not None:
-                    self._links.append((segment.state_in, previous_out))
+                    self.links.append((segment.state_in, previous_out))
                 data, features, state = segment.data, segment.features, segment.state_out
                 previous_out = state
                 loss = self._loss(features, data, lo, hi)
-            elif grad and self.checkpoint:
+            elif grad and engine.checkpoint:
                 loss, state = self._checkpointed(self._fetch(x, y), state, lo, hi)
             else:
                 data = self._fetch(x, y)
                 with torch.set_grad_enabled(grad):
-                    features, state = self._core(data.inputs, state)
+                    features, state = engine.core(data.inputs, state)
                 loss = self._loss(features, data, lo, hi)
             total = loss if total is None else total + loss
-            if y in self._splits:
-                self._bank[y] = truncate_state(state, self.keep_parts)
-        return total if total is not None else torch.zeros((), device=self.device, dtype=self.dtype)
+            if y in self.splits:
+                self.bank[y] = truncate_state(state, engine.keep_parts)
+        return total if total is not None else torch.zeros((), device=engine.device, dtype=engine.dtype)
 
     # -- frozen θ: reuse the graphs of overlapping windows ---------------------------------------
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self._params)
-
     def _worth_retaining(self, points: list[int]) -> bool:
         """Whether a later window will run over one of these segments (or one is already kept)."""
-        if not self._retain:
+        if not self.retain:
             return False
-        return any(x >= self._keep_from or (x, y) in self._kept for x, y in zip(points[:-1], points[1:]))
+        return any(x >= self.keep_from or (x, y) in self.kept for x, y in zip(points[:-1], points[1:]))
 
     def _segment(self, x: int, y: int, state: State) -> _Segment:
         """Steps ``[x, y)`` with gradient from a leaf copy of ``state``: reused while θ is unchanged."""
-        kept = self._kept.get((x, y))
+        kept = self.kept.get((x, y))
         if kept is not None:
-            self._leaves.append(kept.state_in)
+            self.leaves.append(kept.state_in)
             return kept
         leaf = map_state(lambda s: s.detach().requires_grad_(True), state)
         data = self._fetch(x, y)
-        features, out = self._core(data.inputs, leaf)
-        segment = _Segment(leaf, out, features, data, self._versions())
-        self._leaves.append(leaf)
-        if x >= self._keep_from:
-            self._kept[(x, y)] = segment
+        features, out = self.engine.core(data.inputs, leaf)
+        segment = _Segment(leaf, out, features, data, self.engine.versions())
+        self.leaves.append(leaf)
+        if x >= self.keep_from:
+            self.kept[(x, y)] = segment
         return segment
 
     def _drop_stale_segments(self) -> None:
         """Forget kept graphs once θ has changed (an optimiser step): recompute from now on."""
-        if self._kept and next(iter(self._kept.values())).versions != self._versions():
-            self._kept = {}
-            self._retain = False
+        if self.kept and next(iter(self.kept.values())).versions != self.engine.versions():
+            self.kept = {}
+            self.retain = False
 
-    def _chain_adjoints(self) -> None:
+    def chain_adjoints(self) -> None:
         """Carry ∂L/∂(segment input state) back through the earlier segments of the window."""
-        for leaf, out in reversed(self._links):
+        for leaf, out in reversed(self.links):
             pairs = [(o, s.grad) for o, s in zip(_parts(out), _parts(leaf)) if s.grad is not None and o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=True)
-        for leaf in self._leaves:
+        for leaf in self.leaves:
             for s in _parts(leaf):
                 s.grad = None
-        self._links = []
-        self._leaves = []
+        self.links = []
+        self.leaves = []
 
     def _checkpointed(self, data: Batch, state: State, lo: int, hi: int) -> tuple[torch.Tensor, State]:
         """One chunk whose activations are recomputed in the backward pass."""
         is_tuple = isinstance(state, tuple)
         parts = state if isinstance(state, tuple) else (state,)
+        core = self.engine.core
 
         def run(*parts_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
             s = tuple(parts_in) if is_tuple else parts_in[0]
-            features, s = self._core(data.inputs, s)
+            features, s = core(data.inputs, s)
             out = s if isinstance(s, tuple) else (s,)
             return (self._loss(features, data, lo, hi), *out)
 
@@ -417,82 +542,63 @@ class Engine:
 
     def _stacked_windows(self, a: int, b: int, k: int) -> torch.Tensor:
         """Losses ``[a, b)``, loss t reaching exactly steps ``t-k+1..t``: windows stacked in the batch."""
+        engine = self.engine
         self._ensure_dense(a - k + 1, b - k + 1)
-        total = torch.zeros((), device=self.device, dtype=self.dtype)
+        total = torch.zeros((), device=engine.device, dtype=engine.dtype)
         for lo in range(a, b, WINDOW_BLOCK):
             ts = range(lo, min(b, lo + WINDOW_BLOCK))
-            states = [self._dense[t - k + 1] for t in ts]
+            states = [self.dense[t - k + 1] for t in ts]
             if isinstance(states[0], tuple):
                 state: State = tuple(torch.cat([s[j] for s in states], dim=1) for j in range(len(states[0])))
             else:
                 state = torch.cat(states, dim=1)  # type: ignore[arg-type]
-            pieces = [self._source.slice(t - k + 1, t + 1) for t in ts]
+            pieces = [self.source.slice(t - k + 1, t + 1) for t in ts]
             data = Batch(*(torch.cat([getattr(p, f) for p in pieces], dim=0) for f in ("inputs", "targets", "weights")))
-            data = self._to_device(data)
-            features, _ = self._core(data.inputs, state)
+            data = engine.to_device(data)
+            features, _ = engine.core(data.inputs, state)
             total = total + self._loss(features, data, k - 1, k)
         return total
 
     # -- states ----------------------------------------------------------------------------------
     def _state_at(self, p: int) -> State:
-        if p not in self._bank:
+        if p not in self.bank:
             self._ensure_state(p)
-        return self._bank[p]
+        return self.bank[p]
 
     def _ensure_state(self, p: int) -> None:
         """Make the state at position ``p`` available, stepping forward without gradient if needed."""
-        if p in self._bank:
+        if p in self.bank:
             return
-        q = max(k for k in self._bank if k <= p)
-        state = self._bank[q]
+        q = max(k for k in self.bank if k <= p)
+        state = self.bank[q]
         with torch.no_grad():
             data = self._fetch(q, p)
-            _, state = self._core(data.inputs, state)
-        self._bank[p] = detach_state(state)
+            _, state = self.engine.core(data.inputs, state)
+        self.bank[p] = detach_state(state)
 
     def _ensure_dense(self, a: int, b: int) -> None:
         """States at every position in ``[a, b)`` (for per-loss windows), computed step by step."""
-        self._dense = {p: s for p, s in self._dense.items() if p >= a}
-        missing = [p for p in range(a, b) if p not in self._dense]
+        self.dense = {p: s for p, s in self.dense.items() if p >= a}
+        missing = [p for p in range(a, b) if p not in self.dense]
         if not missing:
             return
         self._ensure_state(missing[0])
-        state = self._bank[missing[0]]
-        self._dense[missing[0]] = state
+        state = self.bank[missing[0]]
+        self.dense[missing[0]] = state
         with torch.no_grad():
             for p in range(missing[0] + 1, b):
                 data = self._fetch(p - 1, p)
-                _, state = self._core(data.inputs, state)
-                self._dense[p] = detach_state(state)
+                _, state = self.engine.core(data.inputs, state)
+                self.dense[p] = detach_state(state)
 
     def _earliest_needed(self, u: Update) -> int:
         if u.max_lag is None:
             return min(u.window_start, u.loss_start)
         return min(u.window_start, max(u.window_start, u.loss_start - u.max_lag + 1), u.loss_start)
 
-    # -- data ----------------------------------------------------------------------------------
+    # -- data and loss of this run ---------------------------------------------------------------
     def _fetch(self, a: int, b: int) -> Batch:
-        """Steps ``[a, b)`` of the source on the engine's device (one chunk; the source stays put)."""
-        return self._to_device(self._source.slice(a, b))
-
-    def _to_device(self, data: Batch) -> Batch:
-        """Move a chunk; to CUDA through page-locked memory, asynchronously (no host wait)."""
-        if self.pin_memory and self.device.type == "cuda":
-            data = Batch(*(_pinned(t, self.dtype) for t in (data.inputs, data.targets, data.weights)))
-            return data.to(self.device, self.dtype, non_blocking=True)
-        return data.to(self.device, self.dtype, self.non_blocking)
-
-    # -- model and loss --------------------------------------------------------------------------
-    def _core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Features (or outputs, for models without a read-out split) and the new state."""
-        if self.split_readout:
-            return self.model.core(inputs, state)  # type: ignore[operator]
-        return self.model(inputs, state)
+        return self.engine.fetch(self.source, a, b)
 
     def _loss(self, features: torch.Tensor, data: Batch, lo: int, hi: int) -> torch.Tensor:
-        """``Σ ℓ_t`` over positions ``lo..hi-1`` of a segment; the read-out runs with gradient."""
-        if hi <= lo:
-            return torch.zeros((), device=self.device, dtype=self.dtype)
-        feats = features[:, lo:hi]
-        outputs = self.model.readout(feats) if self.split_readout else feats  # type: ignore[operator]
-        return step_loss_sum(outputs, data.slice(lo, hi), self.loss_kind, self._batch_size)
+        return self.engine.loss(features, data, lo, hi, self.batch_size)

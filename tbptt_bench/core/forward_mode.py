@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Generator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
-from tbptt_bench.core.engine import RunResult, Source, step_loss_sum
+from tbptt_bench.core.engine import RunResult, Source, UpdateStep, drive, step_loss_sum
 from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
 from tbptt_bench.models.protocol import State, check_state
@@ -252,9 +252,10 @@ class RankOne:
 
         h̃_t = ρ₀ D_t h̃_{t−1} + ρ₁ ν,   θ̃_t = θ̃_{t−1}/ρ₀ + νᵀ I_t / ρ₁,   ν uniform on {−1, +1}^S,
 
-    ``ρ₀ = √(‖θ̃_{t−1}‖/‖D_t h̃_{t−1}‖)`` and ``ρ₁ = √(‖νᵀI_t‖/‖ν‖)`` (1 where a norm is zero). Since
-    ``E[ν] = 0``, ``E[ννᵀ] = 1`` and ρ₁ is even in ν, ``E[h̃_t θ̃_tᵀ | past] = D_t h̃_{t−1} θ̃_{t−1}ᵀ + I_t``,
-    so the estimate is unbiased at fixed θ. Signs are ``2·randint(0, 2, [B, S]) − 1`` from ``generator``
+    ``ρ₀ = √(‖θ̃_{t−1}‖/‖D_t h̃_{t−1}‖)`` and ``ρ₁ = √(‖νᵀI_t‖/‖ν‖)`` (1 where a norm is zero), the
+    θ̃ norms taken over the trained parameters only (``requires_grad``; frozen ones get no estimate, so
+    their entries would only change the variance). Since ``E[ν] = 0``, ``E[ννᵀ] = 1`` and ρ₁ is even in
+    ν, ``E[h̃_t θ̃_tᵀ | past] = D_t h̃_{t−1} θ̃_{t−1}ᵀ + I_t``, so the estimate is unbiased at fixed θ. Signs are ``2·randint(0, 2, [B, S]) − 1`` from ``generator``
     (on the CPU, then moved), one draw per step.
     """
 
@@ -263,17 +264,24 @@ class RankOne:
     generator: torch.Generator
     h: torch.Tensor | None = field(default=None, init=False)
     th: torch.Tensor | None = field(default=None, init=False)
+    #: 1 on the entries of θ̃ that belong to trained parameters, 0 on frozen ones (None: all trained).
+    trained: torch.Tensor | None = field(default=None, init=False)
 
     def advance(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.h is None:
             self.h = torch.zeros_like(s)
             self.th = s.new_zeros(s.shape[0], self.cell.P)
+            params = dict(self.cell.model.named_parameters())
+            flags = [params[n].requires_grad for n in self.cell.names]
+            if not all(flags):
+                self.trained = torch.cat([s.new_full((k,), float(f)) for k, f in zip(self.cell.sizes, flags)])
         assert self.th is not None
         s_new, dh = self.cell.state_jvp(x, s, self.h)
         nu = (2 * torch.randint(0, 2, s.shape, generator=self.generator) - 1).to(s.dtype).to(s.device)
         nu_i = self.cell.param_vjp(x, s, nu)
-        rho0 = _ratio_sqrt(self.th.norm(dim=1), dh.norm(dim=1))
-        rho1 = _ratio_sqrt(nu_i.norm(dim=1), nu.norm(dim=1))
+        th, nu_i_trained = (self.th, nu_i) if self.trained is None else (self.th * self.trained, nu_i * self.trained)
+        rho0 = _ratio_sqrt(th.norm(dim=1), dh.norm(dim=1))
+        rho1 = _ratio_sqrt(nu_i_trained.norm(dim=1), nu.norm(dim=1))
         self.h = rho0[:, None] * dh + rho1[:, None] * nu
         self.th = self.th / rho0[:, None] + nu_i / rho1[:, None]
         return s_new
@@ -401,11 +409,17 @@ class OnlineEngine:
     ) -> RunResult:
         """Run ``updates`` over ``source`` from ``state`` as :meth:`Engine.run` does (``fixed_params`` is
         accepted for the same signature: θ is read afresh at every step either way)."""
+        return drive(self.steps(source, updates, state), len(updates), on_update, self.device, self.dtype)
+
+    def steps(
+        self, source: Source, updates: Sequence[Update], state: State, *, fixed_params: bool = False
+    ) -> Generator[UpdateStep, None, State]:
+        """Yield each update once its estimate is in ``.grad`` (its loss has no graph: ``backward()`` is a
+        no-op); return the final state. The consumer may step an optimiser before the next update."""
         check_state(state)
         _check_consecutive(updates, source.length)
         est = self._estimator(source.batch_size, state)
         s = self.cell.flatten_state(state).to(self.device, self.dtype)
-        losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
         index, acc = 0, torch.zeros((), device=self.device, dtype=self.dtype)
         for a in range(0, source.length, FETCH_STEPS):
             chunk = source.slice(a, min(a + FETCH_STEPS, source.length)).to(self.device, self.dtype)
@@ -415,12 +429,11 @@ class OnlineEngine:
                 acc = acc + loss
                 if a + t + 1 < updates[index].loss_end:
                     continue
-                losses[index] = acc
-                stop = on_update is not None and on_update(index, updates[index], acc)
+                self._returned = self.cell.unflatten_state(s)
+                yield UpdateStep(index, updates[index], acc.detach(), self._returned)
                 index, acc = index + 1, torch.zeros_like(acc)
-                if stop:
-                    return self._finish(s, losses[:index])
-        return self._finish(s, losses)
+        self._returned = self.cell.unflatten_state(s)
+        return self._returned
 
     def _estimator(self, batch: int, state: State) -> Estimator:
         if self._est is None or self._est_batch != batch:
@@ -438,12 +451,6 @@ class OnlineEngine:
                 p.grad = g.detach().clone()
             else:
                 p.grad.add_(g)
-
-    def _finish(self, s: torch.Tensor, losses: torch.Tensor) -> RunResult:
-        final = self.cell.unflatten_state(s)
-        self._returned = final
-        return RunResult(final, losses)
-
 
 def _same_tensors(a: State, b: State | None) -> bool:
     """Whether ``a`` is ``b`` or a detached view of it (same storage, shapes and devices, part by part)."""

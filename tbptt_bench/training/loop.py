@@ -11,8 +11,10 @@ A loss that becomes NaN or infinite ends the run; it is recorded as data (``Trai
 the curve kept up to the last finite evaluation.
 Online (forward-mode) methods train through the same loop: ``build_run`` gives them an
 :class:`~tbptt_bench.core.forward_mode.OnlineEngine`, which steps one token at a time with the carried
-influence and calls :meth:`_Trainer.after_update` every ``every`` steps (docs/online.md, "Online training");
-the engine also says what an update costs in recurrent steps (``compute_steps``).
+influence and yields an update every ``every`` steps, its estimate already in ``.grad`` (docs/online.md,
+"Online training"); the engine also says what an update costs in recurrent steps (``compute_steps``).
+Training iterates the engine's steps (:meth:`~tbptt_bench.core.engine.Engine.steps`, the steps the
+public :class:`~tbptt_bench.loop.TBPTT` yields): backward, optimiser step, accounting, evaluation.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def _segments(task: Task, cfg: TrainConfig) -> Iterator[tuple[Batch, bool]]:
 
 
 class _Trainer:
-    """The state of a training run between updates; :meth:`after_update` is the engine's callback."""
+    """The state of a training run between updates; :meth:`after_update` follows each update's backward."""
 
     def __init__(self, cfg: TrainConfig, run: Run, on_eval: Callable[[int, nn.Module], dict[str, Any]] | None,
                  progress: Callable[[int, int], None] | None) -> None:
@@ -154,7 +156,7 @@ class _Trainer:
         self.window_steps = 0.0
         self.t0 = time.perf_counter()
 
-    def after_update(self, i: int, u: Update, loss: torch.Tensor) -> bool:
+    def after_update(self, u: Update, loss: torch.Tensor) -> bool:
         """Step the optimiser, account for the update, evaluate when due; True ends the run."""
         cfg, segment = self.cfg, self.segment
         assert segment is not None
@@ -225,5 +227,9 @@ def train(
         run.method.observe(trainer.updates, run.model, segment, h0, run.task.loss_kind)
         updates = run.method.updates(segment.length, first_update=trainer.updates, rng=trainer.rng)
         trainer.segment = segment
-        state = detach_state(run.engine.run(segment, updates, h0, trainer.after_update).final_state)
+        for step in run.engine.steps(segment, updates, h0):
+            step.backward()
+            state = detach_state(step.state)
+            if trainer.after_update(step.update, step.loss.detach()):
+                break
     return trainer.result()
