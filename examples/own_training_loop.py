@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> float:
     model = tb.wrap_rnn(nn.LSTM(32, hidden, batch_first=True), nn.Linear(hidden, task.output_size),
                         nn.Embedding(task.input_size, 32))
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    runner = tb.TBPTT(model, "tbptt:k1=16,k2=32", loss="cross_entropy", autocast=torch.bfloat16)
+    # bfloat16 where this CPU has a bf16 LSTM kernel (oneDNN needs AVX-512), float32 elsewhere
+    autocast = torch.bfloat16 if tb.autocast_supported(torch.bfloat16) else None
+    runner = tb.TBPTT(model, "tbptt:k1=16,k2=32", loss="cross_entropy", autocast=autocast)
     total_updates = pieces * math.ceil(seq_len / 16)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total_updates)
     batches = (stream.slice(i * seq_len, (i + 1) * seq_len) for i in range(pieces))

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "TBPTT": "tbptt_bench.loop",
     "Step": "tbptt_bench.loop",
     "wrap_rnn": "tbptt_bench.loop",
+    "autocast_supported": "tbptt_bench.loop",
     "Task": "tbptt_bench.tasks.base",
     "Batch": "tbptt_bench.tasks.base",
     "register_task": "tbptt_bench.tasks",
@@ -84,7 +85,7 @@ if TYPE_CHECKING:
     from tbptt_bench.core.build import make_model, make_task
     from tbptt_bench.core.mask import Update
     from tbptt_bench.errors import UsageError
-    from tbptt_bench.loop import TBPTT, Step, wrap_rnn
+    from tbptt_bench.loop import TBPTT, Step, autocast_supported, wrap_rnn
     from tbptt_bench.methods.base import Method, Param, parse_method, register_method
     from tbptt_bench.models import register_model
     from tbptt_bench.suites.store import read_results, table_names

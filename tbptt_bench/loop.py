@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -400,6 +401,23 @@ class RNNModel(nn.Module):
 def wrap_rnn(rnn: nn.RNNBase, head: nn.Module, encoder: nn.Module | None = None) -> RNNModel:
     """Make ``[encoder →] rnn → head`` a protocol model (see :class:`RNNModel`)."""
     return RNNModel(rnn, head, encoder)
+
+
+@functools.lru_cache(maxsize=None)
+def autocast_supported(dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> bool:
+    """Whether this machine runs a fused ``nn.LSTM`` forward and backward under ``torch.autocast(dtype)``.
+
+    oneDNN has no bf16 LSTM primitive on CPUs without AVX-512 (it raises "could not create a primitive
+    descriptor"), so a bfloat16 run there fails at the first forward; ask first and choose float32 instead.
+    """
+    try:
+        lstm = nn.LSTM(2, 2, batch_first=True).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+            out, _ = lstm(torch.zeros(1, 2, 2, device=device))
+        out.float().sum().backward()
+        return True
+    except RuntimeError:
+        return False
 
 
 def cast_state(state: State, dtype: torch.dtype) -> State:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from tbptt_bench.core.engine import Engine  # noqa: E402
 from tbptt_bench.errors import UsageError  # noqa: E402
 from tbptt_bench.lightning import TBPTTMixin  # noqa: E402
-from tbptt_bench.loop import as_batch  # noqa: E402
+from tbptt_bench.loop import as_batch, autocast_supported  # noqa: E402
 from tbptt_bench.methods.base import parse_method  # noqa: E402
 from tbptt_bench.models.recurrent import RecurrentNet  # noqa: E402
 from tbptt_bench.seeding import derive_seed  # noqa: E402
@@ -96,6 +96,7 @@ def test_training_through_lightnings_optimiser_equals_the_engines_training():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.skipif(not autocast_supported(torch.bfloat16), reason="this CPU has no bf16 LSTM kernel (oneDNN needs AVX-512)")
 def test_bf16_mixed_precision_runs_the_forward_under_autocast():
     data = [(x, y) for x, y in stream(2)]
     module = Module(step=False)
