@@ -34,15 +34,26 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``cpu``, ``cuda`` (error without a GPU), ``cuda:N`` or ``auto`` (cuda if available)."""
-    if isinstance(name, torch.device):
+    """``cpu``, ``cuda`` (error without a GPU), ``cuda:N`` or ``auto`` (cuda if available).
+
+    A CUDA device always comes back with its index (``cuda`` is the current device, ``cuda:0`` on a
+    fresh process): ``torch.cuda``'s memory functions reject an unindexed device.
+    """
+    if isinstance(name, torch.device) and name.type != "cuda":
         return name
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(name, torch.device) or name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N, auto") from None
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < torch.cuda.device_count():
+            raise UsageError(f"device {name!r}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
     if name == "cpu":
         return torch.device("cpu")
     raise UsageError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N, auto")
