@@ -18,6 +18,10 @@ Every operation that makes the host wait for a real device is recorded in :attr:
 ``numpy``, ``bool``/``int``/``float``, copies to the CPU), data-dependent shapes (``nonzero``,
 ``masked_select``, ``unique``), and host-to-device copies from pageable (not pinned) memory. With
 ``torch.cuda.set_sync_debug_mode("error")`` such an operation raises, as torch does on a GPU.
+
+Forward-mode derivatives (``torch.func.jvp``) through a fused RNN call on the device raise as cuDNN's
+kernel does while cuDNN is enabled; with it off they run, or raise too where
+:attr:`SimulatedCuda.native_rnn_forward_ad` is False.
 """
 
 from __future__ import annotations
@@ -48,6 +52,18 @@ _PINNED_FLAG = "_simulated_pinned"
 _GET_DEVICE, _GET_IS_CUDA, _GET_GRAD = (torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__,
                                         torch.Tensor.grad.__get__)
 _SET_DATA = torch.Tensor.data.__set__
+
+
+_FUSED_RNNS = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+
+
+def _in_jvp() -> bool:
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    try:
+        return retrieve_current_functorch_interpreter().key() == torch._C._functorch.TransformType.Jvp
+    except (RuntimeError, AssertionError):  # no transform active
+        return False
 
 
 def is_device_tensor(t: Any) -> bool:
@@ -88,7 +104,10 @@ class Allocator:
 
     def track(self, t: torch.Tensor) -> None:
         """Count ``t``'s storage once while any device tensor viewing it lives."""
-        storage = t.untyped_storage()
+        try:
+            storage = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # a torch.func wrapper: its base tensor is counted
+            return
         key, nbytes = storage.data_ptr(), storage.nbytes()
         if key == 0 or nbytes == 0:
             return
@@ -148,6 +167,8 @@ class _DeviceMode(TorchFunctionMode):
             return None
         if func in (torch.Tensor.pin_memory, torch.Tensor.is_pinned):
             return self._pinning(func, args[0])
+        if from_device and getattr(func, "__name__", "") in _FUSED_RNNS and _in_jvp():
+            self._check_forward_ad()
         if func is torch._C._nn._parse_to:  # reads a device argument, allocates nothing
             return func(*args, **kwargs)
         target = self._target_device(func, args, kwargs)
@@ -174,6 +195,14 @@ class _DeviceMode(TorchFunctionMode):
         if (from_device and target is None) or to_device:
             tree_map(lambda t: self._mark(t, count=True) if isinstance(t, torch.Tensor) else t, out)
         return out
+
+    def _check_forward_ad(self) -> None:
+        """cuDNN's fused RNN has no forward-mode derivative; the native kernels have one unless told otherwise."""
+        kernel = "_cudnn_rnn" if torch.backends.cudnn.enabled else (
+            None if self.sim.native_rnn_forward_ad else "_thnn_fused_lstm_cell")
+        if kernel is not None:
+            raise NotImplementedError(f"Trying to use forward AD with {kernel} that does not support it because it "
+                                      "has not been implemented yet.")
 
     def _pinning(self, func: Callable, t: torch.Tensor) -> Any:
         if func is torch.Tensor.is_pinned:
@@ -238,6 +267,8 @@ class SimulatedCuda:
     allocator: Allocator = dataclasses.field(default_factory=Allocator)
     syncs: list[str] = dataclasses.field(default_factory=list)
     sync_debug_mode: int = 0
+    #: Whether the fused RNN kernels used with cuDNN off have a forward-mode derivative (unknown until run on a GPU).
+    native_rnn_forward_ad: bool = True
     fractions: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
     def record(self, what: str) -> None:

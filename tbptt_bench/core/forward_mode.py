@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, jvp, vjp, vmap
 
-from tbptt_bench.core.engine import RunResult, Source, step_loss_sum
+from tbptt_bench.core.engine import RunResult, Source, step_loss_sum, to_device
 from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
 from tbptt_bench.models.protocol import State, check_state
@@ -254,13 +254,15 @@ class RankOne:
 
     ``ρ₀ = √(‖θ̃_{t−1}‖/‖D_t h̃_{t−1}‖)`` and ``ρ₁ = √(‖νᵀI_t‖/‖ν‖)`` (1 where a norm is zero). Since
     ``E[ν] = 0``, ``E[ννᵀ] = 1`` and ρ₁ is even in ν, ``E[h̃_t θ̃_tᵀ | past] = D_t h̃_{t−1} θ̃_{t−1}ᵀ + I_t``,
-    so the estimate is unbiased at fixed θ. Signs are ``2·randint(0, 2, [B, S]) − 1`` from ``generator``
-    (on the CPU, then moved), one draw per step.
+    so the estimate is unbiased at fixed θ. Signs are ``2·randint(0, 2, [B, S]) − 1``, one draw per step,
+    drawn where the state lives: from ``generator`` when it is on that device, else from a generator on
+    the device seeded once from ``generator`` (no host-device copy per step).
     """
 
     cell: CellFunction
     batch: int
     generator: torch.Generator
+    device_generator: torch.Generator | None = field(default=None, init=False)
     h: torch.Tensor | None = field(default=None, init=False)
     th: torch.Tensor | None = field(default=None, init=False)
 
@@ -270,13 +272,21 @@ class RankOne:
             self.th = s.new_zeros(s.shape[0], self.cell.P)
         assert self.th is not None
         s_new, dh = self.cell.state_jvp(x, s, self.h)
-        nu = (2 * torch.randint(0, 2, s.shape, generator=self.generator) - 1).to(s.dtype).to(s.device)
+        nu = (2 * torch.randint(0, 2, s.shape, generator=self._signs(s.device), device=s.device) - 1).to(s.dtype)
         nu_i = self.cell.param_vjp(x, s, nu)
         rho0 = _ratio_sqrt(self.th.norm(dim=1), dh.norm(dim=1))
         rho1 = _ratio_sqrt(nu_i.norm(dim=1), nu.norm(dim=1))
         self.h = rho0[:, None] * dh + rho1[:, None] * nu
         self.th = self.th / rho0[:, None] + nu_i / rho1[:, None]
         return s_new
+
+    def _signs(self, device: torch.device) -> torch.Generator:
+        if self.generator.device.type == device.type:
+            return self.generator
+        if self.device_generator is None:
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+            self.device_generator = torch.Generator(device=device).manual_seed(seed)
+        return self.device_generator
 
     def read(self, adjoint: torch.Tensor) -> torch.Tensor:
         assert self.h is not None and self.th is not None
@@ -408,7 +418,7 @@ class OnlineEngine:
         losses = torch.empty(len(updates), device=self.device, dtype=self.dtype)
         index, acc = 0, torch.zeros((), device=self.device, dtype=self.dtype)
         for a in range(0, source.length, FETCH_STEPS):
-            chunk = source.slice(a, min(a + FETCH_STEPS, source.length)).to(self.device, self.dtype)
+            chunk = to_device(source.slice(a, min(a + FETCH_STEPS, source.length)), self.device, self.dtype)
             for t in range(chunk.length):
                 s, g_rec, ro, loss = online_step(self.model, self.cell, est, self._readout, chunk, t, s, self.loss_kind)
                 self._accumulate(g_rec, ro)
