@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 DEVICE = torch.device("cuda", 0)
 #: Memory of the simulated device (bytes).
@@ -64,6 +64,21 @@ def _in_jvp() -> bool:
         return retrieve_current_functorch_interpreter().key() == torch._C._functorch.TransformType.Jvp
     except (RuntimeError, AssertionError):  # no transform active
         return False
+
+
+def _any_device_tensor(values: Any) -> bool:
+    """Whether a device tensor is among ``values`` or one level down in a list, tuple or dict."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if getattr(v, _MARK, False):
+                return True
+        elif isinstance(v, (list, tuple)):
+            if any(isinstance(t, torch.Tensor) and getattr(t, _MARK, False) for t in v):
+                return True
+        elif isinstance(v, dict):
+            if any(isinstance(t, torch.Tensor) and getattr(t, _MARK, False) for t in v.values()):
+                return True
+    return False
 
 
 def is_device_tensor(t: Any) -> bool:
@@ -150,12 +165,13 @@ class _DeviceMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        flat, _ = tree_flatten((args, kwargs))
-        from_device = any(is_device_tensor(t) for t in flat)
+        from_device = _any_device_tensor(args) or _any_device_tensor(kwargs.values())
         if func == _GET_DEVICE:
             return DEVICE if from_device else func(*args)
         if func == _GET_IS_CUDA:
             return from_device
+        if func is torch.Tensor.get_device:
+            return 0 if from_device else func(*args)
         if func == _GET_GRAD:
             grad = func(*args)
             if grad is not None and from_device and not is_device_tensor(grad):
@@ -178,13 +194,17 @@ class _DeviceMode(TorchFunctionMode):
             elif func in _DATA_DEPENDENT:
                 self.sim.record(f"data-dependent shape ({getattr(func, '__name__', func)})")
         to_device = target is not None and _is_cuda(target)
+        if func is torch.Tensor.cuda:  # computed as a copy on the CPU, marked below
+            func, args, kwargs = torch.Tensor.to, (args[0], DEVICE), {}
         if to_device:
             self._check_generator(kwargs)
-            if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_) or func is torch.tensor:
+            if func in (torch.Tensor.to, torch.Tensor.copy_) or func is torch.tensor:
                 source = args[0] if func is not torch.Tensor.copy_ else args[1]
                 if not is_device_tensor(source) and not getattr(source, _PINNED_FLAG, False):
                     self.sim.record("host-to-device copy from pageable memory")
             args, kwargs = self._on_cpu(func, args, kwargs)
+            if func is torch.Tensor.to and not from_device:
+                kwargs["copy"] = True  # a CPU tensor moved to the device is a new tensor, not itself
         if kwargs.pop("pin_memory", False) and func is not torch.Tensor.to:
             out = func(*args, **kwargs)
             setattr(out, _PINNED_FLAG, True)
@@ -192,6 +212,8 @@ class _DeviceMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is torch.Tensor.copy_ and is_device_tensor(args[0]):
             return out
+        if from_device and target is not None and not to_device:  # to the host: a new, host tensor
+            return out.clone() if out is args[0] else out
         if (from_device and target is None) or to_device:
             tree_map(lambda t: self._mark(t, count=True) if isinstance(t, torch.Tensor) else t, out)
         return out
@@ -245,8 +267,6 @@ class _DeviceMode(TorchFunctionMode):
         if func is torch.Tensor.to:
             args = (args[0], *(torch.device("cpu") if isinstance(a, int) and not isinstance(a, bool) else cpu(a)
                                for a in args[1:]))
-        if func is torch.Tensor.cuda:
-            return (args[0],), {}
         return args, kwargs
 
     def _mark(self, t: torch.Tensor, count: bool) -> torch.Tensor:
