@@ -84,7 +84,7 @@ def build_grid(device: str, *, tiny: bool = False, fresh: bool = True) -> list[G
     hiddens, seq_len = (TINY_HIDDEN, TINY_SEQ_LEN) if tiny else (HIDDEN, SEQ_LEN)
     base = PerfConfig(task="copy", model="lstm", hidden_size=hiddens[0], batch_size=TINY_BATCH if tiny else BATCH,
                       device=device, warmup=0 if tiny else 2, repeats=1 if tiny else 5, seq_len=seq_len,
-                      method=grid_methods(tiny)[1])
+                      method=grid_methods(tiny)[1], threads=1 if tiny else None)
     entries = [GridEntry("fused_vs_cell", dataclasses.replace(base, path=p)) for p in ("fused", "cell")]
     for hidden in hiddens:
         entries += [GridEntry("methods", dataclasses.replace(base, method=m, hidden_size=hidden))
