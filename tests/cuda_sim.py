@@ -183,6 +183,9 @@ class _DeviceMode(TorchFunctionMode):
             return None
         if func in (torch.Tensor.pin_memory, torch.Tensor.is_pinned):
             return self._pinning(func, args[0])
+        if func in (torch.Tensor.copy_, torch.Tensor.__setitem__) and from_device and not is_device_tensor(args[0]):
+            self.sim.record(f"device-to-host read ({func.__name__} into a host tensor)")
+            return func(*args, **kwargs)
         if from_device and getattr(func, "__name__", "") in _FUSED_RNNS and _in_jvp():
             self._check_forward_ad()
         if func is torch._C._nn._parse_to:  # reads a device argument, allocates nothing
@@ -246,7 +249,7 @@ class _DeviceMode(TorchFunctionMode):
                 if isinstance(a, (str, torch.device, int)):
                     return a
                 if isinstance(a, torch.Tensor):
-                    return a.device
+                    return DEVICE if is_device_tensor(a) else a.device
         if func is torch.Tensor.copy_ and is_device_tensor(args[0]):
             return DEVICE
         return None

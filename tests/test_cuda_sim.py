@@ -70,13 +70,17 @@ def test_simulation_records_host_syncs(simulated_cuda):
         y = (x * 2).sum()
         pinned = torch.ones(3).pin_memory().to("cuda:0", non_blocking=True)
     assert seen == [] and pinned.is_cuda
+    host = torch.zeros(3)
     with simulated_cuda.counting() as seen:
         y.item()
         torch.ones(3).to("cuda:0")
         x.cpu()
+        host[0] = y
         torch.cuda.synchronize()
     assert seen == ["device-to-host read (item)", "host-to-device copy from pageable memory",
-                    "device-to-host read (cpu)", "torch.cuda.synchronize"]
+                    "device-to-host read (cpu)", "device-to-host read (__setitem__ into a host tensor)",
+                    "torch.cuda.synchronize"]
+    assert not host.is_cuda and host[0] == 6 and x.to(host).device.type == "cpu" and host.to(x).is_cuda
 
 
 # ---------------------------------------------------------------------------- devices and settings
