@@ -53,6 +53,13 @@ def gpu_model(device: torch.device | str | None = None) -> str:
     return torch.cuda.get_device_name(dev)
 
 
+def gpu_settings() -> str:
+    """TF32, cuDNN autotuning and determinism as in force now (``tbptt_bench.core.build.CUDA_SETTINGS`` sets them)."""
+    b = torch.backends
+    return (f"tf32_matmul={int(b.cuda.matmul.allow_tf32)} tf32_cudnn={int(b.cudnn.allow_tf32)} "
+            f"cudnn_benchmark={int(b.cudnn.benchmark)} cudnn_deterministic={int(b.cudnn.deterministic)}")
+
+
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
     """Columns that say where and with what a measurement was taken."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -66,6 +73,7 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
         "cudnn_version": str(torch.backends.cudnn.version() or "") if dev.type == "cuda" else "",
+        "gpu_settings": gpu_settings() if dev.type == "cuda" else "",
         "numpy_version": np.__version__,
         "tbptt_bench_version": tbptt_bench.__version__,
         "threads": torch.get_num_threads(),

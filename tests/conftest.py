@@ -1,4 +1,5 @@
-"""Test-wide settings: the test modules import ``reference`` from this folder; one intra-op thread.
+"""Test-wide settings: the test modules import ``reference`` from this folder; one intra-op thread;
+the ``simulated_cuda`` fixture.
 
 One thread keeps tiny-model tests fast and repeatable on a shared 2-core machine (oversubscribed
 OpenMP threads slow them down 10x or more); tests that measure threading set their own count.
@@ -9,9 +10,12 @@ from __future__ import annotations
 import shlex
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
+
+from cuda_sim import SimulatedCuda, install, running
 
 torch.set_num_threads(1)
 
@@ -30,3 +34,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         proc = subprocess.run(tbptt_bench_argv() + argv[1:], cwd=cwd, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return cwd
+
+
+@pytest.fixture
+def simulated_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatedCuda]:
+    """A simulated CUDA device (tests/cuda_sim.py): ``torch.cuda`` reports one GPU whose tensors are computed
+    on the CPU; its memory model and the host syncs seen are on the yielded object."""
+    sim = install(monkeypatch)
+    with running(sim):
+        yield sim

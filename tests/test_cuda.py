@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from tbptt_bench.core.engine import Engine, _pinned
-from tbptt_bench.analysis.gradients import method_gradient
+from tbptt_bench.analysis.gradients import flatten, method_gradient, true_gradient
+from tbptt_bench.analysis.truegrad import PROBE_ROUTES, directional_derivatives, probe_directions
+from tbptt_bench.core.build import resolve_device
 from tbptt_bench.models.recurrent import RecurrentNet
 from tbptt_bench.perf.child import measure_in_fresh_process
 from tbptt_bench.perf.config import PerfConfig
@@ -91,10 +93,11 @@ def test_chunks_go_through_pinned_memory():
     assert data.inputs.is_cuda and data.weights.dtype == torch.float64 and data.inputs.shape == (3, 3)
 
 
-@pytest.mark.parametrize("spec", ["chunked:k=64", "full", "tbptt:k1=16,k2=64", "full:checkpoint=64"])
+@pytest.mark.parametrize("spec", ["chunked:k=64", "full", "tbptt:k1=16,k2=64", "full:checkpoint=64", "sliding:k=32",
+                                  "uoro", "snap:n=1"])
 def test_no_host_device_sync_inside_a_sequence(spec):
     cfg = PerfConfig(method=spec, seq_len=256, batch_size=8, hidden_size=32, device="cuda")
-    work = Workload(cfg, torch.device("cuda"), torch.float32)
+    work = Workload(cfg, resolve_device("cuda"), torch.float32)
     work.sequence(work.prepare())  # warm-up: allocator, cuDNN plans, optimiser state
     torch.cuda.synchronize()
     updates = work.prepare()
@@ -128,3 +131,23 @@ def test_cuda_fresh_process():
     row = measure_in_fresh_process(PerfConfig(method="chunked:k=32", seq_len=128, batch_size=4, hidden_size=16,
                                               device="cuda", repeats=1), timeout=300)
     assert row["status"] == "ok" and row["pid"] != os.getpid() and row["cuda_version"]
+
+
+def test_cuda_probes_equal_v_dot_g_and_say_which_route_ran():
+    """cuDNN's RNN has no forward-mode derivative: the probes run without it, or in reverse mode."""
+    cpu = make_model("lstm")
+    gpu = copy.deepcopy(cpu).cuda()
+    batch = token_batch(T=9)
+    dirs = probe_directions(gpu, 3, seed=2)
+    got, route = directional_derivatives(gpu, batch, "cross_entropy", dirs, chunk=4, return_route=True)
+    assert route in PROBE_ROUTES
+    truth = true_gradient(cpu, batch, "cross_entropy")
+    want = torch.stack([torch.dot(flatten({n: v.cpu() for n, v in d.items()}, list(truth)), flatten(truth))
+                        for d in dirs])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_cuda_rows_record_the_kernel_settings():
+    row = measure(PerfConfig(method="chunked:k=32", seq_len=128, batch_size=4, hidden_size=16, device="cuda", repeats=1))
+    assert row["status"] == "ok" and row["gpu_settings"] == (
+        "tf32_matmul=0 tf32_cudnn=0 cudnn_benchmark=0 cudnn_deterministic=0")

@@ -231,10 +231,12 @@ def test_cli_bad_input_exits_2(capsys, argv, message):
 def test_gpu_check_grid():
     entries = gpu_check.build_grid("cuda")
     roles = [e.role for e in entries]
-    assert roles.count("fused_vs_cell") == 2 and roles.count("oom_probe") == 1
-    methods = {(e.config.method, e.config.seq_len) for e in entries if e.role == "methods"}
-    assert methods == {(m, t) for m in gpu_check.METHODS for t in gpu_check.SEQ_LENS}
-    assert all(e.config.device == "cuda" and e.config.hidden_size == 128 and e.config.batch_size == 32 for e in entries)
+    assert roles.count("fused_vs_cell") == 2 and roles.count("oom_probe") == 1 and roles.count("online") == 2
+    methods = {(e.config.method, e.config.hidden_size, e.config.seq_len) for e in entries if e.role != "fused_vs_cell"}
+    assert methods == {(m, h, 1024) for m in ("full", "chunked:k=16", "chunked:k=64", "chunked:k=256",
+                                              "tbptt:k1=64,k2=128") for h in (256, 1024)} | {
+        ("uoro", 256, 256), ("uoro", 1024, 256), ("full", 1024, 1024)}
+    assert all(e.config.device == "cuda" and e.config.batch_size == 32 for e in entries)
     assert entries[-1].expect == "oom" and entries[-1].config.memory_limit == gpu_check.PROBE_LIMIT
 
 
@@ -254,7 +256,8 @@ def test_gpu_check_writes_its_files_on_cpu(tmp_path):
     assert len(table) == len(gpu_check.build_grid("cpu", tiny=True)) == summary["rows"]
     assert table["status"].tolist() == table["expected_status"].tolist()
     assert json.loads((tmp_path / "summary.json").read_text())["ok"] is True
-    assert summary["pytest_rc"] in (0, 5) and "fused_over_cell_throughput" in summary["ratios"]
+    assert summary["pytest_rc"] == 0 and "fused_over_cell_throughput" in summary["ratios"]
+    assert "| methods | full | 8 | 24 | ok |" in (tmp_path / "summary.md").read_text()
 
 
 # ---------------------------------------------------------------------------------- the child's code, temp folders

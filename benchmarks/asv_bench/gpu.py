@@ -1,4 +1,4 @@
-"""Cost of an update on a CUDA GPU: synchronised time per update and peak allocated memory.
+"""Cost of an update on a CUDA GPU: synchronised time per update and peak allocated memory, at :data:`SIZES`.
 
 Skipped without a GPU: ``setup`` raises ``NotImplementedError``, which asv records as a skipped
 benchmark (shown as n/a). Both figures are ``track_`` values taken with ``tbptt-bench perf``'s own
@@ -17,6 +17,8 @@ from asv_bench import grid
 
 #: Timed sequences per measurement (after one warm-up sequence in setup); the median is reported.
 REPEATS = 5
+#: Sizes of every cell: long enough and wide enough that the GPU's kernels, not launch latency, set the time.
+SIZES = {"seq_len": 1024, "batch_size": 32, "hidden_size": 512}
 
 
 class GPUUpdate:
@@ -28,8 +30,14 @@ class GPUUpdate:
     def setup(self, task: str, method: str) -> None:
         if not torch.cuda.is_available():
             raise NotImplementedError("needs a CUDA GPU")
-        self.work, self.updates = grid.workload(task, method, device="cuda")
-        self.work.sequence(self.updates)
+        from tbptt_bench.errors import UsageError
+
+        sizes = (SIZES["seq_len"], SIZES["batch_size"], SIZES["hidden_size"])
+        try:
+            self.work, self.updates = grid.workload(task, method, device="cuda", sizes=sizes)
+            self.work.sequence(self.updates)
+        except UsageError as exc:  # e.g. RTRL's influence matrix at these sizes: no number, not a failure
+            raise NotImplementedError(f"{method} on {task} at {SIZES}: {exc}") from None
         torch.cuda.synchronize()
 
     def track_gpu_time_per_update(self, task: str, method: str) -> float:

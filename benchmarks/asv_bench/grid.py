@@ -138,8 +138,11 @@ def task_and_model(task_name: str, *, dtype: str = "float32", device: str = "cpu
     return task, make_model(MODEL, task, tiny_size(task_name)[2], seed=SEED, dtype=dtype, device=device)
 
 
-def workload(task_name: str, family: str, *, device: str = "cpu") -> tuple[Any, list[Update]]:
+def workload(task_name: str, family: str, *, device: str = "cpu",
+             sizes: tuple[int, int, int] | None = None) -> tuple[Any, list[Update]]:
     """``tbptt-bench perf``'s timed unit for the cell, and the updates of one sequence.
+
+    ``sizes``: (seq_len, batch_size, hidden_size) instead of the task's tiny ones.
 
     A :class:`tbptt_bench.perf.harness.Workload` (model, Adam optimiser, engine, one batch) for the cell's
     configuration; ``Workload.sequence(updates)`` runs every update over the batch with an optimiser
@@ -156,7 +159,7 @@ def workload(task_name: str, family: str, *, device: str = "cpu") -> tuple[Any, 
         from tbptt_bench.perf.config import PerfConfig
     except ModuleNotFoundError:  # versions before the perf package was split
         from tbptt_bench.perf.harness import PerfConfig  # type: ignore[attr-defined, no-redef]
-    seq_len, batch_size, hidden = tiny_size(task_name)
+    seq_len, batch_size, hidden = sizes or tiny_size(task_name)
     cfg = PerfConfig(task=task_name, model=MODEL, method=representative_spec(family, seq_len), seq_len=seq_len,
                      batch_size=batch_size, hidden_size=hidden, device=device, threads=THREADS, seed=SEED)
     cfg.validate()

@@ -7,7 +7,9 @@
 * where even the checkpointed graph does not fit, forward-mode probes: for a random direction ``v``
   with ``E[v vᵀ] = I`` (Rademacher by default), ``vᵀg`` is the directional derivative of the total
   loss, computed with ``torch.func.jvp`` chunk by chunk (state and its tangent carried across chunks,
-  no graph kept: memory independent of T). Then ``E[(vᵀ(ĝ - g))²] = ‖ĝ - g‖²``,
+  no graph kept: memory independent of T), through kernels that have a forward-mode derivative
+  (oneDNN's and cuDNN's fused RNN kernels have none, so both are switched off for it); where even
+  those have none, ``vᵀg`` comes from g by reverse mode, checkpointed (:data:`PROBE_ROUTES`). Then ``E[(vᵀ(ĝ - g))²] = ‖ĝ - g‖²``,
   ``ĝᵀg`` and ``‖g‖²`` follow without bias from the known ĝ (see :func:`estimate_from_probes`); the
   relative error and cosine are ratios of these means, with jackknife standard errors over the probes
   (:func:`probe_compare`).
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -35,6 +39,12 @@ from tbptt_bench.models.protocol import State, check_protocol, check_state, map_
 __all__ = ["ProbeEstimate", "directional_derivatives", "in_dtype", "probe_compare", "probe_directions", "true_gradient"]
 
 PROBE_KINDS = ("rademacher", "gaussian")
+#: How :func:`directional_derivatives` computed ``vᵀg``: ``jvp``, forward mode through kernels that
+#: support it (oneDNN and cuDNN off); ``reverse``, when the model has an operation without a
+#: forward-mode derivative even then: g by reverse mode (checkpointed every ``chunk`` steps), then ``vᵀg``.
+PROBE_ROUTES = ("jvp", "reverse")
+
+log = logging.getLogger(__name__)
 
 
 def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -74,17 +84,35 @@ def directional_derivatives(
     directions: Sequence[Gradient],
     state: State | None = None,
     chunk: int = 256,
-) -> torch.Tensor:
-    """``vᵀg`` for each direction ``v``: forward-mode derivative of the total loss, chunk by chunk.
+    *,
+    return_route: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, str]:
+    """``vᵀg`` for each direction ``v`` (float64, on the CPU); with ``return_route``, also which of
+    :data:`PROBE_ROUTES` computed it.
 
-    Memory does not grow with the sequence length: each chunk of ``chunk`` steps is evaluated with
-    ``torch.func.jvp`` from the state and state tangent left by the previous one.
+    Forward mode: each chunk of ``chunk`` steps is evaluated with ``torch.func.jvp`` from the state and
+    state tangent left by the previous one, so memory does not grow with the sequence length. A model
+    with an operation that has no forward-mode derivative falls back to reverse mode (logged).
     """
-    from torch.func import functional_call, jvp  # imported here: torch.func pulls in sympy (slow start-up)
-
     check_protocol(model)
     if chunk < 1:
         raise UsageError(f"the probe chunk length must be ≥ 1, got {chunk}")
+    try:
+        out, route = _forward_probes(model, source, loss_kind, directions, state, chunk), "jvp"
+    except (NotImplementedError, RuntimeError) as exc:
+        if not isinstance(exc, NotImplementedError) and "forward ad" not in str(exc).lower():
+            raise
+        log.warning("forward-mode probes unavailable (%s); vᵀg from reverse mode instead", str(exc).splitlines()[0])
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        g = flatten(true_gradient(model, source, loss_kind, state, checkpoint=chunk), names)
+        out, route = torch.stack([torch.dot(flatten(v, names), g) for v in directions]).cpu(), "reverse"
+    return (out, route) if return_route else out
+
+
+def _forward_probes(model: nn.Module, source: Source, loss_kind: str, directions: Sequence[Gradient],
+                    state: State | None, chunk: int) -> torch.Tensor:
+    from torch.func import functional_call, jvp  # imported here: torch.func pulls in sympy (slow start-up)
+
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     first = next(iter(params.values()))
@@ -104,8 +132,8 @@ def directional_derivatives(
                 outputs, new = functional_call(model, p, (data.inputs, s))
                 return step_loss_sum(outputs, data, loss_kind, B), new
 
-            # oneDNN's fused RNN kernels have no forward-mode derivative; the native ones do.
-            with torch.no_grad(), _without_onednn():
+            # oneDNN's and cuDNN's fused RNN kernels have no forward-mode derivative; the native ones do.
+            with torch.no_grad(), _native_kernels():
                 (_, h), (dloss, dh) = jvp(run, (params, h), (tangent, dh))
             total += dloss.to(torch.float64)
         out[i] = total
@@ -113,14 +141,15 @@ def directional_derivatives(
 
 
 @contextlib.contextmanager
-def _without_onednn() -> Iterator[None]:
-    """oneDNN off (its flag setter warns about TF32 on Intel GPUs, irrelevant here: silenced)."""
+def _native_kernels() -> Iterator[None]:
+    """oneDNN and cuDNN off (oneDNN's flag setter warns about TF32 on Intel GPUs, irrelevant here: silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         flags = torch.backends.mkldnn.flags(enabled=False)
         flags.__enter__()
     try:
-        yield
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -159,8 +188,9 @@ class ProbeEstimate:
     cosine: float
     cosine_se: float
     estimate_norm: float
+    route: str = "jvp"  # how vᵀg was computed (PROBE_ROUTES)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
 
 
@@ -222,8 +252,8 @@ def probe_compare(
 ) -> ProbeEstimate:
     """Compare an estimate ĝ with the true gradient without forming g: forward-mode probes."""
     directions = probe_directions(model, n_probes, seed, kind)
-    b = directional_derivatives(model, source, loss_kind, directions, state, chunk).numpy()
+    b, route = directional_derivatives(model, source, loss_kind, directions, state, chunk, return_route=True)
     names = list(estimate)
     flat = flatten(estimate, names)
     a = np.array([float(torch.dot(flatten(v, names), flat)) for v in directions])
-    return estimate_from_probes(a, b, float(torch.linalg.vector_norm(flat)))
+    return dataclasses.replace(estimate_from_probes(a, b.numpy(), float(torch.linalg.vector_norm(flat))), route=route)

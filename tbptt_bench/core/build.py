@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+#: Kernel settings on CUDA, applied whenever a CUDA device is resolved and recorded with every measurement
+#: (provenance ``gpu_settings``). TF32 off: float32 means float32, as on the CPU and in the float64 checks
+#: (TF32 rounds matmul inputs to 10 mantissa bits). cuDNN autotuning off: it picks kernels by timing them
+#: on first use of each shape, so the kernel and the time could differ between runs, and tail chunks of
+#: other lengths pay the search inside timed sequences. Deterministic algorithms off: slower, and the CPU
+#: is the reference for exact numbers.
+CUDA_SETTINGS = {"tf32": False, "cudnn_benchmark": False, "cudnn_deterministic": False}
+
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
@@ -34,18 +42,39 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``cpu``, ``cuda`` (error without a GPU), ``cuda:N`` or ``auto`` (cuda if available)."""
-    if isinstance(name, torch.device):
+    """``cpu``, ``cuda`` (error without a GPU), ``cuda:N`` or ``auto`` (cuda if available).
+
+    A CUDA device always comes back with its index (``cuda`` is the current device, ``cuda:0`` on a
+    fresh process): ``torch.cuda``'s memory functions reject an unindexed device. Resolving one also
+    applies :data:`CUDA_SETTINGS`.
+    """
+    if isinstance(name, torch.device) and name.type != "cuda":
         return name
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(name, torch.device) or name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N, auto") from None
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < torch.cuda.device_count():
+            raise UsageError(f"device {name!r}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+        apply_cuda_settings()
+        return torch.device("cuda", index)
     if name == "cpu":
         return torch.device("cpu")
     raise UsageError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N, auto")
+
+
+def apply_cuda_settings() -> None:
+    """Set TF32, cuDNN autotuning and determinism as :data:`CUDA_SETTINGS` says (process-wide)."""
+    torch.backends.cuda.matmul.allow_tf32 = CUDA_SETTINGS["tf32"]
+    torch.backends.cudnn.allow_tf32 = CUDA_SETTINGS["tf32"]
+    torch.backends.cudnn.benchmark = CUDA_SETTINGS["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = CUDA_SETTINGS["cudnn_deterministic"]
 
 
 def make_task(name: str, **params: Any) -> Task:

@@ -165,6 +165,16 @@ def _pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t)
 
 
+def to_device(data: Batch, device: torch.device, dtype: torch.dtype, *, pin: bool = True,
+              non_blocking: bool = False) -> Batch:
+    """A chunk moved to ``device`` (floating tensors in ``dtype``): to CUDA through page-locked memory,
+    asynchronously, so the host does not wait; ``pin=False`` copies from pageable memory."""
+    if pin and device.type == "cuda":
+        data = Batch(*(_pinned(t, dtype) for t in (data.inputs, data.targets, data.weights)))
+        return data.to(device, dtype, non_blocking=True)
+    return data.to(device, dtype, non_blocking)
+
+
 class UpdateEngine(Protocol):
     """What training and the loop utility ask of an engine (:class:`Engine`, ``OnlineEngine``).
 
@@ -335,11 +345,8 @@ class Engine:
         return self.to_device(source.slice(a, b))
 
     def to_device(self, data: Batch) -> Batch:
-        """Move a chunk; to CUDA through page-locked memory, asynchronously (no host wait)."""
-        if self.pin_memory and self.device.type == "cuda":
-            data = Batch(*(_pinned(t, self.dtype) for t in (data.inputs, data.targets, data.weights)))
-            return data.to(self.device, self.dtype, non_blocking=True)
-        return data.to(self.device, self.dtype, self.non_blocking)
+        """Move a chunk (:func:`to_device`, pinned as ``pin_memory`` says)."""
+        return to_device(data, self.device, self.dtype, pin=self.pin_memory, non_blocking=self.non_blocking)
 
 
 class EngineRun:
@@ -552,9 +559,10 @@ class EngineRun:
                 state: State = tuple(torch.cat([s[j] for s in states], dim=1) for j in range(len(states[0])))
             else:
                 state = torch.cat(states, dim=1)  # type: ignore[arg-type]
-            pieces = [self.source.slice(t - k + 1, t + 1) for t in ts]
+            base = ts[0] - k + 1  # the block's steps go to the device once; windows are gathered there
+            span = self._fetch(base, ts[-1] + 1)
+            pieces = [span.slice(t - k + 1 - base, t + 1 - base) for t in ts]
             data = Batch(*(torch.cat([getattr(p, f) for p in pieces], dim=0) for f in ("inputs", "targets", "weights")))
-            data = engine.to_device(data)
             features, _ = engine.core(data.inputs, state)
             total = total + self._loss(features, data, k - 1, k)
         return total
@@ -585,10 +593,12 @@ class EngineRun:
         self._ensure_state(missing[0])
         state = self.bank[missing[0]]
         self.dense[missing[0]] = state
+        if b - 1 <= missing[0]:
+            return
+        span = self._fetch(missing[0], b - 1)  # one transfer; the steps are sliced on the device
         with torch.no_grad():
             for p in range(missing[0] + 1, b):
-                data = self._fetch(p - 1, p)
-                _, state = self.engine.core(data.inputs, state)
+                _, state = self.engine.core(span.inputs[:, p - 1 - missing[0]:p - missing[0]], state)
                 self.dense[p] = detach_state(state)
 
     def _earliest_needed(self, u: Update) -> int:

@@ -223,7 +223,7 @@ def measure(cfg: PerfConfig, *, limit_memory: Callable[[], None] | None = None, 
         probe = MemoryProbe(device)
         probe.start()
         if cfg.memory_limit is not None:
-            (limit_memory or (lambda: limit_cuda_memory(device, probe.baseline, cfg.memory_limit)))()  # type: ignore[arg-type]
+            (limit_memory or (lambda: limit_cuda_memory(device, cfg.memory_limit)))()  # type: ignore[arg-type]
         for i in range(cfg.warmup):
             seconds, _ = time_sequence(run, device)
             if i == 0:

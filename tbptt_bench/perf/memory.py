@@ -109,9 +109,10 @@ class MemoryProbe:
     """Peak memory above baselines (bytes): over the whole run, and over one sequence from rest.
 
     :meth:`start` takes the baseline before the first sequence (model, optimiser and batch exist);
-    :meth:`run_peak` reads the peak since then. :meth:`sequence_peak` measures one more sequence from a
-    fresh baseline: the extra memory one sequence of updates needs once optimiser state and one-time
-    workspaces exist (activations, gradients, workspaces).
+    :meth:`run_peak` reads the peak since then, the sequences measured by :meth:`sequence_peak`
+    included. :meth:`sequence_peak` measures one more sequence from a fresh baseline: the extra memory
+    one sequence of updates needs once optimiser state and one-time workspaces exist (activations,
+    gradients, workspaces). Its reset of the high-water mark does not lose the run's peak before it.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -119,6 +120,8 @@ class MemoryProbe:
         self.baseline = 0
         self.file_baseline = 0
         self.source = ""
+        self.earlier_peak = 0  # the run's peaks before the last reset by sequence_peak
+        self.earlier_reserved = 0
 
     def _file_backed(self) -> int:
         """Resident pages of mapped files (library code paged in as new kernels first run), or 0.
@@ -158,8 +161,10 @@ class MemoryProbe:
             self.baseline, self.source = (now if now is not None else peak_rss_bytes()), "ru_maxrss"
 
     def run_peak(self) -> dict[str, Any]:
-        peak = self._peak()
-        reserved = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+        peak = max(self._peak(), self.earlier_peak)
+        reserved = None
+        if self.device.type == "cuda":
+            reserved = max(torch.cuda.max_memory_reserved(self.device), self.earlier_reserved)
         paged_in = max(self._file_backed() - self.file_baseline, 0)
         return {"mem_baseline_bytes": int(self.baseline), "mem_peak_bytes": int(peak),
                 "mem_delta_bytes": int(max(peak - self.baseline - paged_in, 0)), "mem_reserved_peak_bytes": reserved,
@@ -173,15 +178,25 @@ class MemoryProbe:
         release_free_memory()
         file_before = self._file_backed()
         before = self._now()
+        self.earlier_peak = max(self.earlier_peak, self._peak())
+        if self.device.type == "cuda":
+            self.earlier_reserved = max(self.earlier_reserved, torch.cuda.max_memory_reserved(self.device))
         self._reset()
         run()
         paged_in = max(self._file_backed() - file_before, 0)
         return None if before is None else int(max(self._peak() - before - paged_in, 0))
 
 
-def limit_cuda_memory(device: torch.device, baseline: int, limit: int) -> None:
+def limit_cuda_memory(device: torch.device, limit: int) -> None:
+    """Let the caching allocator reserve at most ``limit`` bytes more than it holds now.
+
+    The allocator applies its fraction to *reserved* memory (cached blocks included), so the cache is
+    emptied first and the limit counted from what stays reserved: what the run may add does not depend on
+    how much an earlier pass left cached.
+    """
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (baseline + limit) / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + limit) / total), device)
 
 
 def limit_address_space(limit: int) -> Callable[[], None]:
