@@ -242,8 +242,8 @@ def test_sliding_windows_move_each_block_to_the_device_once(simulated_cuda, monk
     batch = token_batch(B=2, T=30)
     k = 6
     fetched: list[int] = []
-    original = Engine._fetch
-    monkeypatch.setattr(Engine, "_fetch", lambda self, a, b: fetched.append(b - a) or original(self, a, b))
+    original = Engine.fetch
+    monkeypatch.setattr(Engine, "fetch", lambda self, source, a, b: fetched.append(b - a) or original(self, source, a, b))
     with simulated_cuda.counting() as seen:
         got = method_gradient(gpu, batch, f"sliding:k={k}", "cross_entropy")
     assert seen == []
@@ -252,7 +252,7 @@ def test_sliding_windows_move_each_block_to_the_device_once(simulated_cuda, monk
     # windows on the host moved k steps per loss, ≥ k (T − k + 1) steps in all.
     assert len(fetched) <= 4 * (30 // k) < 30 - k, fetched
     assert sum(fetched) <= 4 * 30 < k * (30 - k + 1), fetched
-    monkeypatch.setattr(Engine, "_fetch", original)
+    monkeypatch.setattr(Engine, "fetch", original)
     want = method_gradient(cpu, batch, f"sliding:k={k}", "cross_entropy")
     for name, g in want.items():
         torch.testing.assert_close(got[name].cpu(), g, rtol=1e-12, atol=1e-14)
