@@ -197,7 +197,7 @@ def test_warm_workers_are_reused_and_every_cell_starts_from_a_fresh_process_stat
 
 def comparable(tables: dict[str, list[dict[str, Any]]]) -> dict[str, pd.DataFrame]:
     """A cell's rows without the columns that say when it ran and for how long."""
-    clock = {"started", "finished", "duration_s", "wall_time"}
+    clock = {"started", "finished", "duration_s", "wall_time", "seconds"}
     return {name: pd.DataFrame(rows).drop(columns=[c for c in clock if c in rows[0]] if rows else [])
             for name, rows in tables.items()}
 
@@ -206,7 +206,7 @@ def test_warm_workers_give_the_fresh_process_executor_s_tables(tmp_path: Path, p
     body = """
         [[train]]
         task = ["adding", "char-lm"]
-        model = ["rnn", "gru"]
+        model = "gru"
         method = ["full", "chunked:k=4"]
         eval_every = 1
         [[bias]]
@@ -217,8 +217,8 @@ def test_warm_workers_give_the_fresh_process_executor_s_tables(tmp_path: Path, p
     """
     warm = run_suite(tmp_path / "warm", plugins, body, jobs=2)
     fresh = run_suite(tmp_path / "fresh", plugins, body, jobs=2, cells_per_worker=1)
-    assert [r.status for r in warm] == ["ok"] * 9, [r.error for r in warm]
-    assert [r.status for r in fresh] == ["ok"] * 9
+    assert [r.status for r in warm] == ["ok"] * 5, [r.error for r in warm]
+    assert [r.status for r in fresh] == ["ok"] * 5
     for w, f in zip(warm, fresh):
         w_tables, f_tables = comparable(w.tables), comparable(f.tables)
         assert sorted(w_tables) == sorted(f_tables)
