@@ -3,6 +3,7 @@ replaced after a crash, a time limit or an out-of-memory cell, and giving the fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -260,3 +261,18 @@ def test_a_cell_past_its_time_limit_is_a_timeout_and_its_worker_is_replaced(tmp_
     assert slept == first, "the sleeping cell ran in the warm worker of the cell before it"
     stat = Path(f"/proc/{slept}/stat")
     assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z", "the worker was stopped"
+
+
+def test_a_ray_task_with_a_time_limit_runs_its_cell_in_a_worker_of_its_own(tmp_path: Path, plugins: Path) -> None:
+    from tbptt_bench.suites.executors import _ray_task
+
+    body = PROBED.format(replicates=1) + '[[train]]\ntask = "sleeps"\nmodel = "rnn"\nmethod = "full"\ntime_limit = 2\n'
+    (tmp_path / "suite.toml").write_text(textwrap.dedent(HEADER.format(name="executor") + body))
+    probe, sleeps = load_suite(str(tmp_path / "suite.toml")).cells
+    probes(plugins)
+    assert _ray_task(dataclasses.replace(probe, time_limit=60.0), 1, [str(plugins)], 1, 0).status == "ok"
+    (seen,) = probes(plugins)
+    assert seen["pid"] != os.getpid(), "a cell with a time limit runs in a worker process"
+    stopped = _ray_task(sleeps, 1, [str(plugins)], 1, 0)
+    assert stopped.status == "timeout" and "time limit of 2 s" in stopped.error
+    assert stopped.tables["cells"][0]["executor"] == "ray"

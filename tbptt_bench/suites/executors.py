@@ -5,10 +5,14 @@ cells finish; the caller (the driver) alone writes them into the store. Both run
 does not time anything first, in parallel, and then the timing cells (``perf``) strictly one at a
 time, so that no timing shares the machine with another cell of the sweep.
 
-``local`` runs every cell in a fresh process of its own (``--jobs N`` at a time; one by default),
-forked from a server that imported torch once, so a cell that crashes its process (a segfault, the
-out-of-memory killer) is recorded as ``failed``, a cell past its time limit is stopped with its
-process group and recorded as ``timeout``, and the sweep goes on.
+``local`` runs cells in warm worker processes (``--jobs N`` of them; one by default), forked from a
+server that imported torch once. A worker runs one cell after another, each from the state the worker
+started with (:class:`ProcessState`), so a cell computes what it would in a fresh process without paying
+for one. A cell that crashes its worker (a segfault, the out-of-memory killer) is recorded as
+``failed``, a cell past its time limit is stopped with its worker's process group and recorded as
+``timeout``, a cell that ran out of memory retires its worker too; a fresh worker takes the next cell and
+the sweep goes on. Timing cells share this: a ``perf`` cell's worker only waits while the measurement
+runs in a new interpreter of its own (:func:`tbptt_bench.perf.child.measure_in_fresh_process`).
 
 ``ray`` submits each cell as a Ray task (``num_cpus=1``, plus ``num_gpus=1`` for a cell on
 ``cuda``) to the cluster at ``--ray-address``, or to a local Ray instance started for the run. The
