@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
@@ -276,3 +278,17 @@ def test_a_ray_task_with_a_time_limit_runs_its_cell_in_a_worker_of_its_own(tmp_p
     stopped = _ray_task(sleeps, 1, [str(plugins)], 1, 0)
     assert stopped.status == "timeout" and "time limit of 2 s" in stopped.error
     assert stopped.tables["cells"][0]["executor"] == "ray"
+
+
+@pytest.mark.slow
+def test_bench_workers_script_prints_both_modes() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_workers.py"), "--cells", "2",
+                          "--repeats", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line[:24].strip(): [float(x) for x in line[24:].split()] for line in res.stdout.splitlines()[2:]}
+    assert sorted(rows) == ["fresh process per cell", "warm workers"]
+    for wall, inside, outside, cpu in rows.values():
+        assert wall == pytest.approx(inside + outside, abs=2e-3) and inside > 0, "one repeat: wall = in + outside"
+        assert cpu > 0, "the workers' CPU time was found"

@@ -23,6 +23,7 @@ as Ray schedules.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import multiprocessing
@@ -48,7 +49,7 @@ from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 log = logging.getLogger(__name__)
 
 STARTED = "started"
-#: Seconds a cell's process may take to start (fork, plugins) before its time limit starts to count.
+#: Seconds a new worker may take to start (fork, plugins) before its first cell's time limit starts to count.
 STARTUP_S = 120.0
 CRASHED = ("the worker process running this cell died abruptly (killed by a signal, e.g. by the "
            "out-of-memory killer, or crashed)")
@@ -137,6 +138,7 @@ class ProcessState:
 
     @classmethod
     def capture(cls) -> "ProcessState":
+        """This process's state now."""
         import random
 
         import numpy as np
@@ -152,6 +154,7 @@ class ProcessState:
                    dict(os.environ), os.getcwd(), list(sys.path))
 
     def restore(self) -> None:
+        """Put this process back into the captured state (and free what earlier cells left behind)."""
         import random
 
         import numpy as np
@@ -177,6 +180,7 @@ class ProcessState:
             os.environ.update(self.environ)
         os.chdir(self.cwd)
         sys.path[:] = self.path
+        gc.collect()
 
 
 def _worker_main(conn: Connection, initargs: tuple[Any, ...], executor: str, concurrency: int) -> None:
