@@ -8,14 +8,21 @@ alternating over the repeats so that both see the same machine load. Per cell it
 the repeats of the wall time, of the time the cells report for themselves (``duration_s``), of the rest
 (wall − Σ ``duration_s``: starting a process, returning the result, stamping provenance) and of the CPU
 time of the worker processes (user + system, read from the fork server that reaps them: on a shared
-machine this moves far less with the load than wall time does). Numbers in docs/suites.md ("Executors").
+machine this moves far less with the load than wall time does).
+
+    python benchmarks/bench_workers.py --whole-suite quick
+
+instead runs that whole suite once (``tbptt-bench run SUITE`` into a temporary folder) and prints its wall
+time and the CPU seconds of its workers and of the driver. Numbers in docs/suites.md ("Executors").
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,11 +58,29 @@ def one_run(cells: list, cells_per_worker: int | None) -> tuple[float, float, fl
     return wall, sum(r.duration_s for r in results), reaped_cpu_seconds() - cpu0
 
 
+def whole_suite(suite: str) -> None:
+    """Run ``suite`` once with the default executor and print its wall time and CPU seconds."""
+    from tbptt_bench.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as results:
+        t0 = time.perf_counter()
+        status = cli(["run", suite, "--results", results, "--quiet"])
+        wall = time.perf_counter() - t0
+    time.sleep(0.5)  # the fork server reaps the last worker
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"run {suite}: exit status {status}, wall {wall:.0f} s, CPU of the workers {reaped_cpu_seconds():.0f} s, "
+          f"of the driver {own.ru_utime + own.ru_stime:.0f} s; load average (1 min) at the end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=12, help="cells of the quick suite to run (default 12)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, alternating (default 3)")
+    parser.add_argument("--whole-suite", metavar="SUITE", help="run this whole suite once instead (wall and CPU)")
     args = parser.parse_args()
+    if args.whole_suite:
+        whole_suite(args.whole_suite)
+        return
     cells = [c for c in load_suite("quick").cells if not c.timing][:args.cells]
     runs: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -280,15 +281,26 @@ def test_a_ray_task_with_a_time_limit_runs_its_cell_in_a_worker_of_its_own(tmp_p
     assert stopped.tables["cells"][0]["executor"] == "ray"
 
 
-@pytest.mark.slow
-def test_bench_workers_script_prints_both_modes() -> None:
+def bench_workers(*args: str) -> str:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_workers.py"), "--cells", "2",
-                          "--repeats", "1"], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_workers.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {line[:24].strip(): [float(x) for x in line[24:].split()] for line in res.stdout.splitlines()[2:]}
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_bench_workers_script_prints_both_modes_and_a_whole_suite(tmp_path: Path) -> None:
+    out = bench_workers("--cells", "2", "--repeats", "1")
+    rows = {line[:24].strip(): [float(x) for x in line[24:].split()] for line in out.splitlines()[2:]}
     assert sorted(rows) == ["fresh process per cell", "warm workers"]
     for wall, inside, outside, cpu in rows.values():
         assert wall == pytest.approx(inside + outside, abs=2e-3) and inside > 0, "one repeat: wall = in + outside"
         assert cpu > 0, "the workers' CPU time was found"
+    suite = tmp_path / "two.toml"
+    suite.write_text(textwrap.dedent(HEADER.format(name="two") + '[[train]]\ntask = "adding"\nmodel = "rnn"\n'
+                                     'method = ["full", "chunked:k=4"]\n'))
+    line = bench_workers("--whole-suite", str(suite)).strip()
+    cpu = [float(x) for x in re.findall(r"CPU of the workers (\d+) s, of the driver (\d+) s", line)[0]]
+    assert "exit status 0" in line and cpu[1] > 0, line
