@@ -5,10 +5,14 @@ cells finish; the caller (the driver) alone writes them into the store. Both run
 does not time anything first, in parallel, and then the timing cells (``perf``) strictly one at a
 time, so that no timing shares the machine with another cell of the sweep.
 
-``local`` runs every cell in a fresh process of its own (``--jobs N`` at a time; one by default),
-forked from a server that imported torch once, so a cell that crashes its process (a segfault, the
-out-of-memory killer) is recorded as ``failed``, a cell past its time limit is stopped with its
-process group and recorded as ``timeout``, and the sweep goes on.
+``local`` runs cells in warm worker processes (``--jobs N`` of them; one by default), forked from a
+server that imported torch once. A worker runs one cell after another, each from the state the worker
+started with (:class:`ProcessState`), so a cell computes what it would in a fresh process without paying
+for one. A cell that crashes its worker (a segfault, the out-of-memory killer) is recorded as
+``failed``, a cell past its time limit is stopped with its worker's process group and recorded as
+``timeout``, a cell that ran out of memory retires its worker too; a fresh worker takes the next cell and
+the sweep goes on. Timing cells share this: a ``perf`` cell's worker only waits while the measurement
+runs in a new interpreter of its own (:func:`tbptt_bench.perf.child.measure_in_fresh_process`).
 
 ``ray`` submits each cell as a Ray task (``num_cpus=1``, plus ``num_gpus=1`` for a cell on
 ``cuda``) to the cluster at ``--ray-address``, or to a local Ray instance started for the run. The
@@ -19,15 +23,18 @@ as Ray schedules.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -42,7 +49,7 @@ from tbptt_bench.registry import PLUGIN_ENV, add_plugin_dirs
 log = logging.getLogger(__name__)
 
 STARTED = "started"
-#: Seconds a cell's process may take to start (fork, plugins) before its time limit starts to count.
+#: Seconds a new worker may take to start (fork, plugins) before its first cell's time limit starts to count.
 STARTUP_S = 120.0
 CRASHED = ("the worker process running this cell died abruptly (killed by a signal, e.g. by the "
            "out-of-memory killer, or crashed)")
@@ -103,74 +110,182 @@ def _init_worker(plugin_dirs: Sequence[str], threads: int | None, level: int, dr
         torch.set_num_threads(threads)
 
 
-def _child_main(cell: GridPoint, conn: Connection, initargs: tuple[Any, ...], executor: str,
-                concurrency: int) -> None:
-    """A cell's own process: a process group of its own (so that a time limit stops its children too)."""
+@dataclass
+class ProcessState:
+    """What a cell can change in its process that a later cell in the same worker would see.
+
+    A warm worker captures this right after it starts (a fresh process's state) and restores it before
+    every cell, so a cell runs as it would in a fresh process: same global RNG states (torch, CUDA,
+    numpy, :mod:`random`), default dtype and device, thread count, autograd modes, deterministic and
+    precision switches, environment, working folder and ``sys.path``.
+    """
+
+    torch_rng: Any
+    torch_seed: int
+    numpy_rng: Any
+    python_rng: Any
+    dtype: Any
+    device: Any
+    threads: int
+    grad: bool
+    anomaly: tuple[bool, bool]
+    deterministic: tuple[bool, bool]
+    matmul_precision: str
+    cudnn: tuple[bool, bool]
+    environ: dict[str, str]
+    cwd: str
+    path: list[str]
+
+    @classmethod
+    def capture(cls) -> "ProcessState":
+        """This process's state now."""
+        import random
+
+        import numpy as np
+        import torch
+
+        return cls(torch.get_rng_state(), torch.initial_seed(), np.random.get_state(), random.getstate(),
+                   torch.get_default_dtype(), torch.get_default_device(), torch.get_num_threads(),
+                   torch.is_grad_enabled(), (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+                   (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()),
+                   torch.get_float32_matmul_precision(),
+                   (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic),
+                   dict(os.environ), os.getcwd(), list(sys.path))
+
+    def restore(self) -> None:
+        """Put this process back into the captured state (and free what earlier cells left behind)."""
+        import random
+
+        import numpy as np
+        import torch
+
+        torch.set_rng_state(self.torch_rng)
+        if torch.cuda.is_initialized():  # a fresh process's CUDA generators start from the default seed
+            torch.cuda.manual_seed_all(self.torch_seed)
+        np.random.set_state(self.numpy_rng)
+        random.setstate(self.python_rng)
+        torch.set_default_dtype(self.dtype)
+        if torch.get_default_device() != self.device:  # a fresh process has no default-device mode
+            torch.set_default_device(None)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        torch.set_grad_enabled(self.grad)
+        torch.autograd.set_detect_anomaly(*self.anomaly)
+        torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.cudnn
+        if dict(os.environ) != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        os.chdir(self.cwd)
+        sys.path[:] = self.path
+        gc.collect()
+
+
+def _worker_main(conn: Connection, initargs: tuple[Any, ...], executor: str, concurrency: int) -> None:
+    """A warm worker: cells one after another, each from the state the worker started with.
+
+    The worker leads a process group of its own, so that stopping it at a cell's time limit stops
+    that cell's own child processes too. It ends when the driver closes its end of the pipe.
+    """
     try:
         os.setpgid(0, 0)
     except OSError:
         pass
     _init_worker(*initargs)
-    try:
-        conn.send(STARTED)  # the time limit counts from here: process start-up is not the cell's time
-    except OSError:  # the driver was stopped (SIGTERM, SIGINT) while this process started: end quietly
-        os._exit(1)
-    result = run_cell(cell, executor=executor, concurrency=concurrency)
-    try:
-        conn.send(result)
-    except OSError:  # the driver is gone
-        os._exit(1)
-    except Exception as exc:  # a result that cannot be pickled
-        conn.send(crashed_result(cell, f"could not return its result: {type(exc).__name__}: {exc}",
-                                 executor=executor, concurrency=concurrency))
-    conn.close()
+    fresh = ProcessState.capture()
+    while True:
+        try:
+            cell: GridPoint = conn.recv()
+        except (EOFError, OSError):
+            return
+        fresh.restore()
+        try:
+            conn.send(STARTED)  # the time limit counts from here: process start-up is not the cell's time
+        except OSError:  # the driver was stopped (SIGTERM, SIGINT) while this worker took the cell: end quietly
+            os._exit(1)
+        result = run_cell(cell, executor=executor, concurrency=concurrency)
+        try:
+            conn.send(result)
+        except OSError:  # the driver is gone
+            os._exit(1)
+        except Exception as exc:  # a result that cannot be pickled
+            conn.send(crashed_result(cell, f"could not return its result: {type(exc).__name__}: {exc}",
+                                     executor=executor, concurrency=concurrency))
 
 
-class CellProcess:
-    """One cell running in a fresh process, stopped (with its process group) at its time limit."""
+class Worker:
+    """A worker process that runs cells one at a time, stopped (with its process group) at a cell's time limit.
 
-    def __init__(self, ctx: Any, cell: GridPoint, initargs: tuple[Any, ...], executor: str, concurrency: int) -> None:
-        self.cell, self.executor, self.concurrency = cell, executor, concurrency
-        self.conn, child = ctx.Pipe(duplex=False)
-        self.started, self.t0 = utc_now(), time.monotonic()
-        self.deadline = self.t0 + STARTUP_S + cell.time_limit if cell.time_limit else math.inf
-        self.proc = ctx.Process(target=_child_main, args=(cell, child, initargs, executor, concurrency),
-                                name=f"cell-{cell.key}")
+    After a cell that ended normally the worker is reused (:attr:`usable`); a cell that crashed it, ran
+    past its limit or ran out of memory retires it, and the executor starts a fresh one.
+    """
+
+    def __init__(self, ctx: Any, initargs: tuple[Any, ...], executor: str, concurrency: int) -> None:
+        self.executor, self.concurrency = executor, concurrency
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, initargs, executor, concurrency),
+                                name="tbptt-bench-worker")
         self.proc.start()
         child.close()
+        self.cell: GridPoint | None = None
+        self.cells_run = 0
+        self.usable = True
+        self.deadline = math.inf
+
+    def submit(self, cell: GridPoint) -> None:
+        """Hand the worker its next cell; its first cell's limit also allows for the worker's start-up."""
+        self.cell, self.started, self.t0 = cell, utc_now(), time.monotonic()
+        self.deadline = self.t0 + STARTUP_S + cell.time_limit if cell.time_limit else math.inf
+        try:
+            self.conn.send(cell)
+        except OSError:  # the worker died before it took the cell; poll() sees the death
+            pass
 
     def poll(self, now: float) -> JobResult | None:
         """The cell's result once it has one (finished, crashed or past its limit); None while it runs."""
+        assert self.cell is not None, "poll() needs a submitted cell"
+        cell = self.cell
         while self.conn.poll():
             try:
                 result: JobResult | str = self.conn.recv()
             except (EOFError, OSError):
-                result = self._failed(CRASHED)
+                log.warning("cell %s (%s): %s", cell.key, cell.label, CRASHED)
+                self.stop()
+                return self._failed(CRASHED)
             if result == STARTED:
                 self.started, self.t0 = utc_now(), time.monotonic()
-                self.deadline = self.t0 + self.cell.time_limit if self.cell.time_limit else math.inf
+                self.deadline = self.t0 + cell.time_limit if cell.time_limit else math.inf
                 continue
-            self._reap()
-            return result  # type: ignore[return-value]
+            assert isinstance(result, JobResult)
+            self.cell, self.deadline = None, math.inf
+            self.cells_run += 1
+            if result.status == "oom":  # the process's heap (or CUDA state) may not be whole: start afresh
+                self.stop()
+            return result
         if not self.proc.is_alive():
-            log.warning("cell %s (%s): %s", self.cell.key, self.cell.label, CRASHED)
-            self._reap()
+            log.warning("cell %s (%s): %s", cell.key, cell.label, CRASHED)
+            self.stop()
             return self._failed(CRASHED)
         if now >= self.deadline:
             elapsed = now - self.t0
             self.stop()
-            log.warning("cell %s (%s): stopped at its time limit of %g s", self.cell.key, self.cell.label,
-                        self.cell.time_limit)
-            message = f"timeout: stopped after {elapsed:.1f} s, at its time limit of {self.cell.time_limit:g} s"
+            log.warning("cell %s (%s): stopped at its time limit of %g s", cell.key, cell.label, cell.time_limit)
+            message = f"timeout: stopped after {elapsed:.1f} s, at its time limit of {cell.time_limit:g} s"
             return self._failed(message, status="timeout", duration_s=elapsed)
         return None
 
     def _failed(self, message: str, status: str = "failed", duration_s: float = 0.0) -> JobResult:
-        return crashed_result(self.cell, message, executor=self.executor, concurrency=self.concurrency,
-                              status=status, started=self.started, duration_s=duration_s)
+        assert self.cell is not None
+        result = crashed_result(self.cell, message, executor=self.executor, concurrency=self.concurrency,
+                                status=status, started=self.started, duration_s=duration_s)
+        self.cell, self.deadline = None, math.inf
+        return result
 
     def stop(self) -> None:
-        """Kill the cell's process group (its own children included) and reap the process."""
+        """Kill the worker's process group (a cell's own children included) and reap the worker."""
+        self.usable = False
         for kill in (lambda: os.killpg(self.proc.pid, signal.SIGKILL), self.proc.kill):
             try:
                 kill()
@@ -178,29 +293,46 @@ class CellProcess:
                 pass
         self._reap()
 
+    def close(self) -> None:
+        """End an idle worker: it leaves its loop when the pipe closes; one that does not is killed."""
+        self.usable = False
+        self.conn.close()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.stop()
+
     def _reap(self) -> None:
         self.proc.join(timeout=30)
         self.conn.close()
 
-    def wait(self) -> JobResult:
-        """Block until the cell has a result."""
+    def run(self, cell: GridPoint) -> JobResult:
+        """Run one cell and block until it has a result."""
+        self.submit(cell)
         while True:
-            ready = wait([self.conn, self.proc.sentinel], timeout=max(0.0, min(self.deadline - time.monotonic(), 3600)))
-            result = self.poll(time.monotonic()) if ready or time.monotonic() >= self.deadline else None
+            wait([self.conn, self.proc.sentinel], timeout=max(0.0, min(self.deadline - time.monotonic(), 3600)))
+            result = self.poll(time.monotonic())
             if result is not None:
                 return result
 
 
 class LocalExecutor:
-    """Each cell in a fresh process on this machine, ``jobs`` at a time; timing cells one at a time."""
+    """Cells in warm worker processes on this machine, ``jobs`` at a time; timing cells one at a time.
+
+    ``cells_per_worker`` retires a worker after that many cells (``1``: a fresh process for every cell,
+    the behaviour before warm workers; ``None``: no limit).
+    """
 
     name = "local"
 
-    def __init__(self, jobs: int = 1, plugin_dirs: Sequence[str] = (), threads: int = 1) -> None:
+    def __init__(self, jobs: int = 1, plugin_dirs: Sequence[str] = (), threads: int = 1,
+                 cells_per_worker: int | None = None) -> None:
         if jobs < 1 or threads < 1:
             raise UsageError(f"--jobs and --threads must be ≥ 1, got {jobs} and {threads}")
+        if cells_per_worker is not None and cells_per_worker < 1:
+            raise UsageError(f"cells_per_worker must be ≥ 1 or None, got {cells_per_worker}")
         self.jobs = jobs
         self.threads = threads
+        self.cells_per_worker = cells_per_worker
         self.plugin_dirs = [str(Path(d).resolve()) for d in plugin_dirs]
 
     def run(self, cells: Sequence[GridPoint]) -> Iterator[JobResult]:
@@ -208,26 +340,48 @@ class LocalExecutor:
         yield from self._run_many([c for c in cells if c.timing], 1, None)
 
     def _run_many(self, cells: Sequence[GridPoint], width: int, threads: int | None) -> Iterator[JobResult]:
+        if not cells:
+            return
         ctx = _worker_context()
         initargs = (self.plugin_dirs, threads, logging.getLogger().level, os.getpid())
         queue: deque[GridPoint] = deque(cells)
-        running: list[CellProcess] = []
+        idle: list[Worker] = []
+        busy: list[Worker] = []
         try:
-            while queue or running:
-                while queue and len(running) < width:
-                    running.append(CellProcess(ctx, queue.popleft(), initargs, self.name, width))
-                deadline = min(r.deadline for r in running)
+            while queue or busy:
+                while queue and len(busy) < width:
+                    worker = self._idle_worker(idle) or Worker(ctx, initargs, self.name, width)
+                    worker.submit(queue.popleft())
+                    busy.append(worker)
+                deadline = min(w.deadline for w in busy)
                 timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
-                wait([r.conn for r in running] + [r.proc.sentinel for r in running], timeout=timeout)
+                wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=timeout)
                 now = time.monotonic()
-                for proc in list(running):
-                    result = proc.poll(now)
-                    if result is not None:
-                        running.remove(proc)
-                        yield result
+                for worker in list(busy):
+                    result = worker.poll(now)
+                    if result is None:
+                        continue
+                    busy.remove(worker)
+                    if worker.usable and worker.cells_run != self.cells_per_worker:
+                        idle.append(worker)
+                    elif worker.usable:
+                        worker.close()
+                    yield result
         finally:
-            for proc in running:
-                proc.stop()
+            for worker in busy:
+                worker.stop()
+            for worker in idle:
+                worker.close()
+
+    @staticmethod
+    def _idle_worker(idle: list[Worker]) -> Worker | None:
+        """A live idle worker (one that died while idle, e.g. at the out-of-memory killer's hand, is dropped)."""
+        while idle:
+            worker = idle.pop()
+            if worker.proc.is_alive():
+                return worker
+            worker.stop()
+        return None
 
 
 AUTH_HINT = ("; if the cluster uses token authentication, copy the head node's ~/.ray/auth_token here or set "
@@ -260,8 +414,11 @@ def use_token_auth() -> bool:
 def _ray_task(cell: GridPoint, concurrency: int, plugin_dirs: Sequence[str], threads: int | None,
               level: int) -> JobResult:
     if cell.time_limit:  # a process of its own, stopped at the limit
-        return CellProcess(_worker_context(), cell, (plugin_dirs, threads, level, os.getpid()), "ray",
-                           concurrency).wait()
+        worker = Worker(_worker_context(), (plugin_dirs, threads, level, os.getpid()), "ray", concurrency)
+        try:
+            return worker.run(cell)
+        finally:
+            worker.close()
     _init_worker(plugin_dirs, threads, level)
     return run_cell(cell, executor="ray", concurrency=concurrency)
 
