@@ -97,6 +97,24 @@ class Method(ABC):
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         """The updates over a sequence of ``length`` steps; ``first_update`` counts earlier updates."""
 
+    def expected_mask(self, length: int) -> np.ndarray | None:
+        """``E M[t, s]`` over the method's random draws, exactly, or None when the family cannot say.
+
+        A family whose mask weights are random declares it here (ARTBP does); a deterministic method's
+        expectation is its own estimate, so it needs nothing. :meth:`expected_updates` runs it.
+        """
+        return None
+
+    def expected_updates(self, length: int) -> list[Update] | None:
+        """Updates whose summed gradient is ``E ĝ`` over the draws (one update per loss, realising
+        :meth:`expected_mask` row by row), or None when there is no exact expectation."""
+        if self.deterministic:
+            return self.updates(length)
+        mask = self.expected_mask(length)
+        if mask is None:
+            return None
+        return expectation_updates(mask)
+
     def observe(self, update: int, model: nn.Module, source: Source, state: State, loss_kind: str) -> None:
         """Called before each sequence or stream segment with the current θ, the segment and its initial
         state, ``update`` updates into training. Stateful methods (adaptive K) re-estimate here."""
@@ -187,6 +205,22 @@ class Method(ABC):
 
     def __hash__(self) -> int:
         return hash(self.spec)
+
+
+def expectation_updates(mask: np.ndarray) -> list[Update]:
+    """One update per loss t, whose per-position factors ``W[t, p-1] / W[t, p]`` multiply out to row t of
+    ``mask`` (lower-triangular, positive on and below the diagonal, ``W[t, t] = 1``); for expectations,
+    whose rows need not share factors as one update's losses must."""
+    m = np.asarray(mask, dtype=np.float64)
+    length = m.shape[0]
+    if m.shape != (length, length):
+        raise UsageError(f"an expected mask must be a square T×T matrix, got shape {m.shape}")
+    lower = m[np.tril_indices(length)]
+    if length and (lower.min() <= 0 or np.abs(np.diag(m) - 1.0).max() > 1e-12):
+        raise UsageError(f"an expected mask must be positive on and below the diagonal with ones on it; got "
+                         f"smallest entry {lower.min():g}, diagonal within {np.abs(np.diag(m) - 1.0).max():g} of 1")
+    return [Update(t, t + 1, 0, None, tuple((p, float(m[t, p - 1] / m[t, p])) for p in range(1, t + 1)))
+            for t in range(length)]
 
 
 METHODS: Registry[type[Method]] = Registry("method")
