@@ -93,7 +93,7 @@ def coverage(d: np.ndarray, g: np.ndarray, n: int, reps: int, seed: int) -> dict
 def main(argv: list[str] | None = None) -> None:
     """Print the markdown table: one row per (task, model, world, N)."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--pool", type=int, default=2000, help="batches in each pool (default 2000)")
+    ap.add_argument("--pool", type=int, default=600, help="batches in each pool (default 600)")
     ap.add_argument("--reps", type=int, default=1000, help="resampled data sets per row (default 1000)")
     ap.add_argument("--ns", default="8,16,64", help="numbers of batches N (default 8,16,64)")
     ap.add_argument("--cells", default=",".join(f"{t}/{m}" for t, m in CELLS), help="TASK/MODEL,...")

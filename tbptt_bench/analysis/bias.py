@@ -198,6 +198,7 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_flips: int, level: flo
         "relative_bias_lo": e.relative_bias_lo if e else nan,
         "relative_bias_hi": e.relative_bias_hi if e else nan,
         "bias_p_value": e.p_value if e and n_flips > 0 else nan,
+        "bias_p_value_min": e.p_value_min if e and n_flips > 0 else nan,
         "relative_bias_plugin": (float(np.linalg.norm(diff.mean(0)) / np.linalg.norm(true.mean(0)))
                                  if np.linalg.norm(true.mean(0)) > 0 else nan),
         "bias_norm": e.bias_norm if e else nan, "bias_norm_lo": e.bias_norm_lo if e else nan,
@@ -249,7 +250,7 @@ def probe_metrics(est: np.ndarray, directions: np.ndarray, probed: np.ndarray, *
     var_est = float(est.var(0, ddof=1).sum()) if n_batches > 1 else math.nan
     out.update({
         "relative_bias": rb, "relative_bias_lo": max(0.0, rb - z * se), "relative_bias_hi": rb + z * se,
-        "bias_p_value": math.nan, "relative_bias_plugin": math.nan, "bias_norm": math.sqrt(max(pooled.sq_error, 0.0)),
+        "bias_p_value": math.nan, "bias_p_value_min": math.nan, "relative_bias_plugin": math.nan, "bias_norm": math.sqrt(max(pooled.sq_error, 0.0)),
         "bias_norm_lo": math.nan, "bias_norm_hi": math.nan, "variance_trace_error": math.nan,
         "true_mean_norm": math.sqrt(max(pooled.sq_true_norm, 0.0)), "variance_trace": var_est,
         "variance_trace_true": math.nan,

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Random sign patterns drawn for the randomisation test (p-values are multiples of 1/(n_flips+1)).
 DEFAULT_FLIPS = 999
+#: Up to this many batches the sign-flip test enumerates all 2^(N−1) distinct patterns (exact p-value).
+MAX_ENUMERATED_BATCHES = 16
 #: The variance estimates need four distinct batches.
 MIN_BATCHES_FOR_INTERVALS = 4
 
@@ -268,7 +270,10 @@ class ZeroMeanTest:
     """Tests of H0: E x = 0 against E x ≠ 0, all one-sided in the U-statistic (large U rejects).
 
     ``p_value`` is the sign-flip randomisation test: exact when each row is symmetric about 0 under
-    H0, asymptotically valid (N → ∞, fixed P) when only E x = 0. ``p_value_chen_qin`` is the normal
+    H0, asymptotically valid (N → ∞, fixed P) when only E x = 0. Up to
+    :data:`MAX_ENUMERATED_BATCHES` batches it enumerates every sign pattern (``flips_enumerated``), so it
+    is the exact randomisation p-value, not a Monte Carlo one. ``p_value_min`` is the smallest p-value
+    the test can give with these N and flips: above the test level, it cannot reject whatever the data. ``p_value_chen_qin`` is the normal
     approximation of Chen & Qin (2010), valid when P and N are both large; NaN for N < 4.
     ``p_value_hotelling`` is Hotelling's T² (exact for Gaussian rows), NaN unless N > P.
     """
@@ -276,23 +281,40 @@ class ZeroMeanTest:
     statistic: float
     p_value: float
     n_flips: int
+    flips_enumerated: bool
+    p_value_min: float
     chen_qin_z: float
     p_value_chen_qin: float
     hotelling_f: float
     p_value_hotelling: float
 
 
-def _sign_flip_p(gram: np.ndarray, n_flips: int, rng: np.random.Generator) -> float:
-    """Randomisation p-value of ‖Σ ε_i x_i‖² = εᵀGε over random signs ε (observed: ε = 1).
+def sign_patterns(n: int) -> np.ndarray:
+    """All 2^(n−1) sign vectors ε ∈ {±1}ⁿ with ε₁ = +1 (ε and −ε give the same ‖Σ ε_i x_i‖²), as rows."""
+    bits = (np.arange(2 ** (n - 1))[:, None] >> np.arange(n - 1)) & 1
+    return np.hstack([np.ones((2 ** (n - 1), 1)), 1.0 - 2.0 * bits])
 
-    Σ‖x_i‖² does not change under sign flips, so this ranks U itself. p = (1 + #{flips ≥ observed})
-    / (1 + n_flips) is valid for any number of flips; ties (e.g. ε = −1) count against rejection.
+
+def _sign_flip_p(gram: np.ndarray, n_flips: int, rng: np.random.Generator) -> tuple[float, bool, float]:
+    """Randomisation p-value of ‖Σ ε_i x_i‖² = εᵀGε over signs ε (observed: ε = 1), whether every pattern
+    was enumerated, and the smallest attainable p-value.
+
+    Σ‖x_i‖² does not change under sign flips, so this ranks U itself. With N ≤ MAX_ENUMERATED_BATCHES
+    every distinct pattern counts (p = #{patterns ≥ observed} / 2^(N−1), at least 2/2^N); otherwise
+    p = (1 + #{random flips ≥ observed}) / (1 + n_flips), valid for any number of flips. Ties (within
+    rounding) count against rejection.
     """
     n = gram.shape[0]
-    signs = np.vstack([np.ones((1, n)), rng.integers(0, 2, size=(n_flips, n)) * 2.0 - 1.0])
-    quad = np.einsum("bi,bi->b", signs @ gram, signs)
     tol = 1e-10 * max(float(np.trace(gram)), np.finfo(float).tiny)
-    return float((1 + np.count_nonzero(quad[1:] >= quad[0] - tol)) / (n_flips + 1))
+    observed = float(gram.sum())
+    if n <= MAX_ENUMERATED_BATCHES:
+        signs = sign_patterns(n)
+        quad = np.einsum("bi,bi->b", signs @ gram, signs)
+        return float(np.count_nonzero(quad >= observed - tol) / signs.shape[0]), True, 1.0 / signs.shape[0]
+    signs = rng.integers(0, 2, size=(n_flips, n)) * 2.0 - 1.0
+    quad = np.einsum("bi,bi->b", signs @ gram, signs)
+    floor = max(1.0 / (n_flips + 1), 2.0 ** (1 - n))
+    return float((1 + np.count_nonzero(quad >= observed - tol)) / (n_flips + 1)), False, floor
 
 
 def _hotelling(x: np.ndarray) -> tuple[float, float]:
@@ -322,15 +344,16 @@ def _zero_mean_test(x: np.ndarray, gram: np.ndarray, n_flips: int, rng: np.rando
             z = u / math.sqrt(2.0 * trace_sq / (n * (n - 1)))
             p_cq = float(stats.norm.sf(z))
     f_stat, p_h = _hotelling(x)
-    p_flip = _sign_flip_p(gram, n_flips, rng) if n_flips > 0 else math.nan
-    return ZeroMeanTest(u, p_flip, n_flips, z, p_cq, f_stat, p_h)
+    p_flip, enumerated, floor = _sign_flip_p(gram, n_flips, rng) if n_flips > 0 else (math.nan, False, math.nan)
+    return ZeroMeanTest(u, p_flip, n_flips, enumerated, floor, z, p_cq, f_stat, p_h)
 
 
 def zero_mean_test(x: ArrayLike, *, n_flips: int = DEFAULT_FLIPS,
                    seed: int | np.random.Generator = 0) -> ZeroMeanTest:
     """Test H0: E x = 0 from the rows of ``x`` (independent batches); see :class:`ZeroMeanTest`.
 
-    The sign patterns are drawn from ``seed`` (an int or a numpy Generator), so results repeat.
+    ``n_flips = 0`` skips the sign-flip test; any other value enumerates every pattern when N is small
+    and otherwise draws that many from ``seed`` (an int or a numpy Generator), so results repeat.
     """
     arr = _as_rows("x", x)
     if n_flips < 0:
@@ -355,7 +378,8 @@ class ExpectationBias:
     variance_trace:       tr Cov(d) (ddof 1); variance_trace_estimate: tr Cov(ĝ), ĝ = g + d
     snr_of_mean:          ‖E g‖² / (tr Cov(ĝ) / N), from the unbiased sq_signal: signal over the noise
                           of the mean of N estimates ĝ
-    p_value, p_value_chen_qin, p_value_hotelling: tests of E d = 0 (:class:`ZeroMeanTest`)
+    p_value, p_value_chen_qin, p_value_hotelling: tests of E d = 0 (:class:`ZeroMeanTest`);
+                          p_value_min the smallest p the sign-flip test can reach here
     """
 
     n_batches: int
@@ -382,6 +406,8 @@ class ExpectationBias:
     p_value_chen_qin: float
     p_value_hotelling: float
     n_flips: int
+    p_value_min: float = math.nan
+    flips_enumerated: bool = False
 
     def as_row(self) -> dict[str, Any]:
         """The fields as a flat dict (one table row)."""
@@ -446,7 +472,8 @@ def expectation_bias(d: ArrayLike, g: ArrayLike, *, level: float = 0.95, n_flips
         variance_trace=float(((d_arr - d_arr.mean(axis=0)) ** 2).sum() / (n - 1)),
         variance_trace_estimate=var_est, snr_of_mean=_ratio(u_g * n, var_est),
         p_value=test.p_value, p_value_chen_qin=test.p_value_chen_qin,
-        p_value_hotelling=test.p_value_hotelling, n_flips=n_flips,
+        p_value_hotelling=test.p_value_hotelling, n_flips=n_flips, p_value_min=test.p_value_min,
+        flips_enumerated=test.flips_enumerated,
         **_intervals(gd, gg, level),
     )
     log.debug("expectation bias: N=%d P=%d relative %.4g [%.4g, %.4g], p=%.3g", n, p, result.relative_bias,
