@@ -64,27 +64,32 @@ def cached_pool(task_name: str, model_name: str, size: int, cache: Path | None) 
     return pool
 
 
-def worlds(pool: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(d, g) rows of each world: the biased method as is, and both methods' errors centred."""
+def worlds(pool: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+    """(d, g, unbiased) of each world: the biased method as is, and both methods' errors centred."""
     g = pool["g"]
     d_b, d_u = pool[f"d:{BIASED}"], pool[f"d:{UNBIASED}"]
-    return {f"{BIASED} (biased)": (d_b, g), f"{UNBIASED} (centred)": (d_u - d_u.mean(0), g),
-            f"{BIASED} (centred)": (d_b - d_b.mean(0), g)}
+    return {f"{BIASED} (biased)": (d_b, g, False), f"{UNBIASED} (centred)": (d_u - d_u.mean(0), g, True),
+            f"{BIASED} (centred)": (d_b - d_b.mean(0), g, True)}
 
 
-def coverage(d: np.ndarray, g: np.ndarray, n: int, reps: int, seed: int) -> dict[str, float]:
-    """Shares of ``reps`` resampled data sets of ``n`` rows whose intervals cover / lie below / above the truth."""
+def coverage(d: np.ndarray, g: np.ndarray, unbiased: bool, n: int, reps: int, seed: int) -> dict[str, float]:
+    """Shares of ``reps`` resampled data sets of ``n`` rows whose intervals cover / lie below / above the truth.
+
+    With E d = 0 the truth is 0, which a set contains exactly when ``zero_in_interval`` (a set (0, hi]
+    with lower end 0 does not contain it)."""
     rng = np.random.default_rng(seed)
-    bias = float(np.linalg.norm(d.mean(0)))
+    bias = 0.0 if unbiased else float(np.linalg.norm(d.mean(0)))
     ratio = bias / float(np.linalg.norm(g.mean(0)))
     counts = np.zeros((2, 2))
     for _ in range(reps):
         idx = rng.integers(0, d.shape[0], n)
-        r = expectation_bias(d[idx], g[idx], n_flips=0)
+        r = expectation_bias(d[idx], g[idx], n_flips=0, seed=rng)
         for row, (truth, lo, hi) in enumerate(((bias, r.bias_norm_lo, r.bias_norm_hi),
                                                (ratio, r.relative_bias_lo, r.relative_bias_hi))):
-            tol = 1e-12 * max(truth, 1e-300)
-            counts[row] += [hi < truth - tol, lo > truth + tol]
+            if unbiased:
+                counts[row] += [0.0, not r.zero_in_interval]
+            else:
+                counts[row] += [hi < truth, lo > truth]
     miss = counts / reps
     return {"norm_below": miss[0, 0], "norm_above": miss[0, 1], "ratio_below": miss[1, 0],
             "ratio_above": miss[1, 1], "truth_ratio": ratio}
@@ -110,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     for i, cell in enumerate(args.cells.split(",")):
         task_name, model_name = cell.split("/")
         pool = cached_pool(task_name, model_name, args.pool, args.cache)
-        for j, (name, (d, g)) in enumerate(worlds(pool).items()):
+        for j, (name, (d, g, unbiased)) in enumerate(worlds(pool).items()):
             for n in ns:
-                c = coverage(d, g, n, args.reps, derive_seed(args.seed, i, j, n))
+                c = coverage(d, g, unbiased, n, args.reps, derive_seed(args.seed, i, j, n))
                 print(f"| {task_name} | {model_name} | {name} | {n} | {c['truth_ratio']:.4f} | "
                       f"{1 - c['ratio_below'] - c['ratio_above']:.3f} | {c['ratio_below']:.3f} / "
                       f"{c['ratio_above']:.3f} | {1 - c['norm_below'] - c['norm_above']:.3f} | "
