@@ -199,6 +199,7 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_flips: int, level: flo
         "relative_bias_hi": e.relative_bias_hi if e else nan,
         "bias_p_value": e.p_value if e and n_flips > 0 else nan,
         "bias_p_value_min": e.p_value_min if e and n_flips > 0 else nan,
+        "relative_bias_contains_zero": float(e.zero_in_interval) if e and n >= 4 else nan,
         "relative_bias_plugin": (float(np.linalg.norm(diff.mean(0)) / np.linalg.norm(true.mean(0)))
                                  if np.linalg.norm(true.mean(0)) > 0 else nan),
         "bias_norm": e.bias_norm if e else nan, "bias_norm_lo": e.bias_norm_lo if e else nan,
