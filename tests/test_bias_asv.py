@@ -164,3 +164,25 @@ def test_asv_reordering_draws_moves_no_tracked_figure_and_weakening_is_flagged(g
     monkeypatch.setattr(randomised, "artbp_updates", weakened_updates)
     for seed in (0, 1):
         assert gradient_bias.bias_figures("copy", "artbp", seed=seed)["relative_bias"] > 1e-4
+
+
+def test_cli_prints_the_exact_expectation_as_its_own_json_field(capsys):
+    import json
+
+    from tbptt_bench.cli import main
+
+    argv = ["bias", "--task", "copy", "--model", "rnn", "--method", "artbp:c=0.3,min=2,chunked:k=4", "--seq-len", "24",
+            "--batch", "2", "--hidden", "4", "--batches", "4", "--dtype", "float64", "--flips", "0", "--max-lag", "8",
+            "--expectation", "exact", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    exact = {r["spec"]: r for r in out["exact"] if r["group"] == "all"}
+    assert exact["artbp:c=0.3,min=2"]["exact_relative_bias"] < 1e-12
+    chunked = [r for r in out["rows"] if r["spec"] == "chunked:k=4" and r["group"] == "all"][0]
+    assert exact["chunked:k=4"]["exact_relative_bias"] == chunked["relative_bias_plugin"]  # deterministic: ĝ itself
+    assert exact["chunked:k=4"]["extrapolation_ratio"] == pytest.approx(
+        chunked["extrapolation"] / chunked["exact_relative_bias"])
+    assert out["meta"]["expectation"] == "exact"
+    assert main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "ext/exact" in text and "Checked: only whether the lag norms decay geometrically" in text

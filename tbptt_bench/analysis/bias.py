@@ -282,6 +282,8 @@ def default_max_lag(seq_len: int, methods: Sequence[Method]) -> int:
     return max(1, min(seq_len, max([min(seq_len - 1, 64), *fixed])))
 
 
+#: An exact relative bias at or below this is zero up to rounding (no extrapolation ratio to it).
+EXACT_ZERO = 1e-12
 #: ``BiasOptions.expectation``: E ĝ over random draws only as sampled, or also exactly.
 EXPECTATIONS = ("sampled", "exact")
 
@@ -481,8 +483,8 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
             row.update(exact_metrics(None if mean_mat is None or opts.probes else mean_mat[:, idx],
                                      None if opts.probes else true_mat[:, idx]))
             row["extrapolation"] = extrapolation
-            row["extrapolation_ratio"] = (extrapolation / row["exact_relative_bias"]
-                                          if row["exact_relative_bias"] > 0 else math.nan)
+            row["extrapolation_ratio"] = (extrapolation / row["exact_relative_bias"]  # none for a zero exact bias
+                                          if row["exact_relative_bias"] > EXACT_ZERO else math.nan)
             row.update(constant)
             rows.append(row)
     table = pd.DataFrame(rows)

@@ -193,6 +193,7 @@ def extrapolation_verdict(check, ratios: "pd.Series") -> str:  # type: ignore[no
              else "no exact figure to compare with here")
     shape = "geometric" if check.geometric else "NOT geometric"
     return (f"extrap. = bias extrapolated from the lag profile (Aicher et al.): an estimate, not a bound, and it can "
-            f"be far below the exact bias ({worst}; docs/statistics.md gives the worst measured). Checked: only "
+            f"be far from the exact bias, below as well as above ({worst}; docs/statistics.md gives the worst "
+            f"measured). Checked: only "
             f"whether the lag norms decay geometrically — {shape} ({check.reason}); that does not make the "
             f"extrapolation right.")

@@ -162,7 +162,8 @@ def interval_notes(rows: pd.DataFrame, *, level: float, n_batches: int, n_flips:
     Reads the bias table's columns (``spec``, ``relative_bias``, ``relative_bias_hi``, ``snr``,
     ``bias_p_value_min``). An infinite upper end: ‖E g‖ was not told from 0, so no ratio is bounded; the
     null SE of U(g) is about √2·tr Cov/N, so ‖E g‖² clears z of them once N ≳ z√2 / SNR² (SNR: ‖mean ĝ‖ over
-    √tr Cov ĝ per batch). A wide one (upper end > 10× the estimate): the width falls about as 1/√N.
+    √tr Cov ĝ per batch); past that, the few batches limit the bootstrap itself. A wide one (upper end > 10×
+    the estimate): the width falls about as 1/√N.
     """
     z = float(stats.norm.ppf(0.5 + level / 2))
     out = []
@@ -170,8 +171,10 @@ def interval_notes(rows: pd.DataFrame, *, level: float, n_batches: int, n_flips:
         hi, est, snr = float(r.get("relative_bias_hi", math.nan)), float(r.get("relative_bias", math.nan)), \
             float(r.get("snr", math.nan))
         if hi == math.inf:
-            need = f"roughly {math.ceil(z * math.sqrt(2) / snr**2)} batches would bound it" if snr > 0 else \
-                "more batches are needed"
+            need = math.ceil(z * math.sqrt(2) / snr**2) if snr > 0 else math.inf
+            need = (f"roughly {need} batches would bound it" if n_batches < need < math.inf else
+                    f"the signal is clear but {n_batches} batches are too few for the studentised bootstrap; "
+                    f"about {2 * n_batches} would bound it" if need <= n_batches else "more batches are needed")
             out.append(f"{r['spec']}: upper end ∞ — with {n_batches} batches the mean gradient ‖E g‖ cannot be told "
                        f"from 0 (per-batch SNR {snr:.2g}), so no ratio to it is bounded; {need}.")
         elif np.isfinite(hi) and hi > 10 * max(est, 0.0) and hi > 0:
