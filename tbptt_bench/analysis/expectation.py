@@ -6,14 +6,13 @@ E‖mean d‖² = ‖E d‖² + tr Cov(d)/N: an exactly unbiased method looks bi
 
 This module estimates ‖E d‖² and ‖E g‖² with the U-statistic U(x) = Σ_{i≠j} x_iᵀx_j / N(N−1), which
 is unbiased (E U = ‖E x‖², also when E x = 0); gives ‖E d‖ and the ratio ‖E d‖/‖E g‖ confidence
-intervals by inverting a studentised test of each hypothesised value, with Var U from unbiased
-estimates of its Hoeffding parts evaluated at the hypothesis (score-type, Fieller-type for the
-ratio), so that an interval reaches 0 whenever the data are consistent with no bias; and tests
-E d = 0 three ways (sign-flip randomisation, Chen–Qin normal approximation, Hotelling's T²).
-Derivations, assumptions and measured coverage: docs/statistics.md.
+intervals by a studentised bootstrap over batches (jackknife standard errors of U; Fieller's linear
+combination for the ratio), with 0 inside exactly when the sign-flip test does not reject; and tests
+E d = 0 three ways (sign-flip randomisation, exact by enumeration up to 16 batches; Chen–Qin normal
+approximation; Hotelling's T²). Derivations, assumptions and measured coverage: docs/statistics.md.
 
-Everything works on the N×N Gram matrices, so the cost is O(N²P) for the intervals and O(NP) for
-the point estimates; nothing here depends on torch.
+Everything works on the N×N Gram matrices, so the cost is O(N²P) for the Gram matrices and O(B N²)
+for B bootstrap resamples; nothing here depends on torch.
 """
 
 from __future__ import annotations
