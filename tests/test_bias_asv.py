@@ -186,3 +186,13 @@ def test_cli_prints_the_exact_expectation_as_its_own_json_field(capsys):
     assert main(argv[:-1]) == 0
     text = capsys.readouterr().out
     assert "ext/exact" in text and "Checked: only whether the lag norms decay geometrically" in text
+
+
+def test_bad_expectation_option_is_a_usage_error():
+    task = make_task("copy")
+    model = make_model("rnn", task, 4, seed=0, dtype="float64")
+    with pytest.raises(UsageError, match="expectation must be one of sampled, exact"):
+        analyse_bias(task, model, ["chunked:k=2"], seq_len=24, batch_size=2, n_batches=2, seed=0, expectation="mean")
+    with pytest.raises(UsageError, match="probes=0"):
+        analyse_bias(task, model, ["chunked:k=2"], seq_len=24, batch_size=2, n_batches=2, seed=0, expectation="exact",
+                     probes=4)
