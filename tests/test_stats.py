@@ -77,12 +77,39 @@ def test_bootstrap_ci_edge_cases() -> None:
 def test_summarise_groups_and_counts() -> None:
     df = pd.DataFrame({"m": ["a"] * 4 + ["b"] * 3, "v": [1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0]})
     out = stats.summarise(df, "v", ["m"])
-    assert list(out.columns) == ["m", "mean", "ci_low", "ci_high", "n"]
+    assert list(out.columns) == ["m", "mean", "ci_low", "ci_high", "n", "interval"]
     a, b = out.set_index("m").loc["a"], out.set_index("m").loc["b"]
-    assert a["mean"] == 2.5 and a["n"] == 4 and 1.0 <= a["ci_low"] < 2.5 < a["ci_high"] <= 4.0
+    low, high = sps.t.interval(0.95, 3, loc=2.5, scale=sps.sem([1.0, 2.0, 3.0, 4.0]))
+    assert a["mean"] == 2.5 and a["n"] == 4 and a["interval"] == "t"
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx((low, high), rel=1e-12)
     assert (b["mean"], b["ci_low"], b["ci_high"], b["n"]) == (10.0, 10.0, 10.0, 3)
     with pytest.raises(KeyError, match="nope"):
         stats.summarise(df, "nope", ["m"])
+
+
+def test_two_seeds_give_their_range_labelled_as_such_and_no_level() -> None:
+    iv, kind = stats.seed_summary([0.2, 0.5])
+    assert kind == "range" and (iv.low, iv.high) == (0.2, 0.5)
+    assert "range" in stats.format_interval(iv.estimate, iv.low, iv.high, kind) and "[" not in \
+        stats.format_interval(iv.estimate, iv.low, iv.high, kind)
+    assert stats.seed_summary([0.3])[1] == "single"
+
+
+def test_seed_t_interval_covers_at_its_level_by_simulation() -> None:
+    rng = np.random.default_rng(7)
+    hits = [(lambda iv: iv.low <= 1.0 <= iv.high)(stats.seed_summary(rng.normal(1.0, 2.0, 3))[0])
+            for _ in range(3000)]
+    assert 0.93 <= float(np.mean(hits)) <= 0.97  # exact for normal seeds, even with 3 (binomial SE 0.004)
+
+
+def test_interval_notes_explain_infinite_wide_ends_and_the_p_floor() -> None:
+    rows = pd.DataFrame({"spec": ["a", "b", "c"], "relative_bias": [0.1, 0.01, 0.2],
+                         "relative_bias_hi": [math.inf, 0.5, 0.3], "snr": [0.2, 1.0, 1.0],
+                         "bias_p_value_min": [0.125] * 3})
+    notes = stats.interval_notes(rows, level=0.95, n_batches=4, n_flips=200)
+    assert notes[0].startswith("a: upper end ∞") and f"{math.ceil(1.96 * math.sqrt(2) / 0.04)} batches" in notes[0]
+    assert notes[1].startswith("b: upper end 0.5 is over 10×")
+    assert "smallest attainable p is 0.125" in notes[2] and "≥ 6 batches" in notes[2] and len(notes) == 3
 
 
 def test_holm_matches_hand_computed_family() -> None:

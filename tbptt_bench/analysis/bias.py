@@ -13,8 +13,13 @@ state (docs/design.md §3):
 * noise: ``variance_trace = tr Cov(ĝ)`` over batches, ``variance_trace_error = tr Cov(ĝ - g)`` and
   ``snr = ‖mean ĝ‖ / √tr Cov(ĝ)``;
 * all of it overall (group ``all``) and per parameter group (input, recurrent, bias, readout);
+* draw-free, at the measured batches: ``exact_relative_bias`` = ‖Σ_n (E ĝ_n − g_n)‖ / ‖Σ_n g_n‖ and
+  ``exact_relative_error_max`` = max_n ‖E ĝ_n − g_n‖ / ‖g_n‖, E over the method's own random draws — a
+  deterministic method's ĝ is its expectation; a random one's comes from its family's exact expected mask
+  with ``expectation="exact"`` (NaN otherwise, and for forward-mode estimators, which have none);
 * the lag profile and, for each method, the bias extrapolated from it after Aicher et al. — an estimate
-  under a geometric-decay assumption, not a bound (:mod:`tbptt_bench.core.lags`).
+  under a geometric-decay assumption, not a bound (:mod:`tbptt_bench.core.lags`) — and its ratio to the
+  exact figure, ``extrapolation_ratio``.
 
 Estimates come from the fastest exact route (``fast=True``): sliding methods from one lag
 decomposition, chunk-shaped grids from a K-curve ladder (:mod:`tbptt_bench.analysis.kcurve`), everything else
@@ -193,6 +198,8 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_flips: int, level: flo
         "relative_bias_lo": e.relative_bias_lo if e else nan,
         "relative_bias_hi": e.relative_bias_hi if e else nan,
         "bias_p_value": e.p_value if e and n_flips > 0 else nan,
+        "bias_p_value_min": e.p_value_min if e and n_flips > 0 else nan,
+        "relative_bias_contains_zero": float(e.zero_in_interval) if e and n >= 4 else nan,
         "relative_bias_plugin": (float(np.linalg.norm(diff.mean(0)) / np.linalg.norm(true.mean(0)))
                                  if np.linalg.norm(true.mean(0)) > 0 else nan),
         "bias_norm": e.bias_norm if e else nan, "bias_norm_lo": e.bias_norm_lo if e else nan,
@@ -203,6 +210,20 @@ def group_metrics(est: np.ndarray, true: np.ndarray, *, n_flips: int, level: flo
         "n_params": int(est.shape[1]),
     })
     return out
+
+
+def exact_metrics(mean: np.ndarray | None, true: np.ndarray | None) -> dict[str, float]:
+    """Draw-free bias at the measured batches from E ĝ_n (rows ``mean``) and g_n (rows ``true``):
+    ``exact_relative_bias`` = ‖Σ_n (E ĝ_n − g_n)‖ / ‖Σ_n g_n‖ and ``exact_relative_error_max`` =
+    max_n ‖E ĝ_n − g_n‖ / ‖g_n‖; NaN without an exact expectation."""
+    if mean is None or true is None:
+        return {"exact_relative_bias": math.nan, "exact_relative_error_max": math.nan}
+    diff = mean - true
+    total = float(np.linalg.norm(true.sum(0)))
+    norms = np.linalg.norm(true, axis=1)
+    per = np.linalg.norm(diff, axis=1)[norms > 0] / norms[norms > 0]
+    return {"exact_relative_bias": float(np.linalg.norm(diff.sum(0))) / total if total > 0 else math.nan,
+            "exact_relative_error_max": float(per.max()) if per.size else math.nan}
 
 
 def probe_metrics(est: np.ndarray, directions: np.ndarray, probed: np.ndarray, *, level: float) -> dict[str, float]:
@@ -230,7 +251,7 @@ def probe_metrics(est: np.ndarray, directions: np.ndarray, probed: np.ndarray, *
     var_est = float(est.var(0, ddof=1).sum()) if n_batches > 1 else math.nan
     out.update({
         "relative_bias": rb, "relative_bias_lo": max(0.0, rb - z * se), "relative_bias_hi": rb + z * se,
-        "bias_p_value": math.nan, "relative_bias_plugin": math.nan, "bias_norm": math.sqrt(max(pooled.sq_error, 0.0)),
+        "bias_p_value": math.nan, "bias_p_value_min": math.nan, "relative_bias_plugin": math.nan, "bias_norm": math.sqrt(max(pooled.sq_error, 0.0)),
         "bias_norm_lo": math.nan, "bias_norm_hi": math.nan, "variance_trace_error": math.nan,
         "true_mean_norm": math.sqrt(max(pooled.sq_true_norm, 0.0)), "variance_trace": var_est,
         "variance_trace_true": math.nan,
@@ -261,6 +282,12 @@ def default_max_lag(seq_len: int, methods: Sequence[Method]) -> int:
     return max(1, min(seq_len, max([min(seq_len - 1, 64), *fixed])))
 
 
+#: An exact relative bias at or below this is zero up to rounding (no extrapolation ratio to it).
+EXACT_ZERO = 1e-12
+#: ``BiasOptions.expectation``: E ĝ over random draws only as sampled, or also exactly.
+EXPECTATIONS = ("sampled", "exact")
+
+
 @dataclass(frozen=True)
 class BiasOptions:
     """What a bias measurement averages over and how (see :func:`analyse_bias`).
@@ -269,6 +296,8 @@ class BiasOptions:
     the profile (0: none; None: :func:`default_max_lag`); the profile pools the first ``profile_batches``.
     ``labels``: extra constant columns (e.g. ``{"model": "lstm", "hidden": 64}``). ``probes > 0``: g enters
     only through that many forward-mode directional derivatives per batch (:mod:`tbptt_bench.analysis.truegrad`).
+    ``expectation="exact"`` also computes each random method's E ĝ over its draws exactly at every batch
+    (the ``exact_*`` columns; ``"sampled"``: only deterministic methods have them).
     """
 
     seq_len: int
@@ -289,6 +318,7 @@ class BiasOptions:
     with_provenance: bool = True
     labels: dict[str, Any] | None = None
     probes: int = 0
+    expectation: str = "sampled"
 
     @classmethod
     def of(cls, options: BiasOptions | None, fields: dict[str, Any]) -> BiasOptions:
@@ -318,6 +348,10 @@ class BiasOptions:
             raise UsageError(f"the checkpoint length must be ≥ 1, got {self.true_checkpoint}")
         if not 0 < self.ci_level < 1:
             raise UsageError(f"the confidence level must be in (0, 1), got {self.ci_level}")
+        if self.expectation not in EXPECTATIONS:
+            raise UsageError(f"expectation must be one of {', '.join(EXPECTATIONS)}, got {self.expectation!r}")
+        if self.expectation == "exact" and self.probes:
+            raise UsageError("the exact expectation is compared with the true gradient; use probes=0 with it")
         if self.probes < 0 or self.probes == 1:
             raise UsageError(f"the number of probes must be 0 (exact true gradient) or ≥ 2, got {self.probes}")
         lag_max = default_max_lag(self.seq_len, methods) if self.max_lag is None else self.max_lag
@@ -333,6 +367,8 @@ class _Samples:
 
     true_rows: list[np.ndarray] = field(default_factory=list)
     est_rows: dict[Method, list[np.ndarray]] = field(default_factory=dict)
+    #: E ĝ over the method's draws, per batch, for random methods measured with ``expectation="exact"``.
+    exact_rows: dict[Method, list[np.ndarray]] = field(default_factory=dict)
     decompositions: list[LagDecomposition] = field(default_factory=list)
     directions: np.ndarray | None = None
     seconds: float = 0.0
@@ -397,6 +433,10 @@ def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOption
                                 seed=derive_seed("method-draws", opts.seed, n))
         for m in methods:
             out.est_rows[m].append(flatten(ests[m], names).cpu().numpy())
+            if opts.expectation == "exact" and not m.deterministic and not m.forward_mode:
+                if m.expected_mask(opts.seq_len) is not None:
+                    mean = method_gradient(mdl, data, m, task.loss_kind, state, expectation=True)
+                    out.exact_rows.setdefault(m, []).append(flatten(mean, names).cpu().numpy())
         log.info("bias batch %d/%d done (%.1f s)", n + 1, opts.n_batches, time.perf_counter() - t0)
         if progress is not None:
             progress(n + 1, opts.n_batches)
@@ -414,6 +454,7 @@ def _meta(task: Task, model: nn.Module, opts: BiasOptions, dt: torch.dtype, lag_
         "warmup": (opts.seq_len if opts.warmup is None else opts.warmup) if task.streaming else 0,
         "true_method": f"probes:{opts.probes}" if opts.probes else Full(checkpoint=opts.true_checkpoint).spec,
         "n_flips": opts.n_flips, "ci_level": opts.ci_level, "fast": opts.fast, "max_lag": lag_max, "seconds": seconds,
+        "expectation": opts.expectation,
     }
 
 
@@ -424,6 +465,8 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
     rows = []
     for i, m in enumerate(methods):
         est_mat = np.stack(samples.est_rows[m])
+        mean_mat = (est_mat if m.deterministic and not m.forward_mode
+                    else np.stack(samples.exact_rows[m]) if m in samples.exact_rows else None)
         extrapolation = math.nan
         if profile is not None and not m.forward_mode:  # the extrapolation reads a mask
             extrapolation = 0.0 if isinstance(m, Full) else profile.method_extrapolation(m.updates(opts.seq_len), opts.seq_len)
@@ -437,7 +480,11 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
             else:
                 row.update(group_metrics(est_mat[:, idx], true_mat[:, idx], n_flips=opts.n_flips, level=opts.ci_level,
                                          seed=derive_seed("bootstrap", opts.seed, i, group)))
+            row.update(exact_metrics(None if mean_mat is None or opts.probes else mean_mat[:, idx],
+                                     None if opts.probes else true_mat[:, idx]))
             row["extrapolation"] = extrapolation
+            row["extrapolation_ratio"] = (extrapolation / row["exact_relative_bias"]  # none for a zero exact bias
+                                          if row["exact_relative_bias"] > EXACT_ZERO else math.nan)
             row.update(constant)
             rows.append(row)
     table = pd.DataFrame(rows)

@@ -6,14 +6,13 @@ E‖mean d‖² = ‖E d‖² + tr Cov(d)/N: an exactly unbiased method looks bi
 
 This module estimates ‖E d‖² and ‖E g‖² with the U-statistic U(x) = Σ_{i≠j} x_iᵀx_j / N(N−1), which
 is unbiased (E U = ‖E x‖², also when E x = 0); gives ‖E d‖ and the ratio ‖E d‖/‖E g‖ confidence
-intervals by inverting a studentised test of each hypothesised value, with Var U from unbiased
-estimates of its Hoeffding parts evaluated at the hypothesis (score-type, Fieller-type for the
-ratio), so that an interval reaches 0 whenever the data are consistent with no bias; and tests
-E d = 0 three ways (sign-flip randomisation, Chen–Qin normal approximation, Hotelling's T²).
-Derivations, assumptions and measured coverage: docs/statistics.md.
+intervals by a studentised bootstrap over batches (jackknife standard errors of U; Fieller's linear
+combination for the ratio), with 0 inside exactly when the sign-flip test does not reject; and tests
+E d = 0 three ways (sign-flip randomisation, exact by enumeration up to 16 batches; Chen–Qin normal
+approximation; Hotelling's T²). Derivations, assumptions and measured coverage: docs/statistics.md.
 
-Everything works on the N×N Gram matrices, so the cost is O(N²P) for the intervals and O(NP) for
-the point estimates; nothing here depends on torch.
+Everything works on the N×N Gram matrices, so the cost is O(N²P) for the Gram matrices and O(B N²)
+for B bootstrap resamples; nothing here depends on torch.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Random sign patterns drawn for the randomisation test (p-values are multiples of 1/(n_flips+1)).
 DEFAULT_FLIPS = 999
+#: Up to this many batches the sign-flip test enumerates all 2^(N−1) distinct patterns (exact p-value).
+MAX_ENUMERATED_BATCHES = 16
 #: The variance estimates need four distinct batches.
 MIN_BATCHES_FOR_INTERVALS = 4
 
@@ -170,11 +171,10 @@ def sq_norm_summary(x: ArrayLike) -> SqNormSummary:
     return _summary(arr @ arr.T)
 
 
-# -- intervals by test inversion ------------------------------------------------------------------
+# -- intervals: studentised bootstrap over batches, 0 decided by the sign-flip test ----------------
 
-#: The interval for ‖E x‖ alone is the ratio interval against an exactly known signal ‖E g‖ = 1
-#: (no noise: zero variance parts; n is not used).
-_UNIT_SIGNAL = SqNormSummary(1.0, 0.0, 0.0, 0.0, 0)
+#: Bootstrap resamples of the batches for the studentised intervals.
+DEFAULT_BOOTSTRAP = 999
 
 
 def _check_level(level: float) -> None:
@@ -183,81 +183,131 @@ def _check_level(level: float) -> None:
         raise UsageError(f"level must be strictly between 0 and 1 (e.g. 0.95); got {level}")
 
 
-def _critical_value(level: float, n: int) -> float:
-    """Two-sided Student-t quantile with N−1 degrees of freedom (→ the normal one for large N)."""
-    _check_level(level)
-    return float(stats.t.ppf(0.5 + level / 2.0, df=n - 1))
+def _leave_one_out(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """U and its N leave-one-out values U_(i) from Gram matrices (shape [..., N, N]), in O(N²) each."""
+    n = gram.shape[-1]
+    total, trace = gram.sum((-2, -1)), np.trace(gram, axis1=-2, axis2=-1)
+    rows, diag = gram.sum(-1), np.diagonal(gram, axis1=-2, axis2=-1)
+    u = (total - trace) / (n * (n - 1))
+    loo = ((total[..., None] - 2.0 * rows + diag) - (trace[..., None] - diag)) / ((n - 1) * (n - 2))
+    return u, loo
 
 
-def _clip(value: float, bound: float) -> float:
-    """``value`` limited to [−bound, bound]."""
-    return min(max(value, -bound), bound)
+def _jackknife(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Jackknife covariance (N−1)/N Σ_i (a_i − ā)(b_i − b̄) over the last axis of leave-one-out values."""
+    n = a.shape[-1]
+    return (n - 1) / n * ((a - a.mean(-1, keepdims=True)) * (b - b.mean(-1, keepdims=True))).sum(-1)
 
 
-def _acceptance(d: SqNormSummary, g: SqNormSummary, cross: tuple[float, float], q: float, n: int) -> np.ndarray:
-    """Coefficients in s (numpy.polyval order) of f(s) = (U_d − s² U_g)² − q² V(s); accept s iff f(s) ≤ 0.
+@dataclass(frozen=True)
+class _Pivot:
+    """U(d), U(g) and the jackknife (co)variances of the pair: Var(U_d − x U_g) = vdd − 2x vdg + x² vgg."""
 
-    s is the hypothesised ‖E d‖ / ‖E g‖; W = U_d − s² U_g has mean 0 at the true s, and V(s) is its
-    variance with every mean-dependent term evaluated *at the hypothesis* (a score interval, as
-    Wilson's for a proportion): μ_dᵀΣ_dμ_d = s² ‖E g‖² r_d, μ_gᵀΣ_gμ_g = ‖E g‖² r_g, the cross term
-    s ‖E g‖² c, with ‖E g‖² ≈ U_g, Rayleigh quotients r from :attr:`SqNormSummary.rayleigh` and c
-    kept within ±√(r_d r_g); the degenerate parts clipped to a valid (positive semidefinite) pair.
-    Then V(s) = 4 U_g s² (r_d − 2 s c + s² r_g) / N + 2 (δ_d − 2 s² δ_dg + s⁴ δ_g) / N(N−1) ≥ 0.
+    ud: np.ndarray
+    ug: np.ndarray
+    vdd: np.ndarray
+    vdg: np.ndarray
+    vgg: np.ndarray
+
+    @classmethod
+    def of(cls, gd: np.ndarray, gg: np.ndarray) -> _Pivot:
+        ud, d_loo = _leave_one_out(gd)
+        ug, g_loo = _leave_one_out(gg)
+        return cls(ud, ug, _jackknife(d_loo, d_loo), _jackknife(d_loo, g_loo), _jackknife(g_loo, g_loo))
+
+    def z(self, x: np.ndarray | float) -> np.ndarray:
+        """The studentised (U_d − x U_g) / √Var at x = s², s the hypothesised ratio (0/0 counts as 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.maximum(self.vdd - 2.0 * x * self.vdg + x * x * self.vgg, 0.0)
+            out = (self.ud - x * self.ug) / np.sqrt(var)
+        return np.where(np.isnan(out), 0.0, out)
+
+
+def _bootstrap_quantiles(gd: np.ndarray, gg: np.ndarray, level: float, n_boot: int,
+                         rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Quantiles (α/2, 1 − α/2) of the studentised pivots over ``n_boot`` resamples of the batches:
+    (U*_d − ‖d̄‖²)/SE* for the norm, and Z*(s_b²) for the ratio at the resampled world's truth
+    s_b² = ‖d̄‖²/‖ḡ‖² (rows drawn with replacement are i.i.d. from the sample, whose means are d̄, ḡ)."""
+    n = gd.shape[0]
+    x_d, x_g = gd.sum() / n**2, gg.sum() / n**2  # ‖d̄‖², ‖ḡ‖²
+    x_b = x_d / x_g if x_g > 0 else 0.0
+    t_norm, z_ratio = [], []
+    step = max(1, 2_000_000 // (n * n))
+    for start in range(0, n_boot, step):
+        idx = rng.integers(0, n, size=(min(step, n_boot - start), n))
+        pick = (idx[:, :, None], idx[:, None, :])
+        piv = _Pivot.of(gd[pick], gg[pick])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (piv.ud - x_d) / np.sqrt(np.maximum(piv.vdd, 0.0))
+        t_norm.append(np.where(np.isnan(t), 0.0, t))
+        z_ratio.append(piv.z(x_b))
+    tail = (1.0 - level) / 2.0
+    qn = np.quantile(np.concatenate(t_norm), [tail, 1.0 - tail])
+    qr = np.quantile(np.concatenate(z_ratio), [tail, 1.0 - tail])
+    return (float(qn[0]), float(qn[1])), (float(qr[0]), float(qr[1]))
+
+
+def _ratio_range(piv: _Pivot, q: tuple[float, float]) -> tuple[float, float]:
+    """Hull of {s ≥ 0 : q_lo ≤ Z(s²) ≤ q_hi} (Fieller: the studentised U_d − s² U_g, never a quotient).
+
+    Z is continuous in s, so a fine logarithmic grid around the scale of the data finds the accepted
+    stretches and bisection pins their ends to ~1e-12; the set is unbounded (hi = inf) when Z's limit
+    −U_g/√vgg lies in [q_lo, q_hi], i.e. when E g cannot be told from 0. Empty: (0, 0).
     """
-    r_d, r_g = d.rayleigh, g.rayleigh
-    bound = math.sqrt(r_d * r_g)
-    if d.estimate > 0 and g.estimate > 0:
-        c = _clip(cross[0] / math.sqrt(d.estimate * g.estimate), bound)
-    else:
-        c = -bound  # direction unknown: the sign that makes V largest
-    deg_d, deg_g = max(d.degenerate, 0.0), max(g.degenerate, 0.0)
-    deg_dg = _clip(cross[1], math.sqrt(deg_d * deg_g))
-    a, b = 4.0 * max(g.estimate, 0.0) / n, 2.0 / (n * (n - 1))
-    u_d, u_g = d.estimate, g.estimate
-    resid = np.array([u_g * u_g, 0.0, -2.0 * u_d * u_g, 0.0, u_d * u_d])
-    var = a * np.array([r_g, -2.0 * c, r_d, 0.0, 0.0]) + b * np.array([deg_g, 0.0, -2.0 * deg_dg, 0.0, deg_d])
-    return resid - q * q * var
+    ud, ug = float(piv.ud), float(piv.ug)
+    scale = math.sqrt(max(abs(ud), math.sqrt(max(float(piv.vdd), 0.0)), np.finfo(float).tiny)
+                      / max(abs(ug), math.sqrt(max(float(piv.vgg), 0.0)), np.finfo(float).tiny))
+    grid = np.concatenate([[0.0], scale * np.geomspace(1e-8, 1e8, 4001)])
 
+    def accept(s: np.ndarray) -> np.ndarray:
+        z = piv.z(s * s)
+        return (z >= q[0]) & (z <= q[1])
 
-def _accepted_range(poly: np.ndarray, point: float, from_zero: bool) -> tuple[float, float]:
-    """Hull of {s ≥ 0 : poly(s) ≤ 0}, widened to contain ``point`` (the estimate; NaN: none) and, with
-    ``from_zero``, 0. Between consecutive real roots the sign is constant, so one probe each decides.
-    An unbounded set gives hi = inf; an empty one (only when the estimate is below 0) gives (0, 0).
-    """
-    if not np.any(poly):
-        return 0.0, math.inf
-    roots = np.roots(np.trim_zeros(poly, "f"))
-    # a tangent (double) root comes back with a tiny imaginary part; an extra grid point is harmless
-    roots = roots[np.abs(roots.imag) <= 1e-6 * np.abs(roots)].real
-    marks = [0.0, *roots[roots > 0.0]] + ([point] if math.isfinite(point) else [])
-    grid = np.unique(marks)
-    grid = np.append(grid, 2.0 * grid[-1] + 1.0)
-    seg_in = np.polyval(poly, (grid[:-1] + grid[1:]) / 2.0) <= 0.0
-    inside = np.concatenate([grid[:-1][seg_in], grid[1:][seg_in], grid[np.polyval(poly, grid) <= 0.0]])
-    if math.isfinite(point):
-        inside = np.append(inside, point)
-    if from_zero:
-        inside = np.append(inside, 0.0)
-    if not inside.size:
+    ok = accept(grid)
+    if not ok.any():
         return 0.0, 0.0
-    return float(inside.min()), (math.inf if seg_in[-1] else float(inside.max()))
+
+    def edge(inside: float, outside: float) -> float:
+        for _ in range(60):
+            mid = 0.5 * (inside + outside)
+            inside, outside = (mid, outside) if accept(np.array(mid)) else (inside, mid)
+        return inside
+
+    first, last = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(ok)[-1])
+    lo = grid[first] if first == 0 else edge(grid[first], grid[first - 1])
+    limit = -ug / math.sqrt(float(piv.vgg)) if piv.vgg > 0 else -math.copysign(math.inf, ug)
+    if q[0] <= limit <= q[1]:
+        return float(lo), math.inf
+    hi = grid[last] if last == grid.size - 1 else edge(grid[last], grid[last + 1])
+    return float(lo), float(hi)
 
 
-def _norm_interval(x: SqNormSummary, q: float) -> tuple[float, float]:
-    """Interval for ‖E x‖ (test inversion of U − s² against its variance at s)."""
-    poly = _acceptance(x, _UNIT_SIGNAL, (0.0, 0.0), q, x.n)
-    return _accepted_range(poly, math.sqrt(max(x.estimate, 0.0)), from_zero=x.estimate <= 0)
+def bootstrap_intervals(gd: np.ndarray, gg: np.ndarray, level: float, *, zero: bool, n_boot: int = DEFAULT_BOOTSTRAP,
+                        rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Intervals for ‖E d‖ and ‖E d‖/‖E g‖ from Gram matrices (N ≥ 4): studentised bootstrap over batches.
 
-
-def sq_norm_interval(x: ArrayLike, level: float = 0.95) -> tuple[float, float]:
-    """Confidence interval for ‖E x‖² from the rows of ``x`` (N ≥ 4); see :func:`_acceptance`.
-
-    It is {θ ≥ 0 : (U − θ)² ≤ t² (4 θ r̂ / N + 2 tr̂Σ² / N(N−1))}, t the Student quantile with N−1
-    degrees of freedom: it contains 0 exactly when U ≤ t·√(2 tr̂Σ² / N(N−1)).
+    ‖E d‖² is U_d − (bootstrap quantiles of (U* − ‖d̄‖²)/SE*)·SE, SE the U-statistic's jackknife
+    standard error, mapped through √ (negative ends → 0); the ratio inverts the same pivot for the
+    Fieller combination U_d − s² U_g (:func:`_ratio_range`). ``zero``: the data are consistent with
+    E d = 0 (the sign-flip test does not reject at 1 − level), so both intervals start at 0 — the
+    bootstrap cannot decide that itself, since a resampled world is never exactly unbiased.
     """
-    summary = sq_norm_summary(x)
-    lo, hi = _norm_interval(summary, _critical_value(level, summary.n))
-    return lo * lo, hi * hi
+    piv = _Pivot.of(gd, gg)
+    qn, qr = _bootstrap_quantiles(gd, gg, level, n_boot, rng)
+    se = math.sqrt(max(float(piv.vdd), 0.0))
+    ud = float(piv.ud)
+    norm = (math.sqrt(max(ud - qn[1] * se, 0.0)), math.sqrt(max(ud - qn[0] * se, 0.0)))
+    ratio = _ratio_range(piv, qr)
+    if zero:
+        norm, ratio = (0.0, norm[1]), (0.0, ratio[1])
+    return norm, ratio
+
+
+def sq_norm_interval(x: ArrayLike, level: float = 0.95, *, n_flips: int = DEFAULT_FLIPS,
+                     seed: int | np.random.Generator = 0) -> tuple[float, float]:
+    """Confidence interval for ‖E x‖² from the rows of ``x`` (N ≥ 4), as :func:`expectation_bias` gives it."""
+    r = expectation_bias(x, np.ones_like(np.asarray(x, dtype=np.float64)), level=level, n_flips=n_flips, seed=seed)
+    return r.bias_norm_lo**2, r.bias_norm_hi**2
 
 
 # -- the test of E d = 0 ----------------------------------------------------------------------------
@@ -268,7 +318,10 @@ class ZeroMeanTest:
     """Tests of H0: E x = 0 against E x ≠ 0, all one-sided in the U-statistic (large U rejects).
 
     ``p_value`` is the sign-flip randomisation test: exact when each row is symmetric about 0 under
-    H0, asymptotically valid (N → ∞, fixed P) when only E x = 0. ``p_value_chen_qin`` is the normal
+    H0, asymptotically valid (N → ∞, fixed P) when only E x = 0. Up to
+    :data:`MAX_ENUMERATED_BATCHES` batches it enumerates every sign pattern (``flips_enumerated``), so it
+    is the exact randomisation p-value, not a Monte Carlo one. ``p_value_min`` is the smallest p-value
+    the test can give with these N and flips: above the test level, it cannot reject whatever the data. ``p_value_chen_qin`` is the normal
     approximation of Chen & Qin (2010), valid when P and N are both large; NaN for N < 4.
     ``p_value_hotelling`` is Hotelling's T² (exact for Gaussian rows), NaN unless N > P.
     """
@@ -276,23 +329,40 @@ class ZeroMeanTest:
     statistic: float
     p_value: float
     n_flips: int
+    flips_enumerated: bool
+    p_value_min: float
     chen_qin_z: float
     p_value_chen_qin: float
     hotelling_f: float
     p_value_hotelling: float
 
 
-def _sign_flip_p(gram: np.ndarray, n_flips: int, rng: np.random.Generator) -> float:
-    """Randomisation p-value of ‖Σ ε_i x_i‖² = εᵀGε over random signs ε (observed: ε = 1).
+def sign_patterns(n: int) -> np.ndarray:
+    """All 2^(n−1) sign vectors ε ∈ {±1}ⁿ with ε₁ = +1 (ε and −ε give the same ‖Σ ε_i x_i‖²), as rows."""
+    bits = (np.arange(2 ** (n - 1))[:, None] >> np.arange(n - 1)) & 1
+    return np.hstack([np.ones((2 ** (n - 1), 1)), 1.0 - 2.0 * bits])
 
-    Σ‖x_i‖² does not change under sign flips, so this ranks U itself. p = (1 + #{flips ≥ observed})
-    / (1 + n_flips) is valid for any number of flips; ties (e.g. ε = −1) count against rejection.
+
+def _sign_flip_p(gram: np.ndarray, n_flips: int, rng: np.random.Generator) -> tuple[float, bool, float]:
+    """Randomisation p-value of ‖Σ ε_i x_i‖² = εᵀGε over signs ε (observed: ε = 1), whether every pattern
+    was enumerated, and the smallest attainable p-value.
+
+    Σ‖x_i‖² does not change under sign flips, so this ranks U itself. With N ≤ MAX_ENUMERATED_BATCHES
+    every distinct pattern counts (p = #{patterns ≥ observed} / 2^(N−1), at least 2/2^N); otherwise
+    p = (1 + #{random flips ≥ observed}) / (1 + n_flips), valid for any number of flips. Ties (within
+    rounding) count against rejection.
     """
     n = gram.shape[0]
-    signs = np.vstack([np.ones((1, n)), rng.integers(0, 2, size=(n_flips, n)) * 2.0 - 1.0])
-    quad = np.einsum("bi,bi->b", signs @ gram, signs)
     tol = 1e-10 * max(float(np.trace(gram)), np.finfo(float).tiny)
-    return float((1 + np.count_nonzero(quad[1:] >= quad[0] - tol)) / (n_flips + 1))
+    observed = float(gram.sum())
+    if n <= MAX_ENUMERATED_BATCHES:
+        signs = sign_patterns(n)
+        quad = np.einsum("bi,bi->b", signs @ gram, signs)
+        return float(np.count_nonzero(quad >= observed - tol) / signs.shape[0]), True, 1.0 / signs.shape[0]
+    signs = rng.integers(0, 2, size=(n_flips, n)) * 2.0 - 1.0
+    quad = np.einsum("bi,bi->b", signs @ gram, signs)
+    floor = max(1.0 / (n_flips + 1), 2.0 ** (1 - n))
+    return float((1 + np.count_nonzero(quad >= observed - tol)) / (n_flips + 1)), False, floor
 
 
 def _hotelling(x: np.ndarray) -> tuple[float, float]:
@@ -322,15 +392,16 @@ def _zero_mean_test(x: np.ndarray, gram: np.ndarray, n_flips: int, rng: np.rando
             z = u / math.sqrt(2.0 * trace_sq / (n * (n - 1)))
             p_cq = float(stats.norm.sf(z))
     f_stat, p_h = _hotelling(x)
-    p_flip = _sign_flip_p(gram, n_flips, rng) if n_flips > 0 else math.nan
-    return ZeroMeanTest(u, p_flip, n_flips, z, p_cq, f_stat, p_h)
+    p_flip, enumerated, floor = _sign_flip_p(gram, n_flips, rng) if n_flips > 0 else (math.nan, False, math.nan)
+    return ZeroMeanTest(u, p_flip, n_flips, enumerated, floor, z, p_cq, f_stat, p_h)
 
 
 def zero_mean_test(x: ArrayLike, *, n_flips: int = DEFAULT_FLIPS,
                    seed: int | np.random.Generator = 0) -> ZeroMeanTest:
     """Test H0: E x = 0 from the rows of ``x`` (independent batches); see :class:`ZeroMeanTest`.
 
-    The sign patterns are drawn from ``seed`` (an int or a numpy Generator), so results repeat.
+    ``n_flips = 0`` skips the sign-flip test; any other value enumerates every pattern when N is small
+    and otherwise draws that many from ``seed`` (an int or a numpy Generator), so results repeat.
     """
     arr = _as_rows("x", x)
     if n_flips < 0:
@@ -355,7 +426,11 @@ class ExpectationBias:
     variance_trace:       tr Cov(d) (ddof 1); variance_trace_estimate: tr Cov(ĝ), ĝ = g + d
     snr_of_mean:          ‖E g‖² / (tr Cov(ĝ) / N), from the unbiased sq_signal: signal over the noise
                           of the mean of N estimates ĝ
-    p_value, p_value_chen_qin, p_value_hotelling: tests of E d = 0 (:class:`ZeroMeanTest`)
+    p_value, p_value_chen_qin, p_value_hotelling: tests of E d = 0 (:class:`ZeroMeanTest`);
+                          p_value_min the smallest p the sign-flip test can reach here
+    zero_in_interval:     whether 0 belongs to the confidence sets, decided by the sign-flip test at
+                          1 − level; when False and ``*_lo`` is 0 the set is (0, hi]: every small
+                          positive value is consistent with the data, 0 itself is not
     """
 
     n_batches: int
@@ -382,6 +457,9 @@ class ExpectationBias:
     p_value_chen_qin: float
     p_value_hotelling: float
     n_flips: int
+    p_value_min: float = math.nan
+    flips_enumerated: bool = False
+    zero_in_interval: bool = True
 
     def as_row(self) -> dict[str, Any]:
         """The fields as a flat dict (one table row)."""
@@ -393,28 +471,23 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
 
-def _intervals(gd: np.ndarray, gg: np.ndarray, level: float) -> dict[str, float]:
-    """SEs of both U-statistics, the interval for ‖E d‖ and the Fieller-type one for ‖E d‖ / ‖E g‖.
-
-    The ratio's interval inverts the test of s = ‖E d‖/‖E g‖ built on the U-statistic of the kernel
-    d_iᵀd_j − s² g_iᵀg_j (mean exactly 0 at the true s); its variance parts come from the polarised
-    components of the two Gram matrices (see :func:`_acceptance`).
-    """
+def _intervals(gd: np.ndarray, gg: np.ndarray, level: float, zero: bool, rng: np.random.Generator) -> dict[str, float]:
+    """SEs of both U-statistics and the intervals of :func:`bootstrap_intervals`; NaN below 4 batches."""
     n = gd.shape[0]
     if n < MIN_BATCHES_FOR_INTERVALS:
         log.warning("%d batches: intervals need at least %d; left NaN", n, MIN_BATCHES_FOR_INTERVALS)
         return dict.fromkeys(("sq_bias_se", "sq_signal_se", "bias_norm_lo", "bias_norm_hi",
                               "relative_bias_lo", "relative_bias_hi"), math.nan)
-    d, g = _summary(gd), _summary(gg)
-    q = _critical_value(level, n)
-    bias_lo, bias_hi = _norm_interval(d, q)
-    point = math.sqrt(max(d.estimate, 0.0) / g.estimate) if g.estimate > 0 else math.nan
-    rel_lo, rel_hi = _accepted_range(_acceptance(d, g, _components(gd, gg), q, n), point,
-                                     from_zero=d.estimate <= 0)
-    if g.estimate <= 0:
+    (bias_lo, bias_hi), (rel_lo, rel_hi) = bootstrap_intervals(gd, gg, level, zero=zero, rng=rng)
+    u_d = float((gd.sum() - np.trace(gd)) / (n * (n - 1)))
+    u_g = float((gg.sum() - np.trace(gg)) / (n * (n - 1)))
+    bias_hi = max(bias_hi, math.sqrt(max(u_d, 0.0)))  # the interval holds its own estimate
+    if u_g > 0:
+        rel_hi = max(rel_hi, math.sqrt(max(u_d, 0.0) / u_g))
+    else:
         rel_hi = math.inf
-    return {"sq_bias_se": d.se, "sq_signal_se": g.se, "bias_norm_lo": bias_lo, "bias_norm_hi": bias_hi,
-            "relative_bias_lo": rel_lo, "relative_bias_hi": rel_hi}
+    return {"sq_bias_se": _summary(gd).se, "sq_signal_se": _summary(gg).se, "bias_norm_lo": min(bias_lo, bias_hi),
+            "bias_norm_hi": bias_hi, "relative_bias_lo": min(rel_lo, rel_hi), "relative_bias_hi": rel_hi}
 
 
 def expectation_bias(d: ArrayLike, g: ArrayLike, *, level: float = 0.95, n_flips: int = DEFAULT_FLIPS,
@@ -433,7 +506,10 @@ def expectation_bias(d: ArrayLike, g: ArrayLike, *, level: float = 0.95, n_flips
     gd, gg = d_arr @ d_arr.T, g_arr @ g_arr.T
     u_d = float((gd.sum() - np.trace(gd)) / (n * (n - 1)))
     u_g = float((gg.sum() - np.trace(gg)) / (n * (n - 1)))
-    test = _zero_mean_test(d_arr, gd, n_flips, _rng(seed))
+    rng = _rng(seed)
+    test = _zero_mean_test(d_arr, gd, n_flips, rng)
+    # the intervals start at 0 exactly when the sign-flip test does not reject at 1 − level
+    p_zero = test.p_value if n_flips > 0 else _sign_flip_p(gd, DEFAULT_FLIPS, rng)[0]
     est = d_arr + g_arr
     var_est = float(((est - est.mean(axis=0)) ** 2).sum() / (n - 1))
     mean_d, mean_g = float(np.linalg.norm(d_arr.mean(axis=0))), float(np.linalg.norm(g_arr.mean(axis=0)))
@@ -446,8 +522,9 @@ def expectation_bias(d: ArrayLike, g: ArrayLike, *, level: float = 0.95, n_flips
         variance_trace=float(((d_arr - d_arr.mean(axis=0)) ** 2).sum() / (n - 1)),
         variance_trace_estimate=var_est, snr_of_mean=_ratio(u_g * n, var_est),
         p_value=test.p_value, p_value_chen_qin=test.p_value_chen_qin,
-        p_value_hotelling=test.p_value_hotelling, n_flips=n_flips,
-        **_intervals(gd, gg, level),
+        p_value_hotelling=test.p_value_hotelling, n_flips=n_flips, p_value_min=test.p_value_min,
+        flips_enumerated=test.flips_enumerated, zero_in_interval=bool(p_zero > 1.0 - level),
+        **_intervals(gd, gg, level, p_zero > 1.0 - level, rng),
     )
     log.debug("expectation bias: N=%d P=%d relative %.4g [%.4g, %.4g], p=%.3g", n, p, result.relative_bias,
               result.relative_bias_lo, result.relative_bias_hi, result.p_value)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tbptt_bench.core.engine import Engine, Source
+from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.truncation import Full
 from tbptt_bench.core.forward_mode import run_forward_mode
 from tbptt_bench.methods.base import Method, parse_method
@@ -31,13 +32,20 @@ def method_gradient(
     state: State | None = None,
     *,
     seed: int = 0,
+    expectation: bool = False,
 ) -> Gradient:
     """ĝ: the sum over the method's updates of each update's gradient, θ fixed throughout.
 
     A method that draws random choices (ARTBP's cut points) draws them from ``method_rng(seed)``
-    (docs/design.md §2.9): pass the run's seed, so that replicates are independent and reruns equal."""
+    (docs/design.md §2.9): pass the run's seed, so that replicates are independent and reruns equal.
+    ``expectation=True`` gives E ĝ over those draws exactly (:meth:`Method.expected_updates`, no draws);
+    UsageError for a method that has no exact expectation."""
     check_protocol(model)
     method = parse_method(method)
+    updates = method.expected_updates(source.length) if expectation else None
+    if expectation and (updates is None or isinstance(method, OnlineMethod)):
+        raise UsageError(f"method {method.spec!r} has no exact expectation over its random draws; use a mask "
+                         "method whose family declares expected_mask (e.g. artbp) or a deterministic one")
     if isinstance(method, OnlineMethod):  # forward mode: no mask, no engine (docs/design.md §7.3)
         h0 = model.initial_state(source.batch_size) if state is None else state
         return run_forward_mode(model, source, loss_kind, h0, method.estimator).gradient
@@ -49,7 +57,7 @@ def method_gradient(
         engine = Engine(model, loss_kind, checkpoint=method.checkpoint)
         h0 = model.initial_state(source.batch_size) if state is None else state
         method.observe(0, model, source, h0, loss_kind)  # stateful methods (adaptive K) estimate at this θ
-        engine.run(source, method.updates(source.length, rng=method_rng(seed)), h0)
+        engine.run(source, updates if expectation else method.updates(source.length, rng=method_rng(seed)), h0)
         return {
             name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
             for name, p in model.named_parameters()

@@ -97,6 +97,24 @@ class Method(ABC):
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         """The updates over a sequence of ``length`` steps; ``first_update`` counts earlier updates."""
 
+    def expected_mask(self, length: int) -> np.ndarray | None:
+        """``E M[t, s]`` over the method's random draws, exactly, or None when the family cannot say.
+
+        A family whose mask weights are random declares it here (ARTBP does); a deterministic method's
+        expectation is its own estimate, so it needs nothing. :meth:`expected_updates` runs it.
+        """
+        return None
+
+    def expected_updates(self, length: int) -> list[Update] | None:
+        """Updates whose summed gradient is ``E ĝ`` over the draws (realising :meth:`expected_mask`
+        with :func:`expectation_updates`), or None when there is no exact expectation."""
+        if self.deterministic:
+            return self.updates(length)
+        mask = self.expected_mask(length)
+        if mask is None:
+            return None
+        return expectation_updates(mask)
+
     def observe(self, update: int, model: nn.Module, source: Source, state: State, loss_kind: str) -> None:
         """Called before each sequence or stream segment with the current θ, the segment and its initial
         state, ``update`` updates into training. Stateful methods (adaptive K) re-estimate here."""
@@ -187,6 +205,35 @@ class Method(ABC):
 
     def __hash__(self) -> int:
         return hash(self.spec)
+
+
+def expectation_updates(mask: np.ndarray, rtol: float = 1e-12) -> list[Update]:
+    """Updates realising ``mask`` (lower-triangular, positive on and below the diagonal, ones on it): each
+    update a run of consecutive losses whose rows share the per-position factors ``W[t, p-1] / W[t, p]``.
+
+    Any such row is a product of its own factors, so one update per loss always works; consecutive losses
+    are merged while their factors agree (an unbiased method's expectation, all ones, is one update).
+    """
+    m = np.asarray(mask, dtype=np.float64)
+    length = m.shape[0]
+    if m.shape != (length, length):
+        raise UsageError(f"an expected mask must be a square T×T matrix, got shape {m.shape}")
+    lower = m[np.tril_indices(length)]
+    if length and (lower.min() <= 0 or np.abs(np.diag(m) - 1.0).max() > 1e-12):
+        raise UsageError(f"an expected mask must be positive on and below the diagonal with ones on it; got "
+                         f"smallest entry {lower.min():g}, diagonal within {np.abs(np.diag(m) - 1.0).max():g} of 1")
+    factors = np.ones((length, length))  # factors[t, p] = W[t, p-1] / W[t, p] for 1 ≤ p ≤ t
+    for t in range(1, length):
+        factors[t, 1 : t + 1] = m[t, :t] / m[t, 1 : t + 1]
+    out: list[Update] = []
+    start = 0
+    for t in range(1, length + 1):
+        if t < length and np.allclose(factors[t, 1:t], factors[t - 1, 1:t], rtol=rtol, atol=0.0):
+            continue  # loss t shares the factors of the losses before it: same update
+        last = factors[t - 1]
+        out.append(Update(start, t, 0, None, tuple((p, float(last[p])) for p in range(1, t) if last[p] != 1.0)))
+        start = t
+    return out
 
 
 METHODS: Registry[type[Method]] = Registry("method")

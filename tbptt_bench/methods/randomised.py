@@ -19,6 +19,12 @@ cut probability at p given the decisions before p (c or 0). The weight of ``c(t,
 position eligible. Draws come from the ``rng`` the training loop passes (seeded from the run's seed);
 without one, from the method's own generator seeded with 0, so ``grad`` is reproducible and a bias
 analysis over N batches gets N independent draws.
+
+The expectation over the draws is exact and draw-free (:func:`expected_mask`): ``M(t, s)`` is non-zero
+only when no cut falls in ``(s, t]``, and then it is the weight of the update that starts at the last
+cut ``a ≤ s``; so ``E M(t, s) = Σ_a P(cut at a) (1 - c)^(eligible positions in (a, t]) w_a(t, s)``, with
+``w_a`` read from :func:`artbp_updates` itself. A change to the compensation therefore moves the
+expectation, a change to how the draws are made does not.
 """
 
 from __future__ import annotations
@@ -66,6 +72,37 @@ def cuts_probability(length: int, cuts: Sequence[int], c: float, min_len: int) -
     return prob
 
 
+def cut_marginals(length: int, c: float, min_len: int) -> np.ndarray:
+    """``q[a]``: the probability that :func:`sample_cuts` cuts at position ``a`` (``q[0] = 1``: the start).
+
+    A cut at ``a`` follows a cut at ``b ≤ a - min`` with no cut at the ``a - b - min`` eligible positions
+    between them: ``q[a] = c Σ_b q[b] (1 - c)^(a - b - min)``.
+    """
+    q = np.zeros(length)
+    q[0] = 1.0
+    for a in range(min_len, length):
+        b = np.arange(0, a - min_len + 1)
+        q[a] = c * float(q[b] @ (1.0 - c) ** (a - b - min_len))
+    return q
+
+
+def expected_mask(length: int, c: float, min_len: int) -> np.ndarray:
+    """``E M[t, s]`` over every draw of :func:`sample_cuts`, exactly (no sampling; see the module doc)."""
+    q = cut_marginals(length, c, min_len)
+    t = np.arange(length)
+    out = np.zeros((length, length))
+    for a in np.flatnonzero(q > 0):
+        update = artbp_updates(length, [a] if a > 0 else [], c, min_len)[-1]
+        factor = np.ones(length)
+        for p, f in update.scales:
+            factor[p] *= f
+        survive = q[a] * (1.0 - c) ** np.maximum(0, t - a - min_len + 1)  # no cut in (a, t]
+        for s in range(update.window_start, length):
+            weight = np.cumprod(np.concatenate([[1.0], factor[s + 1:]]))  # w_a(t, s) for t = s..T-1
+            out[s:, s] += survive[s:] * weight
+    return out
+
+
 def artbp_updates(length: int, cuts: Sequence[int], c: float, min_len: int) -> list[Update]:
     """One update per stretch between truncation points, with the compensation factors as scales."""
     bounds = [0, *sorted(cuts), length]
@@ -90,3 +127,6 @@ class ARTBP(Method):
             rng = self.__dict__.setdefault("_rng", np.random.default_rng(DEFAULT_SEED))
         c, min_len = self.params["c"], self.params["min"]
         return artbp_updates(length, sample_cuts(length, c, min_len, rng), c, min_len)
+
+    def expected_mask(self, length: int) -> np.ndarray:
+        return expected_mask(length, self.params["c"], self.params["min"])

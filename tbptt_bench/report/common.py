@@ -42,6 +42,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _ci(row: pd.Series, mean: str = "mean", low: str = "ci_low", high: str = "ci_high", digits: int = 3) -> str:
+    if row.get("interval") == "range":  # two seeds: their values' range, not a confidence interval
+        return stats.format_interval(row[mean], row[low], row[high], "range", digits)
     return f"{_fmt(row[mean], digits)} [{_fmt(row[low], digits)}, {_fmt(row[high], digits)}]"
 
 
@@ -168,9 +170,10 @@ def seed_interval(frame: pd.DataFrame, value: str, by: Sequence[str], *, low: st
                   high: str | None = None, se: str | None = None, options: Options) -> pd.DataFrame:
     """Mean of ``value`` over seeds per group with its interval.
 
-    With two or more seeds: the bootstrap over seeds (each seed's estimate already averages its
-    batches, so the spread between seeds holds the batch noise too). With one seed: the interval the
-    measurement itself recorded over batches (``low``/``high``), or mean ± z·``se``.
+    Over seeds (each seed's estimate already averages its batches, so the spread between seeds holds the
+    batch noise too): a t interval from three seeds, the seeds' range with two (``interval``, see
+    :func:`tbptt_bench.report.stats.seed_summary`). With one seed: the interval the measurement itself
+    recorded over batches (``low``/``high``), or mean ± z·``se``.
     """
     summary = stats.summarise(frame, value, list(by), confidence=options.confidence,
                               n_resamples=options.n_resamples, seed=options.seed)

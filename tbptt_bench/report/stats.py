@@ -120,6 +120,75 @@ def cluster_bootstrap_ci(
     return Interval(est, low, high, len(uniques), confidence)
 
 
+#: ``interval`` of a seed-level summary: what its ends are (see :func:`seed_summary`).
+INTERVAL_KINDS = {"t": "Student t interval over seeds", "range": "range of the seeds' values (not a confidence "
+                  "interval)", "single": "one seed: the measurement's own interval", "none": "no interval"}
+
+
+def seed_summary(values: Sequence[float] | np.ndarray | pd.Series, *, confidence: float = 0.95) -> tuple[Interval, str]:
+    """Mean over seeds with an interval that means what its label says, and that label (:data:`INTERVAL_KINDS`).
+
+    Three or more seeds: the Student t interval mean ± t_{n−1}·sd/√n (for a mean over a few seeds the
+    bootstrap's percentile or BCa interval is known to be too narrow: with two seeds it is their min and
+    max, about 50% coverage). Two seeds: their range, labelled ``range`` — no confidence level is claimed.
+    One: no interval here (``single``; a caller may show the measurement's own). Identical values: zero width.
+    """
+    x = _as_array(values)
+    n = x.size
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, confidence), "none"
+    mean = float(x.mean())
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1, confidence), "single"
+    if n == 2:
+        return Interval(mean, float(x.min()), float(x.max()), 2, confidence), "range"
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, confidence), "t"
+
+
+def format_interval(mean: float, low: float, high: float, kind: str, digits: int = 3) -> str:
+    """``mean [low, high]`` for a confidence interval; ``mean (range low–high, 2 seeds)`` for a range."""
+    def fmt(v: float) -> str:
+        return "–" if v is None or not np.isfinite(v) and not np.isinf(v) else ("∞" if v == math.inf else f"{v:.{digits}g}")
+
+    if kind == "range":
+        return f"{fmt(mean)} (range {fmt(low)}–{fmt(high)}, 2 seeds)"
+    return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
+
+
+def interval_notes(rows: pd.DataFrame, *, level: float, n_batches: int, n_flips: int) -> list[str]:
+    """One line for each bias row whose interval has an infinite or very wide end, or whose test cannot reject.
+
+    Reads the bias table's columns (``spec``, ``relative_bias``, ``relative_bias_hi``, ``snr``,
+    ``bias_p_value_min``). An infinite upper end: ‖E g‖ was not told from 0, so no ratio is bounded; the
+    null SE of U(g) is about √2·tr Cov/N, so ‖E g‖² clears z of them once N ≳ z√2 / SNR² (SNR: ‖mean ĝ‖ over
+    √tr Cov ĝ per batch); past that, the few batches limit the bootstrap itself. A wide one (upper end > 10×
+    the estimate): the width falls about as 1/√N.
+    """
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    out = []
+    for _, r in rows.iterrows():
+        hi, est, snr = float(r.get("relative_bias_hi", math.nan)), float(r.get("relative_bias", math.nan)), \
+            float(r.get("snr", math.nan))
+        if hi == math.inf:
+            need = math.ceil(z * math.sqrt(2) / snr**2) if snr > 0 else math.inf
+            need = (f"roughly {need} batches would bound it" if n_batches < need < math.inf else
+                    f"the signal is clear but {n_batches} batches are too few for the studentised bootstrap; "
+                    f"about {2 * n_batches} would bound it" if need <= n_batches else "more batches are needed")
+            out.append(f"{r['spec']}: upper end ∞ — with {n_batches} batches the mean gradient ‖E g‖ cannot be told "
+                       f"from 0 (per-batch SNR {snr:.2g}), so no ratio to it is bounded; {need}.")
+        elif np.isfinite(hi) and hi > 10 * max(est, 0.0) and hi > 0:
+            out.append(f"{r['spec']}: upper end {hi:.3g} is over 10× the estimate {max(est, 0.0):.3g} — the batches' "
+                       f"noise dominates the bias; the width falls about as 1/√N (4× the {n_batches} batches halve it).")
+    floors = rows["bias_p_value_min"].dropna() if "bias_p_value_min" in rows else pd.Series(dtype=float)
+    if len(floors) and float(floors.min()) > 1 - level:
+        need = max(math.ceil(math.log2(2 / (1 - level))), 2)
+        out.append(f"p(0 bias): with {n_batches} batches and {n_flips} flips the smallest attainable p is "
+                   f"{float(floors.min()):.3g} > {1 - level:.3g}, so the test cannot reject; use ≥ {need} batches "
+                   f"and ≥ {math.ceil(1 / (1 - level))} flips.")
+    return out
+
+
 def summarise(
     table: pd.DataFrame,
     value: str,
@@ -130,10 +199,12 @@ def summarise(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Mean of ``value`` per group of ``by`` with its bootstrap interval.
+    """Mean of ``value`` per group of ``by`` with its interval.
 
-    Returns the ``by`` columns plus ``mean``, ``ci_low``, ``ci_high`` and ``n`` (rows, or clusters
-    when ``cluster`` names a column such as ``seed``: then whole clusters are resampled).
+    Returns the ``by`` columns plus ``mean``, ``ci_low``, ``ci_high``, ``n`` and ``interval`` (what the ends
+    are, :data:`INTERVAL_KINDS`). Rows are the units (seeds): :func:`seed_summary` (t interval from 3, the
+    range of 2). With ``cluster`` naming a column such as ``seed``, whole clusters are resampled by the
+    bootstrap (``interval = "bootstrap"``).
     """
     missing = [c for c in [value, *by, *([cluster] if cluster else [])] if c not in table.columns]
     if missing:
@@ -145,10 +216,12 @@ def summarise(
         if cluster:
             iv = cluster_bootstrap_ci(grp[value], grp[cluster], confidence=confidence, n_resamples=n_resamples,
                                       seed=seed)
+            kind = "bootstrap"
         else:
-            iv = bootstrap_ci(grp[value], confidence=confidence, n_resamples=n_resamples, seed=seed)
-        rows.append({**dict(zip(by, key)), "mean": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": iv.n})
-    return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n"])
+            iv, kind = seed_summary(grp[value], confidence=confidence)
+        rows.append({**dict(zip(by, key)), "mean": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "n": iv.n,
+                     "interval": kind})
+    return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n", "interval"])
 
 
 def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -37,11 +37,12 @@ def learning_section(doc: Document, tables: dict[str, pd.DataFrame], palette: di
              f"task/model configuration(s); at least {seeds} seed(s) each. Every comparison in this section and "
              f"in the statistics is at equal {words}: each run's curve is interpolated linearly between its "
              "evaluations (never beyond its last one), and final values are read at the largest budget every run "
-             f"of the panel reached. Intervals are {o.confidence:.0%} bootstrap intervals (BCa, "
-             "scipy.stats.bootstrap) over seeds; ↑ marks a metric where higher is better, ↓ where lower is better.")
+             f"of the panel reached. Intervals over seeds are {o.confidence:.0%} Student t intervals from three seeds, "
+             "the seeds' range with two (labelled so; no level claimed); ↑ marks a metric where higher is better, "
+             "↓ where lower is better.")
     if seeds < stats.FEW_SEEDS:
-        doc.warning(f"Only {seeds} seed(s) per configuration: bootstrap intervals over so few seeds are too narrow "
-                    "and are shown for orientation only.")
+        doc.warning(f"Only {seeds} seed(s) per configuration: intervals over so few seeds are wide (a t interval "
+                    "with few degrees of freedom) or, with two, only the seeds' range.")
 
     curves = tables.get("curves", pd.DataFrame())
     if not curves.empty and "key" in curves.columns:
@@ -71,7 +72,7 @@ def learning_section(doc: Document, tables: dict[str, pd.DataFrame], palette: di
                             title=f"Held-out metric at equal {units} (mean, {o.confidence:.0%} CI over seeds)")
     doc.figure("final_metric", fig, f"Which method learns most for the same {units}: the held-out metric of each "
                f"method at the largest {units} budget every run of the panel reached (mean over seeds with its "
-               "bootstrap interval); dashed: memoryless baseline.")
+               "interval over seeds); dashed: memoryless baseline.")
     shown = final[["panel", "method", "n"]].copy()
     shown[f"at {units}"] = final["budget"].map(_fmt)
     shown["metric [CI]"] = final.apply(_ci, axis=1)
@@ -111,7 +112,7 @@ def _learning_curves(doc: Document, curves: pd.DataFrame, refs: pd.DataFrame | N
                            xlabel=units, ylabel="held-out metric",
                            title=f"Learning curves against {units} (mean over seeds, band: {o.confidence:.0%} CI)")
     doc.figure("learning_curves", fig, f"How fast each method learns per {units[:-1] if units.endswith('s') else units}: "
-               f"held-out metric against {units}, each run interpolated between its evaluations; band: bootstrap "
+               f"held-out metric against {units}, each run interpolated between its evaluations; band: "
                "interval over seeds; dashed: memoryless baseline.")
 
 
@@ -159,7 +160,7 @@ def _bias_over_training(doc: Document, curves: pd.DataFrame, palette: dict[str, 
     doc.figure("bias_over_training", fig, f"Whether the bias grows or shrinks as the parameters train: {label} of the "
                "measured method's gradient against the true gradient at the evaluation points of training (at the "
                "trained parameters), against updates, not tokens (the snapshots are taken at update counts); band: "
-               "bootstrap interval over seeds.")
+               "interval over seeds.")
 
 
 def time_to_target(curves: pd.DataFrame, *, target: float, higher: bool, unit: str, x: str = "update") -> pd.DataFrame:

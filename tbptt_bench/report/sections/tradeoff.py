@@ -64,7 +64,7 @@ def _metric_against_time(doc: Document, train: pd.DataFrame, palette: dict[str, 
                            title="Held-out metric against training time per token (one point per method)")
     doc.figure("tradeoff_metric_cost", fig, f"Which method learns best for its time: held-out metric at equal "
                f"{units} against training wall time per 1000 tokens in the same runs (evaluation excluded); error "
-               "bars: bootstrap intervals over seeds.")
+               "bars: intervals over seeds (t from three seeds, the range of two).")
     concurrency = train["concurrency"].max() if "concurrency" in train.columns else 1
     if concurrency and concurrency > 1:
         doc.warning(f"Train cells ran up to {int(concurrency)} at a time, so their time per token is "
