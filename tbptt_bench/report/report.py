@@ -128,12 +128,13 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
     doc = Document(title, out, options)
     specs = [main[c].dropna().astype(str) for c in ("method", "spec") if c in main.columns]
     methods = order_methods(pd.concat(specs).unique()) if specs else []
-    palette = figures.palette(methods)
+    palette = figures.method_palette(methods)
     cells = main.groupby("measure")["key"].nunique()
+    summary = doc.placeholder()
+    doc.contents()
     doc.text(f"Generated from {main['key'].nunique()} cells ({', '.join(f'{n} {m}' for m, n in cells.items())}) "
              f"with {len(main)} result rows. Learning is compared at equal {AXIS_WORDS[options.axis]} "
              "throughout (learning curves, final metric, time to target, paired tests; --axis changes it).")
-    summary = doc.placeholder()
     provenance_section(doc, tables)
     bias_summary = bias_section(doc, tables, palette)
     alignment_section(doc, tables)
