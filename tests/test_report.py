@@ -450,10 +450,11 @@ def test_panel_titles_show_whole_task_parameters_as_integers() -> None:
     assert _params_text("{}") == "" and _params_text(None) == ""
 
 
-def test_alignment_heatmap_per_panel_and_none_for_older_stores(tmp_path: Path) -> None:
-    """A bias suite's alignment table becomes one heatmap per task × model, in the methods' own order with the
-    store's mean cosines; a store without the table (written before it existed) reports without it."""
-    from tbptt_bench.report.sections.alignment import alignment_matrices
+def test_alignment_figure_per_task_and_none_for_older_stores(tmp_path: Path) -> None:
+    """A bias suite's alignment table becomes one figure per task of 1 − cos(ĝ, g) against K (the store's mean
+    cosines against full BPTT), and one table per task × model of every pair's mean cosine, in the methods'
+    own order; a store without the table (written before it existed) reports without them."""
+    from tbptt_bench.report.sections.alignment import alignment_matrices, misalignment
     from tbptt_bench.suites.store import read_results
 
     suite = tmp_path / "al.toml"
@@ -468,8 +469,11 @@ def test_alignment_heatmap_per_panel_and_none_for_older_stores(tmp_path: Path) -
     assert list(matrix.index) == list(matrix.columns) == ["full", "chunked K=2", "sliding K=3"]
     stored = read_results(tmp_path / "res" / "al", "alignment").set_index(["spec", "other"])["cosine_mean"]
     assert matrix.loc["chunked K=2", "full"] == pytest.approx(stored[("chunked:k=2", "full")], rel=1e-12)
+    curve = misalignment(tables).set_index("series")
+    assert set(curve.index) == {"chunked", "sliding"} and curve.loc["chunked", "K"] == 2
+    assert curve.loc["sliding", "mean"] == pytest.approx(1 - stored[("sliding:k=3", "full")], rel=1e-12)
     doc = build_report(tables, tmp_path / "rep", Options(formats=("png",), dpi=40))
-    assert "alignment_1" in doc.figures
+    assert "alignment_adding" in doc.figures and "alignment_1" in doc.tables
     older = build_report({k: v for k, v in tables.items() if k != "alignment"}, tmp_path / "rep2",
                          Options(formats=("png",), dpi=40))
     assert not [f for f in older.figures if f.startswith("alignment")]

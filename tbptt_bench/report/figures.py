@@ -315,6 +315,9 @@ def ci_lines(
             his = line[high].to_numpy(float) if high else np.full(len(line), np.nan)
             if single and not zero[0]:
                 _point(ax, i, line.iloc[0], y, low, high, colour, name, mark)
+                if flag is not None and bool(line[flag].fillna(False).iloc[0]):
+                    ax.plot([i], [line[y].iloc[0]], ls="none", marker=mark, ms=8, mfc="white", mew=1.3, color=colour,
+                            zorder=4)
                 continue
             if single:
                 _zeros(ax, np.array([i]), his[:1], floor, zero_below or 0.0, colour, mark, name)
@@ -513,6 +516,60 @@ def _extrapolated(ax: plt.Axes, pos: np.ndarray, values: np.ndarray, bottom: flo
     return bool(high.any() or low.any())
 
 
+def ratio_dots(data: pd.DataFrame, *, x: str, y: str, hue: str, facet: str, colours: dict[str, tuple[float, float, float]],
+               flag: str | None = None, flag_label: str = "", reference: float = 1.0, xlabel: str = "",
+               title: str = "") -> Figure:
+    """Ratios as dots on a linear axis from zero (seaborn objects): one row per ``y`` category, dodged per
+    ``hue`` in the palette's colours and markers, one column per ``facet`` value, and a dashed line at
+    ``reference`` (e.g. full BPTT = 1). Rows whose ``flag`` is true are drawn as open markers (legend:
+    ``flag_label``)."""
+    import seaborn.objects as so
+
+    names = _ordered(data[hue].astype(str), colours)
+    data = data.assign(**{hue: data[hue].astype(str)})
+    marks = {n: _marker(n, colours) for n in names}
+    rows = data[y].nunique()
+    facets = data[facet].nunique()
+    width = min(MAX_WIDTH, 3.2 + 3.6 * facets)
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.05)
+    fig = plt.figure(figsize=(width, 0.9 + rows * (0.22 + 0.08 * len(names))), layout="constrained")
+    top = float(np.nanmax(data[x].to_numpy(float))) if len(data) else reference
+    plot = so.Plot(data, x=x, y=y, color=hue, marker=hue)
+    if flag is not None and data[flag].any():
+        plot = plot.add(so.Dot(pointsize=6, edgewidth=1.3), so.Dodge(), fill=data[flag].map({True: "open",
+                                                                                          False: "filled"}))
+        plot = plot.scale(fill={"open": False, "filled": True})
+    else:
+        plot = plot.add(so.Dot(pointsize=6), so.Dodge())
+    plot = plot.facet(col=facet).scale(color={n: colours.get(n, (0.3, 0.3, 0.3)) for n in names}, marker=marks) \
+        .limit(x=(0, max(top, reference) * 1.08)).label(x=xlabel, y="", col="") \
+        .theme({**sns.axes_style("whitegrid"), "axes.titlesize": 9})
+    plot.on(fig).plot()
+    handles, labels = [], []
+    for legend in list(fig.legends):
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            label = text.get_text()
+            if label in ("open", "filled"):
+                if label == "filled":
+                    continue
+                label = flag_label
+            handles.append(handle)
+            labels.append(label)
+    fig.legends.clear()  # seaborn's legend sits beside the panels; one below them, as in every other figure
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in axes:
+        ax.axvline(reference, ls="--", lw=1.1, color="0.35")
+        ax.tick_params(axis="y", labelsize=8)
+    handles.append(plt.Line2D([], [], ls="--", color="0.35"))
+    labels.append(f"full BPTT (= {reference:g})")
+    if flag is not None and data[flag].any() and flag_label not in labels:
+        handles.append(plt.Line2D([], [], ls="none", marker="o", ms=7, mfc="white", color="0.3"))
+        labels.append(flag_label)
+    fig.suptitle(wrap(title, int(width * 10)), fontsize=11)
+    _legend(fig, handles, [wrap(label) for label in labels])
+    return fig
+
+
 def ci_points(
     data: pd.DataFrame,
     *,
@@ -668,12 +725,16 @@ def tradeoff(
     colours: dict[str, tuple[float, float, float]] | None = None,
     logx: bool = False,
     logy: bool = False,
+    flag: str | None = None,
+    flag_label: str = "",
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
     """Quality against cost, one point per method configuration (named in the legend by ``label``, coloured
-    by ``hue``), intervals on both axes."""
+    by ``hue``), intervals on both axes. Markers are open, so points that coincide stay visible as
+    overlapping outlines of different shapes; rows whose ``flag`` is true get a larger white-filled marker
+    (legend: ``flag_label``)."""
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
     logx = logx and _wants_log(data[x])
@@ -686,8 +747,12 @@ def tradeoff(
             for name, pair, value in (("xerr", xerr, row[x]), ("yerr", yerr, row[y])):
                 if pair is not None and np.isfinite([row[pair[0]], row[pair[1]]]).all():
                     kw[name] = np.array([[max(value - row[pair[0]], 0.0)], [max(row[pair[1]] - value, 0.0)]])
-            ax.errorbar(row[x], row[y], fmt=_marker(str(row[hue]), colours), ms=5, capsize=2, elinewidth=0.8,
+            busy = flag is not None and bool(row[flag])
+            ax.errorbar(row[x], row[y], fmt=_marker(str(row[hue]), colours), ms=8 if busy else 6, capsize=2,
+                        elinewidth=0.8, mew=1.3, mfc="white" if busy else "none", alpha=0.9,
                         color=colours.get(str(row[hue])), label=str(row[label]), **kw)
+        if flag is not None and grp[flag].astype(bool).any():
+            ax.plot([], [], ls="none", marker="o", ms=8, mfc="white", color="0.3", label=flag_label)
         if logx:
             ax.set_xscale("log")
         if logy:
@@ -696,40 +761,6 @@ def tradeoff(
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
-
-
-#: Side of one heatmap cell (inches): room for a two-decimal annotation and a three-line row label.
-CELL = 0.45
-
-
-def heatmap(matrix: pd.DataFrame, *, cbar_label: str, title: str, vmin: float = -1.0, vmax: float = 1.0,
-            cmap: str = "RdBu_r") -> Figure:
-    """A square table drawn as an annotated heatmap (rows and columns in the table's order).
-
-    Columns are numbered and rows named ``n  label``, so long labels never collide below the cells; every
-    cell carries its value to two decimals (blank where NaN), and a colour bar says what the colour means.
-    """
-    n_rows, n_cols = matrix.shape
-    sns.set_theme(style="white", context="paper", font_scale=1.05)
-    width = min(MAX_WIDTH, max(5.5, 3.6 + CELL * n_cols + 1.0))
-    fig, ax = plt.subplots(figsize=(width, max(2.8, CELL * n_rows + 1.6)), constrained_layout=True)
-    values = matrix.to_numpy(dtype=float)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
-    size = 7 if n_cols <= 8 else 6
-    for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            shade = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size,
-                    color="white" if abs(shade - 0.5) > 0.35 else "black")
-    ax.set_xticks(range(n_cols), [str(j + 1) for j in range(n_cols)], fontsize=7)
-    ax.set_yticks(range(n_rows), [wrap(f"{i + 1}  {label}", 30) for i, label in enumerate(matrix.index)], fontsize=7)
-    ax.tick_params(length=0)
-    ax.set_xlabel("column n = the row numbered n", fontsize=8)
-    bar = fig.colorbar(image, ax=ax, shrink=0.9)
-    bar.set_label(cbar_label, fontsize=8)
-    bar.ax.tick_params(labelsize=7)
-    fig.suptitle(wrap(title, int(width * 10)), fontsize=11)
-    return fig
 
 
 def _save_png(fig: Figure, path: Path, dpi: int) -> None:

@@ -37,10 +37,18 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
              "has no K: it is the dashed line in plots against K.")
     perf["busy"] = perf["busy"].fillna(False).astype(bool) if "busy" in perf.columns else False
     busy = BUSY_MARK if perf["busy"].any() else ""
+    _ratios(doc, perf, palette, busy)
     for x in ("K", "seq_len"):
         data, _ = _with_panel(perf, exclude=("seq_len",) if x == "seq_len" else ())
         exact = data[data["method"].map(lambda m: bool(describe(m)["exact"]))]
         data = data[data[x].notna()]
+        if x == "K":
+            varied = data.groupby(["panel", "series"])["K"].nunique().groupby("panel").max()
+            curves = varied.index[varied > 1]
+            if len(curves) < len(varied):
+                doc.text(f"{len(varied) - len(curves)} of {len(varied)} perf configurations hold one K per series; "
+                         "they are left out of the plots against K (their ratios are in the figure above).")
+            data, exact = data[data["panel"].isin(curves)], exact[exact["panel"].isin(curves)]
         if x == "K" and data.empty:
             continue
         if x == "seq_len" and data.groupby(["panel", "method"])[x].nunique().max() < 2:
@@ -100,6 +108,44 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
                     "docs/perf.md, “Busy machine”).")
     doc.table("cost", shown, full_table.assign(busy=marked), caption=caption)
     return perf
+
+
+def ratio_rows(perf: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (panel) and method other than ``full``: median tokens/s and peak memory over those of
+    ``full`` in the same configuration, in long form (columns panel, label, what, ratio, busy)."""
+    data, _ = _with_panel(perf)
+    data["label"] = data["method"].map(method_label)
+    cols = {"tokens_per_s": "tokens/s ÷ full BPTT's"}
+    if "peak_mib" in data.columns and data["peak_mib"].notna().any():
+        cols["peak_mib"] = "peak memory ÷ full BPTT's"
+    med = data.groupby(["panel", "method", "label"], as_index=False, sort=False) \
+        .agg(**{c: (c, "median") for c in cols}, busy=("busy", "any"))
+    full = med[med["label"] == "full"].set_index("panel")
+    rows = []
+    for row in med[med["label"] != "full"].to_dict("records"):
+        if row["panel"] not in full.index:
+            continue
+        ref = full.loc[row["panel"]]
+        for col, what in cols.items():
+            if ref[col] > 0:
+                rows.append({"panel": row["panel"], "method": row["method"], "label": row["label"], "what": what,
+                             "ratio": row[col] / ref[col], "busy": bool(row["busy"] or ref["busy"])})
+    return pd.DataFrame(rows, columns=["panel", "method", "label", "what", "ratio", "busy"])
+
+
+def _ratios(doc: Document, perf: pd.DataFrame, palette: dict[str, Any], busy: str) -> None:
+    """The cost of every method as a multiple of full BPTT's in the same configuration, axis from zero."""
+    rows = ratio_rows(perf)
+    if rows.empty:
+        return
+    rows = rows.assign(order=rows["method"].map(method_sort_key)).sort_values("order", kind="stable")
+    fig = figures.ratio_dots(rows, x="ratio", y="panel", hue="label", facet="what", colours=palette, flag="busy",
+                             flag_label=BUSY_LEGEND, xlabel="multiple of full BPTT (1 = the same)",
+                             title="Throughput and peak memory relative to full BPTT, per configuration")
+    doc.figure("cost_ratio", fig, "What each method costs against full BPTT in the same configuration (task · model "
+               "· size): median tokens/s and peak memory over full BPTT's; the axis starts at 0 and the dashed line "
+               "is full BPTT. Above 1 on tokens/s is faster; below 1 on memory is smaller. At tiny sizes per-update "
+               "overhead dominates tokens/s. " + busy)
 
 
 def _exact_lines(exact: pd.DataFrame, metric: str, palette: dict[str, Any]) -> pd.DataFrame | None:

@@ -206,11 +206,9 @@ def overhead_words(table: pd.DataFrame, t: float = THRESHOLDS[0]) -> str:
             f"{both['big'].min():.2g}–{both['big'].max():.2g}×. ")
 
 
-def _ratio(value: float, k_measured: float, k: float, busy: bool) -> str:
-    """A ratio such as ``0.52×``, with the K measured where it is not ``k`` and ``*`` for a busy machine."""
-    if not math.isfinite(value):
-        return "–"
-    return f"{value:.2g}×" + ("" if k_measured == k else f" (K={k_measured:g})") + ("*" if busy else "")
+def _ratio(value: float) -> str:
+    """A ratio to full BPTT such as ``0.52×``; ``–`` where there is none."""
+    return f"{value:.2g}×" if math.isfinite(value) else "–"
 
 
 def _cell(row: dict[str, Any], units: str, t: float = THRESHOLDS[0]) -> str:
@@ -221,12 +219,13 @@ def _cell(row: dict[str, Any], units: str, t: float = THRESHOLDS[0]) -> str:
     if not math.isfinite(k):
         return "\n".join(lines + [f"no K in the grid gets below {t:.0%}: no cost or metric to read"])
     for suffix, where in (("", "train size"), ("_scale", "at scale")):
-        speed = _ratio(row[f"speed{suffix}_{t:g}"], row[f"cost_k{suffix}_{t:g}"], k, row[f"busy{suffix}_{t:g}"])
-        memory = _ratio(row[f"memory{suffix}_{t:g}"], row[f"cost_k{suffix}_{t:g}"], k, row[f"busy{suffix}_{t:g}"])
+        measured, busy = row[f"cost_k{suffix}_{t:g}"], "*" if row[f"busy{suffix}_{t:g}"] else ""
+        speed, memory = (_ratio(row[f"{what}{suffix}_{t:g}"]) for what in ("speed", "memory"))
         if speed == "–":
             lines.append(f"{where}: not measured in this suite")
         else:
-            lines.append(f"{where}: {speed} tok/s, {memory} mem")
+            at = "" if measured == k else f" (K={measured:g})"
+            lines.append(f"{where}{at}: {speed} tok/s, {memory} mem{busy}")
     gap = row[f"metric_gap_{t:g}"]
     if math.isfinite(gap):
         trained = row[f"train_k_{t:g}"]
