@@ -160,15 +160,20 @@ def _layout(n: int) -> tuple[int, int, float]:
 
 
 def _panels(names: Sequence[object], *, sharey: bool = False) -> tuple[Figure, list[plt.Axes]]:
+    """A seaborn FacetGrid of one panel per name, wrapping at three columns (only as many axes as names), under
+    matplotlib's constrained layout so that the legend can sit below the panels."""
     n = max(len(names), 1)
     cols, rows, width = _layout(n)
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.05)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, PANEL_H * rows + 0.6), squeeze=False,
-                             sharey=sharey, constrained_layout=True)
-    flat = list(axes.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
+    grid = sns.FacetGrid(pd.DataFrame({"panel": range(n)}), col="panel", col_wrap=cols if n > 1 else None,
+                         height=PANEL_H, aspect=width / PANEL_H, sharex=False, sharey=sharey, despine=False)
+    fig = grid.figure
+    fig.set_layout_engine("constrained")
+    fig.set_size_inches(width * cols, PANEL_H * rows + 0.6)
+    axes = list(grid.axes.flat)[:n]
+    for ax in axes:
+        ax.set_title("")
+    return fig, axes
 
 
 def _groups(data: pd.DataFrame, panel: str | None) -> list[tuple[object, pd.DataFrame]]:
