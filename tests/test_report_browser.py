@@ -83,3 +83,4 @@ def test_every_tasks_answer_is_on_the_first_screen(page: Path, browser) -> None:
     assert len(answered) == 2
     for text in answered:
         assert "K " in text and "train size" in text and "at scale" in text and "vs full" in text, text
+        assert "not measured" not in text, text  # the synthetic tables time every task × model and a scale block

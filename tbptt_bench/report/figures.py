@@ -82,7 +82,8 @@ def _family_styles() -> dict[str, tuple[tuple[float, float, float], str]]:
 
     families = sorted(METHODS.names(), key=lambda n: (METHODS.get(n).rank, n))
     blind = sns.color_palette("colorblind", 10)
-    colours = [c for i, c in enumerate(blind) if i != 7] + list(sns.color_palette("dark", 10))
+    # blue, orange, green, then purple before vermilion (so the fourth family is not a second orange)
+    colours = [blind[i] for i in (0, 1, 2, 4, 3, 5, 6, 8, 9)] + list(sns.color_palette("dark", 10))
     styles: dict[str, tuple[tuple[float, float, float], str]] = {}
     for i, family in enumerate(f for f in families if f != "full"):
         styles[family] = (colours[i % len(colours)], MARKERS[i % len(MARKERS)])

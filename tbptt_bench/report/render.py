@@ -61,7 +61,7 @@ th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:to
 .long{overflow-wrap:anywhere}
 th{font-size:.95em}td:first-child,th:first-child{min-width:4em}#table-decision td:first-child{white-space:nowrap}
 #table-decision{font-size:.74em;line-height:1.25;margin:.3em 0 .5em}#table-decision td{padding:.15em .4em}
-#decision h2{margin-top:.4em}#decision p{margin:.3em 0;font-size:.9em}h1{margin:.2em 0}
+#decision h2{margin-top:.4em;font-size:1.3em}#decision p{margin:.3em 0;font-size:.9em}h1{margin:.2em 0;font-size:1.45em}
 th{background:#f3f3f3}caption{caption-side:top;text-align:left;font-style:italic;padding:.3em 0}
 figure{margin:1em 0 2em}figure img{max-width:100%;height:auto}
 figcaption{font-size:.9em;color:#444}.warning{background:#fff4e0;border-left:4px solid #e69f00;padding:.5em .8em}

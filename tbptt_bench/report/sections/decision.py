@@ -164,6 +164,8 @@ def decision_table(tables: dict[str, pd.DataFrame], train: pd.DataFrame, unit: s
     small, scale = split_sizes(perf, train)
     limits = [smallest_k(bias, t).rename(columns={"K": f"k_{t:g}"}) for t in THRESHOLDS]
     table = limits[0].merge(limits[1].drop(columns="largest_k"), on=["task", "model", "series"])
+    rank = bias.groupby("series")["method"].agg(lambda specs: min(describe(m)["sort_key"] for m in specs))
+    table["order"] = table["series"].map({name: i for i, name in enumerate(rank.sort_values().index)})
     rows = []
     for row in table.to_dict("records"):
         learned = train[(train["task"] == row["task"]) & (train["model"] == row["model"])] if len(train) else train
@@ -212,33 +214,33 @@ def _ratio(value: float) -> str:
 
 
 def _cell(row: dict[str, Any], units: str, t: float = THRESHOLDS[0]) -> str:
-    """One family's answer for one task × model, in four short lines: K, cost at the training size, cost at
-    scale, metric against full BPTT; a line that has no value says why."""
+    """One family's answer for one task × model in three short lines: K (and the metric against full BPTT
+    there), cost at the training size, cost at scale; a value that is missing says why."""
     k = row[f"k_{t:g}"]
-    lines = ["K " + " · ".join(_k_cell(row[f"k_{u:g}"], row["largest_k"]) for u in THRESHOLDS)]
+    first = "K " + " · ".join(_k_cell(row[f"k_{u:g}"], row["largest_k"]) for u in THRESHOLDS)
     if not math.isfinite(k):
-        return "\n".join(lines + [f"no K in the grid gets below {t:.0%}: no cost or metric to read"])
+        return f"{first}\nbias ≥ {t:.0%} at every K measured"
+    gap, trained = row[f"metric_gap_{t:g}"], row[f"train_k_{t:g}"]
+    if math.isfinite(gap):
+        first += f" · metric {gap:+.2g} vs full" + ("" if trained == k else f" (K={trained:g})")
+    else:
+        first += " · not trained"
+    lines = [first]
     for suffix, where in (("", "train size"), ("_scale", "at scale")):
         measured, busy = row[f"cost_k{suffix}_{t:g}"], "*" if row[f"busy{suffix}_{t:g}"] else ""
         speed, memory = (_ratio(row[f"{what}{suffix}_{t:g}"]) for what in ("speed", "memory"))
         if speed == "–":
-            lines.append(f"{where}: not measured in this suite")
+            lines.append(f"{where}: not measured")
         else:
             at = "" if measured == k else f" (K={measured:g})"
             lines.append(f"{where}{at}: {speed} tok/s, {memory} mem{busy}")
-    gap = row[f"metric_gap_{t:g}"]
-    if math.isfinite(gap):
-        trained = row[f"train_k_{t:g}"]
-        lines.append(f"metric {gap:+.3g} vs full" + ("" if trained == k else f" (K={trained:g})"))
-    else:
-        lines.append("metric: " + ("not trained in this suite" if not row.get("trained") else "family not trained"))
     return "\n".join(lines)
 
 
 def first_screen(table: pd.DataFrame, trained: pd.DataFrame, units: str) -> pd.DataFrame:
     """The decision summary as shown: one row per task × model, one column per method series, each cell
     :func:`_cell`; task × model pairs that were trained but not measured for bias get a row saying so."""
-    series = list(dict.fromkeys(table["series"]))
+    series = list(table.sort_values("order", kind="stable")["series"].drop_duplicates())
     rows = []
     for (task, model), grp in table.groupby(["task", "model"], sort=False):
         metric = grp["metric"].dropna().iloc[0] if "metric" in grp and grp["metric"].notna().any() else ""
@@ -279,16 +281,17 @@ def decision_section(doc: Document, slot: list[tuple[str, Any]], tables: dict[st
         perf = _ok(tables["results"], "perf")
         perf = perf[perf["tokens_per_s"].notna()] if "tokens_per_s" in perf.columns else perf.iloc[0:0]
         _, scale = split_sizes(with_method_axes(perf) if len(perf) else perf, train)
-        at_scale = (f"“at scale”: {scale_words(scale)}. " if len(scale) else
-                    "“at scale”: this suite has no realistic-size perf block. ")
-        doc.text(f"K: smallest K with gradient bias below 5% · 1% (“> K”: none in the grid). Cost and metric at the "
-                 f"5% K, as multiples of full BPTT: tokens/s and peak memory at the training size and {at_scale}"
-                 + overhead_words(table) + busy_words(perf)
-                 + f"Metric: mean paired difference from full BPTT at equal {units}.")
+        at_scale = (f"at scale ({scale_words(scale)}); " if len(scale) else
+                    "at scale (this suite has no realistic-size perf block); ")
+        doc.text(f"K: the smallest K with gradient bias below 5% · 1%; at the 5% K, the metric's mean paired "
+                 f"difference from full BPTT at equal {units}, and tokens/s and peak memory over full BPTT's at the "
+                 f"training size and {at_scale}“not measured”: no such perf cell in this suite. "
+                 + overhead_words(table) + busy_words(perf))
         shown = first_screen(table, train, units)
         doc.table("decision", shown, table, caption="Which K is enough, and what it costs (details below the table).")
         doc.text("How to read it: the bias bound is the upper end of every seed's interval (relative_bias_hi, "
-                 "docs/design.md §3.3), so “below” is what the data support, not just the estimate. “(K=n)”: the "
+                 "docs/design.md §3.3), so “below” is what the data support, not just the estimate; “> K”: no K "
+                 "of the grid got there. “(K=n)”: the "
                  "nearest K that was measured or trained, where the chosen one was not. Cost ratios are medians "
                  "over timed repeats at the largest T both were measured at; the 1% columns are in "
                  "tables/decision.csv. ↑: higher is better, ↓: lower.")
