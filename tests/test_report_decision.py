@@ -160,3 +160,23 @@ def test_report_progress_logs_each_section_off_a_terminal(caplog: pytest.LogCapt
         step("gradient bias")
         step("cost")
     assert [r.getMessage() for r in caplog.records] == ["report: gradient bias", "report: cost"]
+
+
+def test_cost_ratios_are_over_full_alone_in_the_same_configuration() -> None:
+    """The cost_ratio figure's numbers: each method's median tokens/s and peak memory over those of `full`
+    (never pooled with full:checkpoint=8, which is a method of its own) in the same configuration."""
+    from tbptt_bench.report.common import with_method_axes
+    from tbptt_bench.report.sections.cost import ratio_rows
+
+    rows = [_perf_row("full", 24, 1000, 100), _perf_row("full:checkpoint=8", 24, 400, 30),
+            _perf_row("chunked:k=4", 24, 500, 10), _perf_row("chunked:k=4", 24, 700, 10),
+            _perf_row("chunked:k=4", 48, 900, 10)]
+    perf = with_method_axes(pd.DataFrame(rows)).assign(busy=[False, False, True, False, False])
+    perf["peak_mib"] = perf["mem_delta_bytes"] / 2**20
+    got = ratio_rows(perf).set_index(["panel", "label", "what"])["ratio"]
+    t24 = [p for p in got.index.get_level_values("panel") if "24" in p][0]
+    assert got[(t24, "chunked K=4", "tokens/s ÷ full BPTT's")] == pytest.approx(600 / 1000)
+    assert got[(t24, "chunked K=4", "peak memory ÷ full BPTT's")] == pytest.approx(10 / 100)
+    assert got[(t24, "full:checkpoint=8", "tokens/s ÷ full BPTT's")] == pytest.approx(400 / 1000)
+    assert len(got) == 4  # T=48 has no full BPTT cell: no ratio
+    assert ratio_rows(perf).set_index(["label", "what"])["busy"].loc[("chunked K=4", "tokens/s ÷ full BPTT's")]

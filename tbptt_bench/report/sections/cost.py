@@ -42,16 +42,17 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         data, _ = _with_panel(perf, exclude=("seq_len",) if x == "seq_len" else ())
         exact = data[data["method"].map(lambda m: bool(describe(m)["exact"]))]
         data = data[data[x].notna()]
-        if x == "K":
-            varied = data.groupby(["panel", "series"])["K"].nunique().groupby("panel").max()
-            curves = varied.index[varied > 1]
-            if len(curves) < len(varied):
-                doc.text(f"{len(varied) - len(curves)} of {len(varied)} perf configurations hold one K per series; "
-                         "they are left out of the plots against K (their ratios are in the figure above).")
-            data, exact = data[data["panel"].isin(curves)], exact[exact["panel"].isin(curves)]
-        if x == "K" and data.empty:
+        curves = _curve_panels(data, x, "series" if x == "K" else "method")
+        if x == "seq_len" and not len(curves):
             continue
-        if x == "seq_len" and data.groupby(["panel", "method"])[x].nunique().max() < 2:
+        if not len(curves):  # one K per series everywhere: one point per series in every panel
+            curves = pd.Index(data["panel"].unique())
+        elif len(curves) < data["panel"].nunique():
+            doc.text(f"{data['panel'].nunique() - len(curves)} of {data['panel'].nunique()} perf configurations hold "
+                     f"one {'K per series' if x == 'K' else 'T per method'}; they are left out of the plots against "
+                     f"{'K' if x == 'K' else 'T'} (their ratios to full BPTT are in cost_ratio).")
+        data, exact = data[data["panel"].isin(curves)], exact[exact["panel"].isin(curves)]
+        if data.empty:
             continue
         for metric, label, name in (("tokens_per_s", "tokens / s", "tokens"), ("ms_per_update", "ms / update", "ms")):
             hue = "series" if x == "K" else "label"
@@ -70,8 +71,9 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         agg = data.groupby(["panel", "method", "seq_len"], as_index=False).agg(peak_mib=("peak_mib", "median"),
                                                                                busy=("busy", "any"))
         agg["label"] = agg["method"].map(method_label)
-        if agg["seq_len"].nunique() > 1:
-            fig = figures.ci_lines(agg, x="seq_len", y="peak_mib", hue="label", panel="panel", colours=palette,
+        curves = _curve_panels(agg, "seq_len", "method")
+        if len(curves):
+            fig = figures.ci_lines(agg[agg["panel"].isin(curves)], x="seq_len", y="peak_mib", hue="label", panel="panel", colours=palette,
                                    logx=True, from_zero=True, flag="busy", flag_label=BUSY_LEGEND,
                                    xlabel="sequence length T (steps)", ylabel="peak memory added (MiB)",
                                    title="Peak memory against T")
@@ -108,6 +110,15 @@ def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
                     "docs/perf.md, “Busy machine”).")
     doc.table("cost", shown, full_table.assign(busy=marked), caption=caption)
     return perf
+
+
+def _curve_panels(data: pd.DataFrame, x: str, by: str) -> pd.Index:
+    """The panels where some ``by`` group (a series or a method) was measured at two or more values of ``x``,
+    so a plot against ``x`` draws a curve there, not one point per method."""
+    if data.empty:
+        return pd.Index([])
+    varied = data.groupby(["panel", by])[x].nunique().groupby("panel").max()
+    return varied.index[varied > 1]
 
 
 def ratio_rows(perf: pd.DataFrame) -> pd.DataFrame:
