@@ -358,11 +358,17 @@ def ci_lines(
                 ax.set_ylim(bottom=floor / 1.5)
                 _zero_legend(ax, data.loc[exact, high] if high else pd.Series(dtype=float), zero_below or 0.0)
         if from_zero and not logy:
-            ax.set_ylim(bottom=0)
+            _from_zero(ax)
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel(f"{xlabel or x} = {data[x].iloc[0]:g}" if single else (xlabel or x))
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
+
+
+def _from_zero(ax: plt.Axes) -> None:
+    """A linear y axis from 0, with room above the largest value so that its marker is not cut."""
+    top = ax.get_ylim()[1]
+    ax.set_ylim(0, top * 1.06 if top > 0 else 1.0)
 
 
 def _same_as(drawn: dict[str, tuple[np.ndarray, np.ndarray]], xs: np.ndarray, ys: np.ndarray) -> str | None:
@@ -609,7 +615,7 @@ def ci_points(
         if logy:
             ax.set_yscale("log")
         elif from_zero:
-            ax.set_ylim(bottom=0)
+            _from_zero(ax)
         ax.set_title(str(key), fontsize=9)
         ax.set_ylabel(ylabel or y)
         ax.set_xlabel("method (see legend)")
