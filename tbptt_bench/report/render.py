@@ -53,7 +53,7 @@ def render_markdown(doc: Document) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1240px;margin:1em auto;padding:0 1em;
 color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em;max-width:100%}

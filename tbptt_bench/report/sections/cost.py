@@ -149,7 +149,7 @@ def _ratios(doc: Document, perf: pd.DataFrame, palette: dict[str, Any], busy: st
     rows = ratio_rows(perf)
     if rows.empty:
         return
-    rows = rows.assign(order=rows["method"].map(method_sort_key)).sort_values("order", kind="stable")
+    rows = rows.assign(order=rows["method"].map(method_sort_key)).sort_values(["panel", "order"], kind="stable")
     fig = figures.ratio_dots(rows, x="ratio", y="panel", hue="label", facet="what", colours=palette, flag="busy",
                              flag_label=BUSY_LEGEND, xlabel="multiple of full BPTT (1 = the same)",
                              title="Throughput and peak memory relative to full BPTT, per configuration")
