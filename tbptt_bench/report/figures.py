@@ -474,12 +474,18 @@ def measured_vs_extrapolation(
         values = values[values > 0] if logy else values
         bottom, top = _measured_range(values, logy)
         off = False
+        drawn: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
             colour, mark = colours.get(name), _marker(name, colours)
             pos = np.full(len(line), float(i)) if single else line[x].to_numpy(float)
+            twin = None if single else _same_as(drawn, pos, line[y].to_numpy(float))
+            drawn[name] = (pos, line[y].to_numpy(float))
             if single:
                 _point(ax, i - 0.12, line.iloc[0], y, low, high, colour, name, mark)
+            elif twin is not None:  # on top of an earlier series: dashed, larger open markers, both visible
+                ax.plot(pos, line[y], marker=mark, ms=7, mfc="none", mew=1.4, lw=1.6, ls=(0, (4, 3)), color=colour,
+                        zorder=3, label=f"{name}: measured (same values as {twin})")
             else:
                 ax.plot(pos, line[y], marker=mark, ms=3.5, lw=1.6, color=colour, label=f"{name}: measured")
                 ax.fill_between(pos, line[low].clip(lower=bottom), line[high], color=colour, alpha=0.2, lw=0)
