@@ -33,7 +33,7 @@ BIAS_METHODS = ("full", "chunked:k=2", "chunked:k=4", "chunked:k=8", "tbptt:k1=2
 FAST = Options(n_resamples=300, formats=("png",), dpi=40)
 EXPECTED_FIGURES = {
     "bias_vs_k", "cosine_vs_k", "lag_profile", "bias_extrapolation", "cost_tokens_vs_k", "cost_ms_vs_k",
-    "cost_tokens_vs_t", "cost_ms_vs_t", "memory_vs_t", "learning_curves", "bias_over_training", "final_metric",
+    "cost_ratio", "cost_tokens_vs_t", "cost_ms_vs_t", "memory_vs_t", "learning_curves", "bias_over_training", "final_metric",
     "time_to_target", "tradeoff_metric_cost", "tradeoff_bias_cost", "tradeoff_bias_compute",
 }
 
