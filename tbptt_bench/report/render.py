@@ -13,7 +13,8 @@ from tbptt_bench.report.document import Document
 
 
 def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell: pipes escaped, line breaks as ``<br>`` (the decision summary's cells have three)."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def _md_table(frame: pd.DataFrame) -> str:
