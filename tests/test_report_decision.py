@@ -118,3 +118,65 @@ def test_report_compares_at_equal_tokens(tmp_path: Path) -> None:
     assert final.set_index("method").loc["full", "mean"] == pytest.approx(by_seed.mean())
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "equal tokens" in text and "time to target, in tokens" in text.lower()
+
+
+def test_cost_at_the_training_size_and_at_scale_against_hand_computation() -> None:
+    """Perf cells at the trained size (hidden 8, batch 4) give the train-size ratios, the largest hidden × batch
+    (no run trained there) the at-scale ones; the first-screen cell names both, marks the busy one, and the
+    summary says that overhead dominates where the small size runs at under half the at-scale ratio."""
+    from tbptt_bench.report.sections.decision import first_screen, overhead_words, split_sizes
+
+    tables, train = small_store()
+    results = tables["results"]
+    perf = results["measure"] == "perf"
+    results.loc[perf, ["hidden_size", "batch_size"]] = [8, 4]
+    results["busy"] = False
+    scale = [{**_perf_row(spec, 256, tps, mib), "key": f"s{spec}", "hidden_size": 128, "batch_size": 32,
+              "busy": spec == "full"} for spec, tps, mib in (("full", 4000, 400), ("chunked:k=8", 3000, 40))]
+    tables = {"results": pd.concat([results, pd.DataFrame(scale)], ignore_index=True)}
+    train = train.assign(hidden_size=8, batch_size=4)
+    small, big = split_sizes(tables["results"][tables["results"]["measure"] == "perf"], train)
+    assert set(big["hidden_size"]) == {128} and set(small["hidden_size"]) == {8}
+    table = decision_table(tables, train).set_index("series")
+    chunked = table.loc["chunked"]
+    assert chunked["speed_0.05"] == pytest.approx(500 / 1000) and chunked["cost_k_0.05"] == 4
+    assert chunked["speed_scale_0.05"] == pytest.approx(3000 / 4000) and chunked["cost_k_scale_0.05"] == 8
+    assert chunked["memory_scale_0.05"] == pytest.approx(40 / 400) and bool(chunked["busy_scale_0.05"])
+    assert math.isnan(table.loc["sliding", "speed_scale_0.05"])  # no sliding cell at scale
+    shown = first_screen(table.reset_index(), train, "tokens").set_index("task · model")
+    cell = shown.loc["copy · lstm\n(accuracy ↑)", "chunked"].split("\n")
+    assert cell == ["K 8 · > 8 · metric +0.25 vs full", "train size (K=4): 0.5× tok/s, 0.1× mem",
+                    "at scale: 0.75× tok/s, 0.1× mem*"]
+    assert shown.loc["copy · lstm\n(accuracy ↑)", "sliding"].split("\n")[2] == "at scale: not measured"
+    # chunked: 0.5 at the small size against 0.75 at scale is not under half; sliding has no scale ratio
+    assert overhead_words(table) == ""
+    assert "overhead dominates" in overhead_words(table.assign(**{"speed_0.05": 0.2}))
+
+
+def test_report_progress_logs_each_section_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    from tbptt_bench.report.report import progress
+
+    with caplog.at_level("INFO", logger="tbptt_bench.report.report"), progress(2) as step:
+        step("gradient bias")
+        step("cost")
+    assert [r.getMessage() for r in caplog.records] == ["report: gradient bias", "report: cost"]
+
+
+def test_cost_ratios_are_over_full_alone_in_the_same_configuration() -> None:
+    """The cost_ratio figure's numbers: each method's median tokens/s and peak memory over those of `full`
+    (never pooled with full:checkpoint=8, which is a method of its own) in the same configuration."""
+    from tbptt_bench.report.common import with_method_axes
+    from tbptt_bench.report.sections.cost import ratio_rows
+
+    rows = [_perf_row("full", 24, 1000, 100), _perf_row("full:checkpoint=8", 24, 400, 30),
+            _perf_row("chunked:k=4", 24, 500, 10), _perf_row("chunked:k=4", 24, 700, 10),
+            _perf_row("chunked:k=4", 48, 900, 10)]
+    perf = with_method_axes(pd.DataFrame(rows)).assign(busy=[False, False, True, False, False])
+    perf["peak_mib"] = perf["mem_delta_bytes"] / 2**20
+    got = ratio_rows(perf).set_index(["panel", "label", "what"])["ratio"]
+    t24 = [p for p in got.index.get_level_values("panel") if "24" in p][0]
+    assert got[(t24, "chunked K=4", "tokens/s ÷ full BPTT's")] == pytest.approx(600 / 1000)
+    assert got[(t24, "chunked K=4", "peak memory ÷ full BPTT's")] == pytest.approx(10 / 100)
+    assert got[(t24, "full:checkpoint=8", "tokens/s ÷ full BPTT's")] == pytest.approx(400 / 1000)
+    assert len(got) == 4  # T=48 has no full BPTT cell: no ratio
+    assert ratio_rows(perf).set_index(["label", "what"])["busy"].loc[("chunked K=4", "tokens/s ÷ full BPTT's")]

@@ -124,18 +124,65 @@ def test_no_text_overlaps_or_leaves_the_figure(name: str, methods: int, panels: 
         figures.plt.close(fig)
 
 
-@pytest.mark.parametrize("methods", [2, 12])
-def test_alignment_heatmap_is_readable(methods: int) -> None:
-    names = _names(methods)
-    rng = np.random.default_rng(methods)
-    values = np.clip(rng.uniform(-1, 1, size=(methods, methods)), -1, 1)
-    values[0, -1] = np.nan
-    matrix = pd.DataFrame(values, index=names, columns=names)
-    fig = figures.heatmap(matrix, cbar_label="mean cosine", title="Alignment between estimators · copy · lstm")
+def _ratio_dots(d: pd.DataFrame) -> Figure:
+    last = d[d["x"] == d["x"].max()]
+    long = pd.concat([last.assign(what="tokens/s ÷ full BPTT's", ratio=last["y"] * 3),
+                      last.assign(what="peak memory ÷ full BPTT's", ratio=last["y"])])
+    return figures.ratio_dots(long.assign(busy=long["cost"] > 50), x="ratio", y="panel", hue="method", facet="what",
+                              colours=figures.palette(_names(d["method"].nunique())), flag="busy",
+                              flag_label="open marker: measured on a busy machine", xlabel="multiple of full BPTT",
+                              title="Throughput and peak memory relative to full BPTT")
+
+
+FIGURES["ratio_dots"] = _ratio_dots
+
+
+def test_method_colours_and_markers_do_not_depend_on_the_other_methods() -> None:
+    """A series keeps its colour and marker whatever else a report holds; labels within a series share its
+    marker and take shades of its colour, the smallest K the series' own colour."""
+    alone = figures.method_palette(["sliding:k=4"])
+    many = figures.method_palette(["full", "tbptt:k1=4,k2=8", "chunked:k=2", "chunked:k=8", "sliding:k=4",
+                                   "artbp:c=0.25"])
+    assert alone["sliding"] == many["sliding"] and alone.markers["sliding"] == many.markers["sliding"]
+    assert many["chunked K=2"] == many["chunked"] != many["chunked K=8"]
+    assert many.markers["chunked K=2"] == many.markers["chunked K=8"] == many.markers["chunked"]
+    assert len({many[s] for s in ("full", "tbptt(K,2K)", "chunked", "sliding")}) == 4
+    assert many["full"] == figures.REFERENCE_COLOUR
+    light = np.array(many["chunked K=8"])
+    assert (light >= np.array(many["chunked"]) - 1e-12).all()  # a lighter shade of the same colour
+
+
+def test_identical_series_stay_visible() -> None:
+    """Two series with the same values: the second is drawn dashed with larger open markers, and says so."""
+    d = pd.DataFrame({"x": [2, 4, 8] * 2, "y": [0.3, 0.1, 0.01] * 2, "method": ["sliding"] * 3 + ["chunked"] * 3})
+    fig = figures.ci_lines(d, x="x", y="y", hue="method", colours=figures.method_palette(["chunked:k=2", "sliding:k=2"]))
     try:
-        assert_readable(fig)
-        texts = {t.get_text() for t in fig.findobj(Text)}
-        assert "mean cosine" in texts and f"{values[1, 0]:.2f}" in texts and "nan" not in texts
+        lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
+        second = [ln for ln in lines if "same values" in ln.get_label()]
+        assert [ln.get_label() for ln in second] == ["sliding (same values as chunked)"]
+        assert second[0].get_linestyle() != "-" and second[0].get_markersize() > lines[0].get_markersize()
+    finally:
+        figures.plt.close(fig)
+
+
+def test_busy_rows_get_open_markers_and_a_legend_entry() -> None:
+    d = pd.DataFrame({"x": [2, 4, 8], "y": [3.0, 2.0, 1.0], "method": "chunked", "busy": [False, True, False]})
+    fig = figures.ci_lines(d, x="x", y="y", hue="method", flag="busy", flag_label="open: busy",
+                           colours=figures.method_palette(["chunked:k=2"]))
+    try:
+        open_ = [ln for ln in fig.axes[0].get_lines() if ln.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))
+                 and len(ln.get_xdata())]
+        assert [list(ln.get_xdata()) for ln in open_] == [[4]]
+        assert "open: busy" in [t.get_text() for t in fig.legends[0].get_texts()]
+    finally:
+        figures.plt.close(fig)
+
+
+def test_memory_axis_starts_at_zero() -> None:
+    d = pd.DataFrame({"x": [24, 96], "y": [4.2, 4.6], "method": "full"})
+    fig = figures.ci_lines(d, x="x", y="y", hue="method", from_zero=True)
+    try:
+        assert fig.axes[0].get_ylim()[0] == 0
     finally:
         figures.plt.close(fig)
 

@@ -1,7 +1,7 @@
 """The bias figure: relative bias and cosine against K with confidence bands, and the lag profile.
 
-Drawn with seaborn's styles and palette on a plain matplotlib ``Figure`` (no pyplot, so no global
-backend is touched) and written atomically (temporary file in the same folder, then ``os.replace``).
+Drawn with seaborn's styles on a plain matplotlib ``Figure``, in the report's colours (one per method series,
+:func:`tbptt_bench.report.figures.method_palette`) and written atomically (temporary file in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
+from tbptt_bench.report.figures import REFERENCE_COLOUR, method_palette
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
 
@@ -26,14 +27,15 @@ def bias_figure(table: pd.DataFrame, lags: pd.DataFrame, title: str = "") -> Fig
     """Three panels: relative bias (with its CI and the lag-profile extrapolation), cosine (±1.96 SE), profile."""
     rows = table[(table["group"] == "all") & np.isfinite(table["k"].astype(float))]
     families = list(dict.fromkeys(rows["series"]))
-    colors = dict(zip(families, sns.color_palette("colorblind", max(len(families), 1))))
+    colors = method_palette(rows["spec"].astype(str).unique()) if "spec" in rows.columns else \
+        dict(zip(families, sns.color_palette("colorblind", max(len(families), 1))))
     with sns.axes_style("whitegrid"):
         fig = Figure(figsize=(15, 4.4), layout="constrained")
         FigureCanvasAgg(fig)
         ax_bias, ax_cos, ax_lag = fig.subplots(1, 3)
     for fam in families:
         r = rows[rows["series"] == fam].sort_values("k")
-        c = colors[fam]
+        c = colors.get(fam, REFERENCE_COLOUR)
         k = r["k"].to_numpy(float)
         value = r["relative_bias"].to_numpy(float)
         pos = value > 0

@@ -97,6 +97,10 @@ class Document:
             self._section_at += 1
         self._add("h2", (anchor, title))
 
+    def contents(self) -> None:
+        """The table of contents goes here (by default it opens the document)."""
+        self._add("nav", None)
+
     def heading(self, title: str) -> None:
         self._add("h3", title)
 

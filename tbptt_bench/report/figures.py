@@ -37,14 +37,21 @@ PANEL_W, PANEL_H = 4.0, 3.0
 MAX_COLS = 3
 
 
+class Palette(dict):
+    """Colours by name (a method's spec, label or series) with a ``markers`` map beside them."""
+
+    markers: dict[str, str]
+
+
 def palette(labels: Sequence[str], base: dict[str, tuple[float, float, float]] | None = None
             ) -> dict[str, tuple[float, float, float]]:
-    """A fixed colour per label (in the given order): colour-blind safe for up to ten labels, tab20 (strong
-    colours first) up to twenty, evenly spaced hues beyond.
+    """A fixed colour per label that is not a method (in the given order): colour-blind safe for up to ten
+    labels, tab20 (strong colours first) up to twenty, evenly spaced hues beyond. Methods take
+    :func:`method_palette` instead, whose colours do not depend on what else a report holds.
 
     With ``base``, its labels keep their colours and new labels take the next ones.
     """
-    base = dict(base or {})
+    base = base if base is not None else {}
     new = [label for label in dict.fromkeys(labels) if label not in base]
     total = len(base) + len(new)
     if total <= 10:
@@ -54,12 +61,91 @@ def palette(labels: Sequence[str], base: dict[str, tuple[float, float, float]] |
         colours = [tab[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
     else:
         colours = sns.color_palette("husl", n_colors=total)
-    base.update(zip(new, colours[len(base):]))
-    return base
+    markers = dict(getattr(base, "markers", {}))
+    out = Palette(base)
+    out.update(zip(new, colours[len(base):]))
+    out.markers = markers | {label: MARKERS[(len(markers) + i) % len(MARKERS)] for i, label in enumerate(new)}
+    return out
 
 
 #: Markers cycled with the colours, so that 20 methods stay distinguishable where colours come close.
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "p", "h", "*")
+#: Full BPTT, the reference every figure compares against: dark grey.
+REFERENCE_COLOUR = (0.25, 0.25, 0.25)
+
+
+def _family_styles() -> dict[str, tuple[tuple[float, float, float], str]]:
+    """Colour and marker of every registered method family, in the families' own order (rank, then name):
+    the colour-blind palette without its grey (reserved for full BPTT), then seaborn's dark palette."""
+    import tbptt_bench.methods  # noqa: F401  (registers the built-in families)
+    from tbptt_bench.methods.base import METHODS
+
+    families = sorted(METHODS.names(), key=lambda n: (METHODS.get(n).rank, n))
+    blind = sns.color_palette("colorblind", 10)
+    # blue, orange, green, then purple before vermilion (so the fourth family is not a second orange)
+    colours = [blind[i] for i in (0, 1, 2, 4, 3, 5, 6, 8, 9)] + list(sns.color_palette("dark", 10))
+    styles: dict[str, tuple[tuple[float, float, float], str]] = {}
+    for i, family in enumerate(f for f in families if f != "full"):
+        styles[family] = (colours[i % len(colours)], MARKERS[i % len(MARKERS)])
+    styles["full"] = (REFERENCE_COLOUR, "o")
+    return styles
+
+
+def _shade(colour: tuple[float, float, float], i: int, n: int) -> tuple[float, float, float]:
+    """The ``i``-th of ``n`` shades of ``colour``: the colour itself first, then lighter ones (at most
+    halfway to white, so the lightest still reads on a white background)."""
+    if n <= 1 or i == 0:
+        return tuple(colour)  # type: ignore[return-value]
+    mix = 0.5 * i / (n - 1)
+    return tuple(c + (1 - c) * mix for c in colour)  # type: ignore[return-value]
+
+
+def method_palette(specs: Sequence[str]) -> Palette:
+    """Colours and markers of methods, keyed by spec, label and series (:func:`describe`).
+
+    A family's colour and marker come from the family alone (its place among the registered families),
+    so a series looks the same in every figure of every report. Several series of one family (e.g.
+    ``tbptt(K,2K)`` and ``tbptt(K,3K)``) take shades of it, and so do the labels within a series (``chunked
+    K=2``, ``K=4``: darkest first, in the methods' own order); every label keeps its series' marker.
+    """
+    from tbptt_bench.methods.base import describe, order_specs
+
+    styles = _family_styles()
+    described = [describe(s) for s in order_specs(specs)]
+    out = Palette()
+    out.markers = {}
+    by_family: dict[str, list[str]] = {}
+    for d in described:
+        by_family.setdefault(d["family"], [])
+        if d["series"] not in by_family[d["family"]]:
+            by_family[d["family"]].append(d["series"])
+    series_style: dict[str, tuple[tuple[float, float, float], str]] = {}
+    for family, series in by_family.items():
+        colour, marker = styles.get(family) or (_hashed_colour(family), MARKERS[len(family) % len(MARKERS)])
+        for i, name in enumerate(series):
+            series_style[name] = (_shade(colour, i, len(series)), MARKERS[(MARKERS.index(marker) + i) % len(MARKERS)])
+    for name in dict.fromkeys(d["series"] for d in described):
+        members = [d for d in described if d["series"] == name]
+        colour, marker = series_style[name]
+        for i, d in enumerate(members):
+            shade = _shade(colour, i, len(members))
+            for key in (d["spec"], d["label"]):
+                out.setdefault(key, shade)
+                out.markers.setdefault(key, marker)
+        out[name], out.markers[name] = colour, marker
+    for spec, d in zip(order_specs(specs), described):
+        out.setdefault(str(spec), out[d["spec"]])
+        out.markers.setdefault(str(spec), out.markers[d["spec"]])
+    return out
+
+
+def _hashed_colour(name: str) -> tuple[float, float, float]:
+    """A colour that depends on ``name`` only (a family no registry knows, e.g. a plugin not loaded)."""
+    import zlib
+
+    return tuple(sns.color_palette("husl", 24)[zlib.crc32(name.encode()) % 24])  # type: ignore[return-value]
+
+
 #: Characters of a legend entry or a panel title before it wraps.
 LABEL_WIDTH = 44
 #: Widest figure (inches): at the report's 80 dpi it fits the HTML page's 1100-pixel column.
@@ -75,15 +161,20 @@ def _layout(n: int) -> tuple[int, int, float]:
 
 
 def _panels(names: Sequence[object], *, sharey: bool = False) -> tuple[Figure, list[plt.Axes]]:
+    """A seaborn FacetGrid of one panel per name, wrapping at three columns (only as many axes as names), under
+    matplotlib's constrained layout so that the legend can sit below the panels."""
     n = max(len(names), 1)
     cols, rows, width = _layout(n)
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.05)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, PANEL_H * rows + 0.6), squeeze=False,
-                             sharey=sharey, constrained_layout=True)
-    flat = list(axes.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
+    grid = sns.FacetGrid(pd.DataFrame({"panel": range(n)}), col="panel", col_wrap=cols if n > 1 else None,
+                         height=PANEL_H, aspect=width / PANEL_H, sharex=False, sharey=sharey, despine=False)
+    fig = grid.figure
+    fig.set_layout_engine("constrained")
+    fig.set_size_inches(width * cols, PANEL_H * rows + 0.6)
+    axes = list(grid.axes.flat)[:n]
+    for ax in axes:
+        ax.set_title("")
+    return fig, axes
 
 
 def _groups(data: pd.DataFrame, panel: str | None) -> list[tuple[object, pd.DataFrame]]:
@@ -162,6 +253,9 @@ def _ordered(names: Sequence[object], colours: dict[str, tuple[float, float, flo
 
 
 def _marker(name: str, colours: dict[str, tuple[float, float, float]]) -> str:
+    """The marker a palette gives ``name`` (:class:`Palette`), else one by its place in the palette."""
+    if isinstance(colours, Palette) and name in colours.markers:
+        return colours.markers[name]
     order = list(colours)
     return MARKERS[order.index(name) % len(MARKERS)] if name in order else "o"
 
@@ -189,6 +283,9 @@ def ci_lines(
     markers: bool = True,
     zero_below: float | None = None,
     sharey: bool = False,
+    from_zero: bool = False,
+    flag: str | None = None,
+    flag_label: str = "",
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str = "",
@@ -199,7 +296,10 @@ def ci_lines(
     or a task's memoryless baseline. Log axes are used where asked and the data allow. With ``zero_below``
     and a log y axis, values at or below it count as exactly zero and are drawn as "exact" on the axis
     floor (a marker with its own legend entry), so they cannot stretch the axis. ``sharey`` gives every
-    panel the same y axis, where values are to be compared across panels.
+    panel the same y axis, where values are to be compared across panels. ``from_zero`` starts a linear y
+    axis at 0 (a ratio or a memory). Rows whose boolean ``flag`` column is true get an open marker on top
+    (legend: ``flag_label``, e.g. measured on a busy machine). A series whose points equal an earlier one's is
+    drawn dashed with larger open markers, and its legend entry says so.
     """
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
@@ -213,6 +313,7 @@ def ci_lines(
     fig, axes = _panels([k for k, _ in groups], sharey=sharey)
     for ax, (key, grp) in zip(axes, groups):
         names = _ordered(grp[hue].astype(str), colours)
+        drawn: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
             colour, mark = colours.get(name), _marker(name, colours)
@@ -220,12 +321,24 @@ def ci_lines(
             his = line[high].to_numpy(float) if high else np.full(len(line), np.nan)
             if single and not zero[0]:
                 _point(ax, i, line.iloc[0], y, low, high, colour, name, mark)
+                if flag is not None and bool(line[flag].fillna(False).iloc[0]):
+                    ax.plot([i], [line[y].iloc[0]], ls="none", marker=mark, ms=8, mfc="white", mew=1.3, color=colour,
+                            zorder=4)
                 continue
             if single:
                 _zeros(ax, np.array([i]), his[:1], floor, zero_below or 0.0, colour, mark, name)
                 continue
             shown = line[~zero]
-            ax.plot(shown[x], shown[y], marker=mark if markers else None, ms=3.5, lw=1.6, color=colour, label=name)
+            twin = _same_as(drawn, shown[x].to_numpy(float), shown[y].to_numpy(float))
+            drawn[name] = (shown[x].to_numpy(float), shown[y].to_numpy(float))
+            if twin is None:
+                ax.plot(shown[x], shown[y], marker=mark if markers else None, ms=3.5, lw=1.6, color=colour, label=name)
+            else:  # on top of an earlier series: dashed, with larger open markers, so both stay visible
+                ax.plot(shown[x], shown[y], marker=mark if markers else None, ms=7, mfc="none", mew=1.4, lw=1.6,
+                        ls=(0, (4, 3)), color=colour, zorder=3, label=f"{name} (same values as {twin})")
+            if flag is not None and line[flag].fillna(False).astype(bool).any():
+                busy = line[line[flag].fillna(False).astype(bool) & ~zero]
+                ax.plot(busy[x], busy[y], ls="none", marker=mark, ms=8, mfc="white", mew=1.3, color=colour, zorder=4)
             if zero.any():
                 _zeros(ax, line[x].to_numpy(float)[zero], his[zero], floor, zero_below or 0.0, colour, mark,
                        None if len(shown) else name)
@@ -236,16 +349,34 @@ def ci_lines(
                 else:
                     ax.fill_between(shown[x], lo, shown[high], color=colour, alpha=0.2, lw=0)
         _reference_lines(ax, refs, key if panel is not None else None)
+        if flag is not None and grp[flag].fillna(False).astype(bool).any():
+            ax.plot([], [], ls="none", marker="o", ms=8, mfc="white", color="0.3", label=flag_label)
         _x_axis(ax, data[x], names if single else None, logx)
         if logy:
             ax.set_yscale("log")
             if exact.any():
                 ax.set_ylim(bottom=floor / 1.5)
                 _zero_legend(ax, data.loc[exact, high] if high else pd.Series(dtype=float), zero_below or 0.0)
+        if from_zero and not logy:
+            _from_zero(ax)
         ax.set_title(str(key), fontsize=9)
         ax.set_xlabel(f"{xlabel or x} = {data[x].iloc[0]:g}" if single else (xlabel or x))
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
+
+
+def _from_zero(ax: plt.Axes) -> None:
+    """A linear y axis from 0, with room above the largest value so that its marker is not cut."""
+    top = ax.get_ylim()[1]
+    ax.set_ylim(0, top * 1.06 if top > 0 else 1.0)
+
+
+def _same_as(drawn: dict[str, tuple[np.ndarray, np.ndarray]], xs: np.ndarray, ys: np.ndarray) -> str | None:
+    """The first series already drawn at the same points (to rounding), else None."""
+    for name, (x0, y0) in drawn.items():
+        if len(xs) and len(x0) == len(xs) and np.allclose(x0, xs) and np.allclose(y0, ys, rtol=1e-6, atol=0):
+            return name
+    return None
 
 
 def _zeros(ax: plt.Axes, xs: np.ndarray, his: np.ndarray, floor: float, zero_below: float, colour: object,
@@ -298,13 +429,16 @@ def _x_axis(ax: plt.Axes, values: pd.Series, categories: list[str] | None, log: 
 
 
 def _reference_lines(ax: plt.Axes, refs: pd.DataFrame | None, key: object) -> None:
-    """Dashed horizontal lines (``refs``: columns ``y``, ``label`` and, with panels, ``panel``)."""
+    """Horizontal lines (``refs``: columns ``y``, ``label`` and, with panels, ``panel``; optional ``colour`` and
+    ``style``, else dashed grey)."""
     if refs is None or not len(refs):
         return
     mine = refs[refs["panel"] == key] if key is not None and "panel" in refs.columns else refs
     for _, ref in mine.iterrows():
         if np.isfinite(ref["y"]):
-            ax.axhline(ref["y"], ls="--", lw=1.1, color="0.35", label=str(ref["label"]))
+            colour = ref["colour"] if "colour" in mine.columns and isinstance(ref["colour"], tuple) else "0.35"
+            style = ref["style"] if "style" in mine.columns else "--"
+            ax.axhline(ref["y"], ls=style, lw=1.3 if style == ":" else 1.1, color=colour, label=str(ref["label"]))
 
 
 def measured_vs_extrapolation(
@@ -340,12 +474,18 @@ def measured_vs_extrapolation(
         values = values[values > 0] if logy else values
         bottom, top = _measured_range(values, logy)
         off = False
+        drawn: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for i, name in enumerate(names):
             line = grp[grp[hue].astype(str) == name].sort_values(x)
             colour, mark = colours.get(name), _marker(name, colours)
             pos = np.full(len(line), float(i)) if single else line[x].to_numpy(float)
+            twin = None if single else _same_as(drawn, pos, line[y].to_numpy(float))
+            drawn[name] = (pos, line[y].to_numpy(float))
             if single:
                 _point(ax, i - 0.12, line.iloc[0], y, low, high, colour, name, mark)
+            elif twin is not None:  # on top of an earlier series: dashed, larger open markers, both visible
+                ax.plot(pos, line[y], marker=mark, ms=7, mfc="none", mew=1.4, lw=1.6, ls=(0, (4, 3)), color=colour,
+                        zorder=3, label=f"{name}: measured (same values as {twin})")
             else:
                 ax.plot(pos, line[y], marker=mark, ms=3.5, lw=1.6, color=colour, label=f"{name}: measured")
                 ax.fill_between(pos, line[low].clip(lower=bottom), line[high], color=colour, alpha=0.2, lw=0)
@@ -394,6 +534,60 @@ def _extrapolated(ax: plt.Axes, pos: np.ndarray, values: np.ndarray, bottom: flo
     return bool(high.any() or low.any())
 
 
+def ratio_dots(data: pd.DataFrame, *, x: str, y: str, hue: str, facet: str, colours: dict[str, tuple[float, float, float]],
+               flag: str | None = None, flag_label: str = "", reference: float = 1.0, xlabel: str = "",
+               title: str = "") -> Figure:
+    """Ratios as dots on a linear axis from zero (seaborn objects): one row per ``y`` category, dodged per
+    ``hue`` in the palette's colours and markers, one column per ``facet`` value, and a dashed line at
+    ``reference`` (e.g. full BPTT = 1). Rows whose ``flag`` is true are drawn as open markers (legend:
+    ``flag_label``)."""
+    import seaborn.objects as so
+
+    names = _ordered(data[hue].astype(str), colours)
+    data = data.assign(**{hue: data[hue].astype(str)})
+    marks = {n: _marker(n, colours) for n in names}
+    rows = data[y].nunique()
+    facets = data[facet].nunique()
+    width = min(MAX_WIDTH, 3.2 + 3.6 * facets)
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.05)
+    fig = plt.figure(figsize=(width, 0.9 + rows * (0.22 + 0.08 * len(names))), layout="constrained")
+    top = float(np.nanmax(data[x].to_numpy(float))) if len(data) else reference
+    plot = so.Plot(data, x=x, y=y, color=hue, marker=hue)
+    if flag is not None and data[flag].any():
+        plot = plot.add(so.Dot(pointsize=6, edgewidth=1.3), so.Dodge(), fill=data[flag].map({True: "open",
+                                                                                          False: "filled"}))
+        plot = plot.scale(fill={"open": False, "filled": True})
+    else:
+        plot = plot.add(so.Dot(pointsize=6), so.Dodge())
+    plot = plot.facet(col=facet).scale(color={n: colours.get(n, (0.3, 0.3, 0.3)) for n in names}, marker=marks) \
+        .limit(x=(0, max(top, reference) * 1.08)).label(x=xlabel, y="", col="") \
+        .theme({**sns.axes_style("whitegrid"), "axes.titlesize": 9})
+    plot.on(fig).plot()
+    handles, labels = [], []
+    for legend in list(fig.legends):
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            label = text.get_text()
+            if label in ("open", "filled"):
+                if label == "filled":
+                    continue
+                label = flag_label
+            handles.append(handle)
+            labels.append(label)
+    fig.legends.clear()  # seaborn's legend sits beside the panels; one below them, as in every other figure
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in axes:
+        ax.axvline(reference, ls="--", lw=1.1, color="0.35")
+        ax.tick_params(axis="y", labelsize=8)
+    handles.append(plt.Line2D([], [], ls="--", color="0.35"))
+    labels.append(f"full BPTT (= {reference:g})")
+    if flag is not None and data[flag].any() and flag_label not in labels:
+        handles.append(plt.Line2D([], [], ls="none", marker="o", ms=7, mfc="white", color="0.3"))
+        labels.append(flag_label)
+    fig.suptitle(wrap(title, int(width * 10)), fontsize=11)
+    _legend(fig, handles, [wrap(label) for label in labels])
+    return fig
+
+
 def ci_points(
     data: pd.DataFrame,
     *,
@@ -405,11 +599,12 @@ def ci_points(
     colours: dict[str, tuple[float, float, float]] | None = None,
     refs: pd.DataFrame | None = None,
     logy: bool = False,
+    from_zero: bool = False,
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
     """One point per ``label`` (a method configuration) with its interval as an error bar; the labels are
-    named in the legend (colour and marker), not on the axis."""
+    named in the legend (colour and marker), not on the axis. ``from_zero`` starts a linear y axis at 0."""
     groups = _groups(data, panel)
     colours = colours or palette(data[label].astype(str).unique())
     logy = logy and _wants_log(data[y], data[low])
@@ -425,6 +620,8 @@ def ci_points(
         _x_axis(ax, grp[label], names, False)
         if logy:
             ax.set_yscale("log")
+        elif from_zero:
+            _from_zero(ax)
         ax.set_title(str(key), fontsize=9)
         ax.set_ylabel(ylabel or y)
         ax.set_xlabel("method (see legend)")
@@ -546,12 +743,16 @@ def tradeoff(
     colours: dict[str, tuple[float, float, float]] | None = None,
     logx: bool = False,
     logy: bool = False,
+    flag: str | None = None,
+    flag_label: str = "",
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str = "",
 ) -> Figure:
     """Quality against cost, one point per method configuration (named in the legend by ``label``, coloured
-    by ``hue``), intervals on both axes."""
+    by ``hue``), intervals on both axes. Markers are open, so points that coincide stay visible as
+    overlapping outlines of different shapes; rows whose ``flag`` is true get a larger white-filled marker
+    (legend: ``flag_label``)."""
     groups = _groups(data, panel)
     colours = colours or palette(data[hue].astype(str).unique())
     logx = logx and _wants_log(data[x])
@@ -564,8 +765,12 @@ def tradeoff(
             for name, pair, value in (("xerr", xerr, row[x]), ("yerr", yerr, row[y])):
                 if pair is not None and np.isfinite([row[pair[0]], row[pair[1]]]).all():
                     kw[name] = np.array([[max(value - row[pair[0]], 0.0)], [max(row[pair[1]] - value, 0.0)]])
-            ax.errorbar(row[x], row[y], fmt=_marker(str(row[hue]), colours), ms=5, capsize=2, elinewidth=0.8,
+            busy = flag is not None and bool(row[flag])
+            ax.errorbar(row[x], row[y], fmt=_marker(str(row[hue]), colours), ms=8 if busy else 6, capsize=2,
+                        elinewidth=0.8, mew=1.3, mfc="white" if busy else "none", alpha=0.9,
                         color=colours.get(str(row[hue])), label=str(row[label]), **kw)
+        if flag is not None and grp[flag].astype(bool).any():
+            ax.plot([], [], ls="none", marker="o", ms=8, mfc="white", color="0.3", label=flag_label)
         if logx:
             ax.set_xscale("log")
         if logy:
@@ -574,40 +779,6 @@ def tradeoff(
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(ylabel or y)
     return _finish(fig, axes, title)
-
-
-#: Side of one heatmap cell (inches): room for a two-decimal annotation and a three-line row label.
-CELL = 0.45
-
-
-def heatmap(matrix: pd.DataFrame, *, cbar_label: str, title: str, vmin: float = -1.0, vmax: float = 1.0,
-            cmap: str = "RdBu_r") -> Figure:
-    """A square table drawn as an annotated heatmap (rows and columns in the table's order).
-
-    Columns are numbered and rows named ``n  label``, so long labels never collide below the cells; every
-    cell carries its value to two decimals (blank where NaN), and a colour bar says what the colour means.
-    """
-    n_rows, n_cols = matrix.shape
-    sns.set_theme(style="white", context="paper", font_scale=1.05)
-    width = min(MAX_WIDTH, max(5.5, 3.6 + CELL * n_cols + 1.0))
-    fig, ax = plt.subplots(figsize=(width, max(2.8, CELL * n_rows + 1.6)), constrained_layout=True)
-    values = matrix.to_numpy(dtype=float)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
-    size = 7 if n_cols <= 8 else 6
-    for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            shade = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size,
-                    color="white" if abs(shade - 0.5) > 0.35 else "black")
-    ax.set_xticks(range(n_cols), [str(j + 1) for j in range(n_cols)], fontsize=7)
-    ax.set_yticks(range(n_rows), [wrap(f"{i + 1}  {label}", 30) for i, label in enumerate(matrix.index)], fontsize=7)
-    ax.tick_params(length=0)
-    ax.set_xlabel("column n = the row numbered n", fontsize=8)
-    bar = fig.colorbar(image, ax=ax, shrink=0.9)
-    bar.set_label(cbar_label, fontsize=8)
-    bar.ax.tick_params(labelsize=7)
-    fig.suptitle(wrap(title, int(width * 10)), fontsize=11)
-    return fig
 
 
 def _save_png(fig: Figure, path: Path, dpi: int) -> None:

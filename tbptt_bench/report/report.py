@@ -16,10 +16,13 @@ Layout of the output directory::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +88,31 @@ def build_report(tables: dict[str, pd.DataFrame], out: str | Path, options: Opti
     return ReportFiles(out, out / "report.md", out / "report.html", [f.name for f in doc.figures], list(doc.tables))
 
 
+@contextlib.contextmanager
+def progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A ``step(name)`` function that shows which of ``total`` report sections is being drawn: a progress bar on
+    a terminal (rich, on stderr), one log line per section otherwise (figures take seconds each)."""
+    if not sys.stderr.isatty():
+        def log_step(name: str) -> None:
+            log.info("report: %s", name)
+
+        yield log_step
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("report: {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=total)
+
+        def bar_step(name: str) -> None:
+            done = bar.tasks[0].description != ""
+            bar.update(task, description=name, advance=1 if done else 0)
+
+        yield bar_step
+        bar.update(task, completed=total)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -136,21 +164,29 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
     doc = Document(title, out, options)
     specs = [main[c].dropna().astype(str) for c in ("method", "spec") if c in main.columns]
     methods = order_methods(pd.concat(specs).unique()) if specs else []
-    palette = figures.palette(methods)
+    palette = figures.method_palette(methods)
     cells = main.groupby("measure")["key"].nunique()
+    summary = doc.placeholder()
+    doc.contents()
     doc.text(f"Generated from {main['key'].nunique()} cells ({', '.join(f'{n} {m}' for m, n in cells.items())}) "
              f"with {len(main)} result rows. Learning is compared at equal {AXIS_WORDS[options.axis]} "
              "throughout (learning curves, final metric, time to target, paired tests; --axis changes it).")
-    summary = doc.placeholder()
-    provenance_section(doc, tables)
-    bias_summary = bias_section(doc, tables, palette)
-    alignment_section(doc, tables)
-    context_section(doc, tables)
-    perf = cost_section(doc, tables, palette)
-    train = learning_section(doc, tables, palette)
-    tradeoff_section(doc, train, bias_summary, perf, palette)
-    statistics_section(doc, train)
-    decision_section(doc, summary, tables, train)
+    results: dict[str, pd.DataFrame] = {}
+    steps = [
+        ("provenance", lambda: provenance_section(doc, tables)),
+        ("gradient bias", lambda: results.update(bias=bias_section(doc, tables, palette))),
+        ("alignment", lambda: alignment_section(doc, tables, palette)),
+        ("effective context", lambda: context_section(doc, tables)),
+        ("cost", lambda: results.update(perf=cost_section(doc, tables, palette))),
+        ("learning", lambda: results.update(train=learning_section(doc, tables, palette))),
+        ("trade-off", lambda: tradeoff_section(doc, results["train"], results["bias"], results["perf"], palette)),
+        ("statistics", lambda: statistics_section(doc, results["train"])),
+        ("decision summary", lambda: decision_section(doc, summary, tables, results["train"])),
+    ]
+    with progress(len(steps)) as step:
+        for name, run in steps:
+            step(name)
+            run()
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
     (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     return doc

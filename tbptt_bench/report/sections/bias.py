@@ -61,7 +61,7 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     refs = None
     if not truncated.empty:
         fig = figures.ci_lines(truncated, x="K", y="mean", low="ci_low", high="ci_high", hue="series",
-                               panel="panel", logx=True, logy=True, zero_below=EXACT_ZERO, sharey=True,
+                               panel="panel", colours=palette, logx=True, logy=True, zero_below=EXACT_ZERO, sharey=True,
                                xlabel="truncation length K (steps)", ylabel="relative bias (fraction of ‖E g‖)",
                                title="Relative bias of the gradient against K")
         doc.figure("bias_vs_k", fig, "How fast the bias falls with K: relative bias ‖E(ĝ − g)‖/‖E(g)‖ "
@@ -72,7 +72,7 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
     if cos is not None and not cos[cos["K"].notna()].empty:
         refs = pd.DataFrame({"panel": cos["panel"].unique(), "y": 1.0, "label": "full BPTT (cosine 1)"})
         fig = figures.ci_lines(cos[cos["K"].notna()], x="K", y="mean", low="ci_low", high="ci_high", hue="series",
-                               panel="panel", refs=refs, logx=True, sharey=True, xlabel="truncation length K (steps)",
+                               panel="panel", colours=palette, refs=refs, logx=True, sharey=True, xlabel="truncation length K (steps)",
                                ylabel="cosine(ĝ, g) (1 = aligned)", title="Alignment with the true gradient against K")
         doc.figure("cosine_vs_k", fig, "Whether single-batch gradients point the right way: mean cosine between ĝ "
                    f"and g over batches against K; band: {o.confidence:.0%} interval.")
@@ -85,7 +85,7 @@ def bias_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[s
         if not both.empty:
             fig = figures.measured_vs_extrapolation(
                 both, x="K", y="mean", low="ci_low", high="ci_high", extrapolation="extrapolation", hue="series",
-                panel="panel", xlabel="truncation length K (steps)", ylabel="relative bias (fraction of ‖E g‖)",
+                panel="panel", colours=palette, xlabel="truncation length K (steps)", ylabel="relative bias (fraction of ‖E g‖)",
                 title="Measured relative bias and the lag-profile extrapolation")
             doc.figure("bias_extrapolation", fig, "Whether the lag profile predicts the measured bias: measured "
                        "relative bias (solid, with its interval; it sets the axis) next to the "

@@ -56,8 +56,8 @@ def _reference(methods: pd.Series) -> str | None:
 
 def cost_ratio(perf: pd.DataFrame, series: str, k: float) -> dict[str, Any]:
     """Tokens/s and peak memory of the series at (nearest) K over full BPTT's, at the largest T measured for
-    both; ``K``: the K measured (NaN where none)."""
-    none = {"speed": math.nan, "memory": math.nan, "K": math.nan}
+    both; ``K``: the K measured (NaN where none); ``busy``: whether either was measured on a busy machine."""
+    none = {"speed": math.nan, "memory": math.nan, "K": math.nan, "busy": False}
     full = _reference(perf["method"]) if len(perf) else None
     if full is None or not math.isfinite(k):
         return none
@@ -73,7 +73,46 @@ def cost_ratio(perf: pd.DataFrame, series: str, k: float) -> dict[str, Any]:
     memory = math.nan
     if "mem_delta_bytes" in perf.columns and ref["mem_delta_bytes"].median() > 0:
         memory = float(at["mem_delta_bytes"].median() / ref["mem_delta_bytes"].median())
-    return {"speed": speed, "memory": memory, "K": float(at["K"].iloc[0]), "T": int(common[-1])}
+    busy = bool(pd.concat([at, ref]).get("busy", pd.Series(dtype=object)).fillna(False).astype(bool).any())
+    return {"speed": speed, "memory": memory, "K": float(at["K"].iloc[0]), "T": int(common[-1]), "busy": busy}
+
+
+#: The columns that say how large a cost measurement was.
+SIZE = ("hidden_size", "batch_size")
+
+
+def split_sizes(perf: pd.DataFrame, train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The perf rows at the training sizes, and those of the realistic-size block: the largest hidden × batch
+    measured, where no training run has that size (empty where there is none, or no sizes are recorded)."""
+    if perf.empty or not set(SIZE) <= set(perf.columns):
+        return perf, perf.iloc[0:0]
+    area = perf["hidden_size"].astype(float) * perf["batch_size"].astype(float)
+    trained = set()
+    if not train.empty and set(SIZE) <= set(train.columns):
+        trained = {(float(h), float(b)) for h, b in train[list(SIZE)].drop_duplicates().itertuples(index=False)}
+    big = perf[area == area.max()]
+    size = (float(big["hidden_size"].iloc[0]), float(big["batch_size"].iloc[0]))
+    if area.nunique() < 2 or size in trained:
+        return perf, perf.iloc[0:0]
+    return perf[area != area.max()], big
+
+
+def _at_training_size(perf: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """Perf rows of one task × model at the size its runs trained with (all rows where sizes are unknown)."""
+    cols = [c for c in (*SIZE, "seq_len") if c in perf.columns and c in train.columns]
+    if perf.empty or train.empty or not cols:
+        return perf
+    keep = perf.merge(train[cols].drop_duplicates(), on=cols, how="inner")
+    return keep if len(keep) else perf.iloc[0:0]
+
+
+def scale_words(scale: pd.DataFrame) -> str:
+    """The realistic-size block in words, e.g. ``copy · lstm, hidden 256, batch 32, T 1024``."""
+    if scale.empty:
+        return ""
+    first = scale.iloc[0]
+    return (f"{first['task']} · {first['model']}, hidden {int(first['hidden_size'])}, batch "
+            f"{int(first['batch_size'])}, T {int(scale['seq_len'].max())}")
 
 
 def learning_gap(train: pd.DataFrame, series: str, k: float, unit: str) -> dict[str, Any]:
@@ -109,7 +148,12 @@ def chosen_k(curves: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 
 
 def decision_table(tables: dict[str, pd.DataFrame], train: pd.DataFrame, unit: str = "seed") -> pd.DataFrame:
-    """The decision summary, unrounded: one row per task × model × series with a K grid in the bias rows."""
+    """The decision summary, unrounded: one row per task × model × series with a K grid in the bias rows.
+
+    Cost is read twice: at the task × model's training size (``speed_*``, ``memory_*``) and in the
+    realistic-size perf block (``speed_scale_*``, ``memory_scale_*``; :func:`split_sizes`); ``busy_*`` says
+    whether a busy machine measured either side of a ratio.
+    """
     bias = _bias_rows(tables)
     if bias.empty or "relative_bias_hi" not in bias.columns:
         return pd.DataFrame()
@@ -117,19 +161,27 @@ def decision_table(tables: dict[str, pd.DataFrame], train: pd.DataFrame, unit: s
     perf = _ok(tables["results"], "perf")
     perf = with_method_axes(perf) if not perf.empty and "tokens_per_s" in perf.columns else pd.DataFrame()
     train = with_method_axes(train) if not train.empty else train
+    small, scale = split_sizes(perf, train)
     limits = [smallest_k(bias, t).rename(columns={"K": f"k_{t:g}"}) for t in THRESHOLDS]
     table = limits[0].merge(limits[1].drop(columns="largest_k"), on=["task", "model", "series"])
+    rank = bias.groupby("series")["method"].agg(lambda specs: min(describe(m)["sort_key"] for m in specs))
+    table["order"] = table["series"].map({name: i for i, name in enumerate(rank.sort_values().index)})
     rows = []
     for row in table.to_dict("records"):
-        cost = perf[(perf["task"] == row["task"]) & (perf["model"] == row["model"])] if len(perf) else perf
         learned = train[(train["task"] == row["task"]) & (train["model"] == row["model"])] if len(train) else train
+        cost = small[(small["task"] == row["task"]) & (small["model"] == row["model"])] if len(small) else small
+        cost = _at_training_size(cost, learned)
         for t in THRESHOLDS:
             k = row[f"k_{t:g}"]
-            c = cost_ratio(cost, row["series"], k) if len(cost) else {"speed": math.nan, "memory": math.nan,
-                                                                        "K": math.nan}
+            for suffix, rows_used in (("", cost), ("_scale", scale)):
+                c = cost_ratio(rows_used, row["series"], k) if len(rows_used) else \
+                    {"speed": math.nan, "memory": math.nan, "K": math.nan, "busy": False}
+                row |= {f"speed{suffix}_{t:g}": c["speed"], f"memory{suffix}_{t:g}": c["memory"],
+                        f"cost_k{suffix}_{t:g}": c["K"], f"busy{suffix}_{t:g}": c["busy"]}
             g = learning_gap(learned, row["series"], k, unit) if len(learned) else {"gap": math.nan, "K": math.nan}
-            row |= {f"speed_{t:g}": c["speed"], f"memory_{t:g}": c["memory"], f"cost_k_{t:g}": c["K"],
-                    f"metric_gap_{t:g}": g["gap"], f"train_k_{t:g}": g["K"]}
+            row |= {f"metric_gap_{t:g}": g["gap"], f"train_k_{t:g}": g["K"]}
+        row["perf_cells"] = len(cost)
+        row["trained"] = len(learned) > 0
         if len(learned) and "metric_name" in learned.columns:
             arrow = " ↑" if bool(learned["higher"].iloc[0]) else " ↓"
             row["metric"] = str(learned["metric_name"].iloc[0]) + arrow
@@ -141,17 +193,84 @@ def _k_cell(k: float, largest: float) -> str:
     return f"{k:g}" if math.isfinite(k) else f"> {largest:g}"
 
 
-def _at(value: float, measured_k: float, k: float, digits: int = 2) -> str:
-    """A ratio or difference, with the K it was measured at where that is not the K asked for."""
-    if not math.isfinite(value):
-        return "–"
-    text = _fmt(value, digits)
-    return text if measured_k == k else f"{text} (K={measured_k:g})"
+def overhead_words(table: pd.DataFrame, t: float = THRESHOLDS[0]) -> str:
+    """One sentence where cost at the training size is dominated by per-update overhead: some series runs at
+    under half of its realistic-size speed ratio there (truncation does no more arithmetic per token than full
+    BPTT for chunked and tbptt, so such a gap is overhead, not the method); "" otherwise."""
+    small, big = table.get(f"speed_{t:g}"), table.get(f"speed_scale_{t:g}")
+    if small is None or big is None:
+        return ""
+    both = pd.DataFrame({"small": small, "big": big}).dropna()
+    if both.empty or not (both["small"] < 0.5 * both["big"]).any():
+        return ""
+    return (f"At the training sizes per-update overhead dominates cost (truncation at {both['small'].min():.2g}–"
+            f"{both['small'].max():.2g}× full BPTT's tokens/s); at scale the same K runs at "
+            f"{both['big'].min():.2g}–{both['big'].max():.2g}×. ")
+
+
+def _ratio(value: float) -> str:
+    """A ratio to full BPTT such as ``0.52×``; ``–`` where there is none."""
+    return f"{value:.2g}×" if math.isfinite(value) else "–"
+
+
+def _cell(row: dict[str, Any], units: str, t: float = THRESHOLDS[0]) -> str:
+    """One family's answer for one task × model in three short lines: K (and the metric against full BPTT
+    there), cost at the training size, cost at scale; a value that is missing says why."""
+    k = row[f"k_{t:g}"]
+    first = "K " + " · ".join(_k_cell(row[f"k_{u:g}"], row["largest_k"]) for u in THRESHOLDS)
+    if not math.isfinite(k):
+        return f"{first}\nbias ≥ {t:.0%} at every K measured"
+    gap, trained = row[f"metric_gap_{t:g}"], row[f"train_k_{t:g}"]
+    if math.isfinite(gap):
+        first += f" · metric {gap:+.2g} vs full" + ("" if trained == k else f" (K={trained:g})")
+    else:
+        first += " · not trained"
+    lines = [first]
+    for suffix, where in (("", "train size"), ("_scale", "at scale")):
+        measured, busy = row[f"cost_k{suffix}_{t:g}"], "*" if row[f"busy{suffix}_{t:g}"] else ""
+        speed, memory = (_ratio(row[f"{what}{suffix}_{t:g}"]) for what in ("speed", "memory"))
+        if speed == "–":
+            lines.append(f"{where}: not measured")
+        else:
+            at = "" if measured == k else f" (K={measured:g})"
+            lines.append(f"{where}{at}: {speed} tok/s, {memory} mem{busy}")
+    return "\n".join(lines)
+
+
+def first_screen(table: pd.DataFrame, trained: pd.DataFrame, units: str) -> pd.DataFrame:
+    """The decision summary as shown: one row per task × model, one column per method series, each cell
+    :func:`_cell`; task × model pairs that were trained but not measured for bias get a row saying so."""
+    series = list(table.sort_values("order", kind="stable")["series"].drop_duplicates())
+    rows = []
+    for (task, model), grp in table.groupby(["task", "model"], sort=False):
+        metric = grp["metric"].dropna().iloc[0] if "metric" in grp and grp["metric"].notna().any() else ""
+        row = {"task · model": f"{task} · {model}" + (f"\n({metric})" if metric else "")}
+        cells = {r["series"]: _cell(r, units) for r in grp.to_dict("records")}
+        row |= {name: cells.get(name, "no bias measured for this family") for name in series}
+        rows.append(row)
+    if not trained.empty:
+        measured = set(zip(table["task"], table["model"]))
+        for task, model in trained[["task", "model"]].drop_duplicates().itertuples(index=False):
+            if (task, model) not in measured:
+                rows.append({"task · model": f"{task} · {model}"} |
+                            {name: "trained, but no bias measured in this suite" for name in series})
+    return pd.DataFrame(rows, columns=["task · model", *series])
+
+
+def busy_words(perf: pd.DataFrame) -> str:
+    """How many perf cells a busy machine measured (docs/perf.md, "Busy machine"); "" without perf cells."""
+    if perf.empty:
+        return ""
+    busy = perf["busy"].fillna(False).astype(bool) if "busy" in perf.columns else pd.Series(False, index=perf.index)
+    if not busy.any():
+        return f"All {len(perf)} perf cells were measured on a quiet machine. "
+    return f"{int(busy.sum())} of {len(perf)} perf cells were measured on a busy machine (marked *). "
 
 
 def decision_section(doc: Document, slot: list[tuple[str, Any]], tables: dict[str, pd.DataFrame],
                      train: pd.DataFrame) -> None:
-    """Fill ``slot`` (at the top of the report) with the decision summary."""
+    """Fill ``slot`` (at the top of the report) with the decision summary: one screen that answers, per task ×
+    model and method family, which K is enough and what it costs at the training size and at scale."""
     units = AXIS_UNITS[doc.options.axis]
     with doc.into(slot):
         doc.section("decision", "Which K, and at what cost")
@@ -159,26 +278,23 @@ def decision_section(doc: Document, slot: list[tuple[str, Any]], tables: dict[st
         if table.empty:
             doc.text("No bias measurements with intervals over a K grid, so no K can be recommended.")
             return
-        doc.text("Smallest K whose relative gradient bias is below 5% (and 1%): judged by the upper end of the "
-                 "bias interval of every seed (relative_bias_hi), so “below” is what the data support, not just "
-                 "the estimate; “> K” means no measured K got there. Speed and memory: tokens/s and peak memory "
-                 "over full BPTT's, at the largest T measured (the K in brackets is the nearest K with perf "
-                 f"cells, where the chosen one has none). Metric vs full: the mean paired difference of the "
-                 f"held-out metric at equal {units} (↑: higher is better, ↓: lower); the K in brackets is the "
-                 "nearest trained K. Details in the sections below.")
-        shown = pd.DataFrame({"task": table["task"], "model": table["model"], "series": table["series"]})
-        for t in THRESHOLDS:
-            k = table[f"k_{t:g}"]
-            shown[f"K: bias < {t:.0%}"] = [_k_cell(a, b) for a, b in zip(k, table["largest_k"])]
-            shown[f"speed ×full @K<{t:.0%}"] = [_at(v, m, a) for v, m, a in zip(table[f"speed_{t:g}"],
-                                                                                    table[f"cost_k_{t:g}"], k)]
-            shown[f"memory ×full @K<{t:.0%}"] = [_at(v, m, a) for v, m, a in zip(table[f"memory_{t:g}"],
-                                                                                     table[f"cost_k_{t:g}"], k)]
-            shown[f"metric vs full @K<{t:.0%}, equal {units}"] = [
-                _at(v, m, a, 3) for v, m, a in zip(table[f"metric_gap_{t:g}"], table[f"train_k_{t:g}"], k)]
-        if "metric" in table.columns:
-            shown.insert(3, "metric", table["metric"].fillna("–"))
-        doc.table("decision", shown, table, caption="Decision summary: which K is enough, and what it costs.")
+        perf = _ok(tables["results"], "perf")
+        perf = perf[perf["tokens_per_s"].notna()] if "tokens_per_s" in perf.columns else perf.iloc[0:0]
+        _, scale = split_sizes(with_method_axes(perf) if len(perf) else perf, train)
+        at_scale = (f"at scale ({scale_words(scale)}); " if len(scale) else
+                    "at scale (this suite has no realistic-size perf block); ")
+        doc.text(f"K: the smallest K with gradient bias below 5% · 1%; at the 5% K, the metric's mean paired "
+                 f"difference from full BPTT at equal {units}, and tokens/s and peak memory over full BPTT's at the "
+                 f"training size and {at_scale}“not measured”: no such perf cell in this suite. "
+                 + overhead_words(table) + busy_words(perf))
+        shown = first_screen(table, train, units)
+        doc.table("decision", shown, table, caption="Which K is enough, and what it costs (details below the table).")
+        doc.text("How to read it: the bias bound is the upper end of every seed's interval (relative_bias_hi, "
+                 "docs/design.md §3.3), so “below” is what the data support, not just the estimate; “> K”: no K "
+                 "of the grid got there. “(K=n)”: the "
+                 "nearest K that was measured or trained, where the chosen one was not. Cost ratios are medians "
+                 "over timed repeats at the largest T both were measured at; the 1% columns are in "
+                 "tables/decision.csv. ↑: higher is better, ↓: lower.")
         chosen = chosen_k(tables.get("curves", pd.DataFrame()), train)
         if len(chosen):
             chosen = chosen.assign(family=chosen["method"].map(lambda m: describe(m)["family"]))

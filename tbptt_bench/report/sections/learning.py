@@ -68,7 +68,7 @@ def learning_section(doc: Document, tables: dict[str, pd.DataFrame], palette: di
         final = final.merge(train.groupby("panel", as_index=False)["baseline"].first(), on="panel", how="left")
     final["label"] = final["method"].map(method_label)
     fig = figures.ci_points(final, label="label", y="mean", low="ci_low", high="ci_high", panel="panel",
-                            colours=_label_colours(final, palette), refs=refs, ylabel="held-out metric",
+                            colours=palette, refs=refs, ylabel="held-out metric",
                             title=f"Held-out metric at equal {units} (mean, {o.confidence:.0%} CI over seeds)")
     doc.figure("final_metric", fig, f"Which method learns most for the same {units}: the held-out metric of each "
                f"method at the largest {units} budget every run of the panel reached (mean over seeds with its "
@@ -91,12 +91,6 @@ def _baseline_refs(train: pd.DataFrame) -> pd.DataFrame | None:
     return refs
 
 
-def _label_colours(frame: pd.DataFrame, palette: dict[str, Any]) -> dict[str, Any]:
-    """The report's method colours keyed by the methods' short labels."""
-    return {method_label(m): c for m, c in palette.items()} | \
-        {lab: palette.get(m) for m, lab in zip(frame["method"], frame["label"]) if m in palette}
-
-
 def _learning_curves(doc: Document, curves: pd.DataFrame, refs: pd.DataFrame | None, palette: dict[str, Any],
                      x: str, units: str) -> None:
     o = doc.options
@@ -108,7 +102,7 @@ def _learning_curves(doc: Document, curves: pd.DataFrame, refs: pd.DataFrame | N
                               n_resamples=min(o.n_resamples, 500), seed=o.seed)
     summary["label"] = summary["method"].map(method_label)
     fig = figures.ci_lines(summary, x="budget", y="mean", low="ci_low", high="ci_high", hue="label",
-                           panel="panel", colours=_label_colours(summary, palette), refs=refs, markers=False,
+                           panel="panel", colours=palette, refs=refs, markers=False,
                            xlabel=units, ylabel="held-out metric",
                            title=f"Learning curves against {units} (mean over seeds, band: {o.confidence:.0%} CI)")
     doc.figure("learning_curves", fig, f"How fast each method learns per {units[:-1] if units.endswith('s') else units}: "
@@ -215,10 +209,19 @@ def _time_to_target(doc: Document, train: pd.DataFrame, curves: pd.DataFrame, pa
     table["order"] = table["method"].map(method_sort_key)
     table = table.sort_values(["panel", "order"]).drop(columns="order")
     runs = pd.concat(per_run, ignore_index=True)
+    reached = runs.groupby("panel")["at"].apply(lambda v: bool(v.notna().any()))
+    if not reached.all():
+        doc.text(f"No seed of any method reached the target in {', '.join(map(str, reached.index[~reached]))}; "
+                 "those panels are left out of the figure (the table lists them).")
+    runs = runs[runs["panel"].isin(reached.index[reached])]
+    if runs.empty:
+        shown = table.map(_fmt)
+        doc.table("time_to_target", shown, table, caption=f"Time to target per method, in {units}.")
+        return
     runs["label"] = runs["method"].map(method_label)
     order = [method_label(m) for m in order_methods(runs["method"])]
     fig = figures.seed_strip(runs, label="label", y="at", censored="last", panel="panel",
-                             colours=_label_colours(runs, palette), order=order, ylabel=f"{units} to target",
+                             colours=palette, order=order, ylabel=f"{units} to target",
                              title=f"{units.capitalize()} to the target, one point per seed (×: not reached)")
     doc.figure("time_to_target", fig, f"Which method gets past the target with the fewest {units}: one point per "
                "seed; × marks a seed that never stayed past it (drawn at its last evaluation).")

@@ -12,6 +12,8 @@ from tbptt_bench.methods.base import parse_method
 from tbptt_bench.report import figures
 from tbptt_bench.report import stats
 from tbptt_bench.report.common import _with_panel, method_label
+from tbptt_bench.report.sections.cost import BUSY_LEGEND, BUSY_MARK
+from tbptt_bench.report.sections.decision import split_sizes
 from tbptt_bench.report.document import AXIS_UNITS, Document
 from tbptt_bench.report.sections.bias import EXACT_ZERO
 
@@ -100,8 +102,11 @@ def _bias_against_compute(doc: Document, bias_summary: pd.DataFrame, palette: di
 def _bias_against_perf(doc: Document, bias_summary: pd.DataFrame, perf: pd.DataFrame, palette: dict[str, Any]) -> bool:
     if bias_summary.empty or perf.empty:
         return False
-    cost = perf.groupby(["task", "model", "method"], as_index=False)["ms_per_update"].median()
-    both = bias_summary.merge(cost, on=["task", "model", "method"], how="inner")
+    small, _ = split_sizes(perf, pd.DataFrame())
+    perf = small.assign(busy=small["busy"].fillna(False).astype(bool) if "busy" in small.columns else False)
+    on = ["task", "model", "method"] + (["seq_len"] if "seq_len" in bias_summary.columns else [])
+    cost = perf.groupby(on, as_index=False).agg(ms_per_update=("ms_per_update", "median"), busy=("busy", "any"))
+    both = bias_summary.merge(cost, on=on, how="inner")
     both = both[both["mean"] > EXACT_ZERO]
     if both.empty:
         return False
@@ -109,9 +114,9 @@ def _bias_against_perf(doc: Document, bias_summary: pd.DataFrame, perf: pd.DataF
     both, _ = _with_panel(both.drop(columns=["panel"], errors="ignore"))
     fig = figures.tradeoff(both, x="ms_per_update", y="mean", label="short", hue="method",
                            yerr=("ci_low", "ci_high"), panel="panel", colours=palette, logx=True, logy=True,
-                           xlabel="ms per update (perf cells)", ylabel="relative bias (fraction of ‖E g‖)",
+                           flag="busy", flag_label=BUSY_LEGEND, xlabel="ms per update (perf cells)", ylabel="relative bias (fraction of ‖E g‖)",
                            title="Relative gradient bias against measured time per update")
     doc.figure("tradeoff_bias_cost", fig, "The same trade-off in measured time: relative bias against the median "
-               "time per update of the perf cells of the same task, model and method (only where perf cells "
-               "exist).")
+               "time per update of the perf cells of the same task, model, method and T (only where perf cells "
+               "exist; the realistic-size block is left out). " + (BUSY_MARK if perf["busy"].any() else ""))
     return True
