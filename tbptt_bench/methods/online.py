@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from tbptt_bench.core.declared_cell import DeclaredCell
 from tbptt_bench.core.forward_mode import (
     CellFunction, Estimator, Influence, RankOne, check_influence_memory, itemsize, structural_pattern,
 )
@@ -57,6 +58,8 @@ class OnlineMethod(Method):
     forward_mode: ClassVar[bool] = True
     #: Cell types of the built-in models the estimator is defined for.
     cells: ClassVar[tuple[str, ...]] = CELL_TYPES
+    #: Whether it also runs models that declare their own step (``DeclaredCell``, docs/online.md).
+    declared: ClassVar[bool] = True
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         every = self.params.get("every") or 1
@@ -67,7 +70,7 @@ class OnlineMethod(Method):
 
         ``generator``: where a randomised estimator draws (training passes one seeded from the run's seed);
         None: the method's own."""
-        if cell.cell not in self.cells:
+        if cell.cell not in self.cells and not (self.declared and isinstance(cell, DeclaredCell)):
             raise UsageError(f"{self.spec} is defined for {', '.join(self.cells)} models only, not {cell.cell}; "
                              f"use rtrl, snap or uoro for {cell.cell}")
         return self._estimator(cell, batch, generator)
@@ -96,6 +99,7 @@ class SnAp(OnlineMethod):
     family = "snap"
     summary = "SnAp-n: RTRL with the influence matrix kept to the entries reachable in n steps (Menick et al.)"
     schema = {"n": positive_int(1, required=False), "every": positive_int(1, required=False), "max_mib": max_mib()}
+    declared = False  # its pattern is read off the built-in cells' encoder
 
     def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
         self._check_memory(cell, batch)
@@ -122,6 +126,7 @@ class RFLO(OnlineMethod):
     family = "rflo"
     summary = "RFLO eligibility trace (Murray 2019), tanh RNN, true read-out as feedback: leaky immediate Jacobian"
     cells = ("rnn",)
+    declared = False
     schema = {
         "tau": Param(float, 1.0, lambda v: v >= 1.0, "a time constant ≥ 1", False),
         "every": positive_int(1, required=False),
