@@ -37,6 +37,7 @@ from tbptt_bench.report.sections.cost import cost_section
 from tbptt_bench.report.sections.decision import decision_section
 from tbptt_bench.report.sections.learning import learning_section
 from tbptt_bench.report.sections.provenance import provenance_section
+from tbptt_bench.report.sections.reproductions import reproductions_section
 from tbptt_bench.report.sections.statistics import statistics_section
 from tbptt_bench.report.sections.tradeoff import tradeoff_section
 
@@ -143,6 +144,7 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
     tradeoff_section(doc, train, bias_summary, perf, palette)
     statistics_section(doc, train)
     decision_section(doc, summary, tables, train)
+    reproductions_section(doc, tables)
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
     (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     return doc
