@@ -6,7 +6,7 @@ Three experiments (docs/reproductions.md), each drawn only when its rows are in 
   gradient along the true one against K, beside the closed form; learning with truncation, ARTBP and UORO;
 * **copy curriculum** (``tasks/copy-curriculum.toml``, curves with ``curriculum_level``): the string length
   each estimator reaches, and whether the published ordering holds;
-* **sparse attentive backtracking at long delays** (``tasks/sab-long.toml``, suite ``sab-long``): final
+* **sparse attentive backtracking at long delays** (``tasks/sab-long.toml``, suites ``sab-long*``): final
   recall accuracy of SAB and LSTM under short truncation against full BPTT.
 
 The published numbers were looked up for this section; where one could not be found it says so. A verdict
@@ -79,7 +79,7 @@ def reproductions_section(doc: Document, tables: dict[str, pd.DataFrame]) -> Non
         return
     influence = main[main["task"] == "influence-balancing"]
     curriculum = _curriculum_runs(main, curves)
-    sab = main[main["suite"] == "sab-long"] if "suite" in main.columns else main.iloc[0:0]
+    sab = main[main["suite"].astype(str).str.startswith("sab-long")] if "suite" in main.columns else main.iloc[0:0]
     if influence.empty and curriculum.empty and sab.empty:
         return
     doc.section("reproductions", "Reproductions")
