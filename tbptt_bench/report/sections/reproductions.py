@@ -110,8 +110,9 @@ def _task(rows: pd.DataFrame) -> InfluenceBalancingTask:
 def influence_signs(bias: pd.DataFrame) -> pd.DataFrame:
     """Per truncation (sliding or chunked) of the bias rows: the measured component of ĝ_K along the true
     gradient (``cos · ‖ĝ‖/‖g‖``) and the closed form's sign for the same segment (``segment_influence``)."""
-    rows = bias[(bias["group"] == "all") & bias["family"].isin(["sliding", "chunked"])] if "group" in bias.columns \
-        else bias.iloc[0:0]
+    if bias.empty or not {"group", "family", "k", "seq_len", "cosine_mean", "norm_ratio_mean"} <= set(bias.columns):
+        return pd.DataFrame()
+    rows = bias[(bias["group"] == "all") & bias["family"].isin(["sliding", "chunked"])]
     out = []
     for (family, k, seq_len), grp in rows.groupby(["family", "k", "seq_len"]):
         task = _task(grp)
@@ -122,6 +123,15 @@ def influence_signs(bias: pd.DataFrame) -> pd.DataFrame:
                     "component": float((grp["cosine_mean"] * grp["norm_ratio_mean"]).mean()),
                     "predicted_sign": int(predicted)})
     return pd.DataFrame(out)
+
+
+def unbiased_rows(bias: pd.DataFrame) -> pd.DataFrame:
+    """The bias rows of ARTBP and UORO (group ``all``): cosine and relative bias with interval and p-value."""
+    columns = ["spec", "cosine_mean", "relative_bias", "relative_bias_lo", "relative_bias_hi", "bias_p_value"]
+    if bias.empty or not {"family", "group", *columns} <= set(bias.columns):
+        return pd.DataFrame()
+    rows = bias[(bias["group"] == "all") & bias["family"].isin(["artbp", "uoro"])]
+    return rows[columns].reset_index(drop=True)
 
 
 def influence_learning(train: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
@@ -167,6 +177,7 @@ def _influence(doc: Document, rows: pd.DataFrame, curves: pd.DataFrame) -> None:
             ax.plot(grp["K"], grp["component"], marker="o", label=f"{family}:k=K")
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(horizon, color="grey", ls="--", lw=0.8, label=f"K* = {horizon}")
+        ax.axvline(chunked_horizon(task), color="grey", ls=":", lw=0.8, label=f"chunked horizon {chunked_horizon(task)}")
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xlabel("truncation K")
@@ -179,7 +190,15 @@ def _influence(doc: Document, rows: pd.DataFrame, curves: pd.DataFrame) -> None:
         doc.table("reproduction_influence_sign", signs.assign(cosine=signs["cosine"].map(_fmt),
                   component=signs["component"].map(_fmt)),
                   caption=f"{int(signs['agrees'].sum())} of {len(signs)} measured signs equal the closed form's for "
-                  f"the same segment; wrong sign up to K = {_fmt(wrong.groupby('family')['K'].max().to_dict())}.")
+                  f"the same segment; wrong sign up to " + ", ".join(
+                      f"{f}:k={k}" for f, k in wrong.groupby("family")["K"].max().items()) + " on this segment.")
+    unbiased = unbiased_rows(_ok(rows, "bias"))
+    if not unbiased.empty:
+        doc.table("reproduction_influence_unbiased", unbiased.assign(**{c: unbiased[c].map(_fmt) for c in
+                  ("cosine_mean", "relative_bias", "relative_bias_lo", "relative_bias_hi", "bias_p_value")}),
+                  caption="The unbiased estimators at θ = 0 over their draws: the mean cosine of single draws, and "
+                  "the noise-corrected relative bias ‖E[ĝ − g]‖/‖g‖ with its interval and the test of zero bias "
+                  "(docs/statistics.md).")
     train = _ok(rows, "train")
     train = pd.concat([train, rows[(rows["measure"] == "train") & (rows["status"] == "diverged")]])
     if train.empty:
