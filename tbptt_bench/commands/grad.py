@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     warn_long_windows([method], args.seq_len)
     task, model = build(args)
     batch = task.sample(args.batch, args.seq_len, generator(derive_seed("data", args.seed)))
-    data = batch.to(args.device, model.readout.weight.dtype if hasattr(model, "readout") else None)
+    data = batch.to(args.device, next(model.parameters()).dtype)
     state = model.initial_state(args.batch)
     est = method_gradient(model, data, method, task.loss_kind, state, seed=args.seed)
     true = true_gradient(model, data, task.loss_kind, state)

@@ -159,6 +159,13 @@ class CellFunction:
         return self.flat_params(vmap(one)(x, s, u), 1)
 
 
+def cell_function(model: nn.Module) -> CellFunction:
+    """The per-row recurrence forward mode steps: the model's own where it declares ``cell_function()``
+    (docs/online.md, "Models that declare their step"), else the built-in models' :class:`CellFunction`."""
+    declared = getattr(model, "cell_function", None)
+    return declared() if callable(declared) else CellFunction(model)
+
+
 def structural_pattern(cell: CellFunction, n: int, generator: torch.Generator) -> torch.Tensor:
     """SnAp-n's pattern ``[S, P]``: entry (i, p) is kept iff parameter p can reach state entry i within n
     steps (Menick et al. 2021). n = 1 is the nonzero pattern of ``I_t``; n + 1 adds ``D_t``'s pattern
@@ -352,7 +359,7 @@ def run_forward_mode(
     per_step: bool = False,
 ) -> ForwardModeResult:
     """Step the model over ``source`` at fixed θ, accumulating ``ρ_t + estimator.read(∂ℓ_t/∂s_t)``."""
-    cell = CellFunction(model)
+    cell = cell_function(model)
     B = source.batch_size
     est = make_estimator(cell, B)
     readout = readout_parameters(model)
@@ -389,7 +396,7 @@ class OnlineEngine:
     def __init__(self, model: nn.Module, loss_kind: str, make_estimator: Callable[[CellFunction, int], Estimator],
                  *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         self.model, self.loss_kind, self.make_estimator = model, loss_kind, make_estimator
-        self.cell = CellFunction(model)
+        self.cell = cell_function(model)
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype

@@ -1,4 +1,4 @@
-"""Online (forward-mode) gradient estimators as methods: ``rtrl``, ``snap:n``, ``uoro``, ``rflo:tau``.
+"""Online (forward-mode) gradient estimators as methods: ``rtrl``, ``snap:n``, ``uoro``, ``kfrtrl``, ``rflo:tau``.
 
 They are not masks: each carries a stand-in for the influence matrix ``M_t = ∂s_t/∂θ`` forward in time
 and reads ``∂ℓ_t/∂θ ≈ ρ_t + (∂ℓ_t/∂s_t) M̂_t`` off it at every loss (docs/design.md §7.3). The runner
@@ -14,6 +14,9 @@ the models it is defined for and the estimator it carries.
   ``B·(S + P)``, time a small multiple of a forward step. Signs come from a ``torch.Generator`` seeded
   with ``derive_seed("online-signs", seed, spec)``; it advances across sequences, so successive
   estimates (bias batches) use fresh draws.
+* ``kfrtrl`` — KF-RTRL (Mujika, Meier & Steger 2018), one-layer tanh RNN: per weight matrix a
+  Kronecker product ``û ⊗ Â`` with one random sign per step, unbiased (:mod:`tbptt_bench.core.kfrtrl`).
+  Memory ``B·(2H² + E + H + 2 + V)``.
 * ``rflo:tau=τ`` — RFLO's eligibility trace (Murray 2019) for the tanh RNN with the true read-out as
   feedback: ``M_t = (1 − 1/τ) M_{t−1} + (1/τ) I_t``, the recurrence ``D_t`` dropped. The project's RNN
   has no leak (τ = 1 in Murray's model), where the trace is the immediate Jacobian alone.
@@ -34,6 +37,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from tbptt_bench.core.declared_cell import DeclaredCell
+from tbptt_bench.core.kfrtrl import KroneckerFactors, generator_signs
 from tbptt_bench.core.forward_mode import (
     CellFunction, Estimator, Influence, RankOne, check_influence_memory, itemsize, structural_pattern,
 )
@@ -57,6 +62,8 @@ class OnlineMethod(Method):
     forward_mode: ClassVar[bool] = True
     #: Cell types of the built-in models the estimator is defined for.
     cells: ClassVar[tuple[str, ...]] = CELL_TYPES
+    #: Whether it also runs models that declare their own step (``DeclaredCell``, docs/online.md).
+    declared: ClassVar[bool] = True
 
     def updates(self, length: int, first_update: int = 0, rng: np.random.Generator | None = None) -> list[Update]:
         every = self.params.get("every") or 1
@@ -67,7 +74,7 @@ class OnlineMethod(Method):
 
         ``generator``: where a randomised estimator draws (training passes one seeded from the run's seed);
         None: the method's own."""
-        if cell.cell not in self.cells:
+        if cell.cell not in self.cells and not (self.declared and isinstance(cell, DeclaredCell)):
             raise UsageError(f"{self.spec} is defined for {', '.join(self.cells)} models only, not {cell.cell}; "
                              f"use rtrl, snap or uoro for {cell.cell}")
         return self._estimator(cell, batch, generator)
@@ -96,6 +103,7 @@ class SnAp(OnlineMethod):
     family = "snap"
     summary = "SnAp-n: RTRL with the influence matrix kept to the entries reachable in n steps (Menick et al.)"
     schema = {"n": positive_int(1, required=False), "every": positive_int(1, required=False), "max_mib": max_mib()}
+    declared = False  # its pattern is read off the built-in cells' encoder
 
     def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
         self._check_memory(cell, batch)
@@ -118,10 +126,27 @@ class UORO(OnlineMethod):
 
 
 @register_method
+class KFRTRL(OnlineMethod):
+    family = "kfrtrl"
+    summary = "KF-RTRL: unbiased Kronecker-factored influence per weight matrix (Mujika, Meier & Steger 2018)"
+    cells = ("rnn",)
+    declared = False
+    schema = {"every": positive_int(1, required=False), "seed": Param(int, 0, lambda v: v >= 0, "an integer ≥ 0", False)}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._generator = torch.Generator().manual_seed(derive_seed("online-signs", self.params["seed"], self.spec))
+
+    def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
+        return KroneckerFactors(cell, batch, generator_signs(generator if generator is not None else self._generator))
+
+
+@register_method
 class RFLO(OnlineMethod):
     family = "rflo"
     summary = "RFLO eligibility trace (Murray 2019), tanh RNN, true read-out as feedback: leaky immediate Jacobian"
     cells = ("rnn",)
+    declared = False
     schema = {
         "tau": Param(float, 1.0, lambda v: v >= 1.0, "a time constant ≥ 1", False),
         "every": positive_int(1, required=False),

@@ -40,6 +40,7 @@ from tbptt_bench.report.sections.cost import cost_section
 from tbptt_bench.report.sections.decision import decision_section
 from tbptt_bench.report.sections.learning import learning_section
 from tbptt_bench.report.sections.provenance import provenance_section
+from tbptt_bench.report.sections.reproductions import reproductions_section
 from tbptt_bench.report.sections.statistics import statistics_section
 from tbptt_bench.report.sections.tradeoff import tradeoff_section
 
@@ -182,6 +183,7 @@ def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Docu
         ("trade-off", lambda: tradeoff_section(doc, results["train"], results["bias"], results["perf"], palette)),
         ("statistics", lambda: statistics_section(doc, results["train"])),
         ("decision summary", lambda: decision_section(doc, summary, tables, results["train"])),
+        ("reproductions", lambda: reproductions_section(doc, tables)),
     ]
     with progress(len(steps)) as step:
         for name, run in steps:

@@ -36,6 +36,7 @@ from tbptt_bench.methods.base import Method
 from tbptt_bench.models.protocol import State, detach_state
 from tbptt_bench.seeding import derive_seed, generator, method_rng
 from tbptt_bench.tasks.base import Batch, Task
+from tbptt_bench.training.curriculum import CopyCurriculum
 from tbptt_bench.training.run import NO_OPTIMIZER, ComposedConfig, Run, RunConfig, build_run
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class TrainConfig(ComposedConfig):
     #: Also stop once this many loss positions (summed over the batch: the curve's ``tokens``) have been
     #: trained on: an equal data budget for methods whose updates cover different numbers of losses.
     max_tokens: int | None = None
+    #: A copy curriculum (``tbptt_bench.training.curriculum``), e.g. ``{start = 1, threshold = 0.15}``; None for none.
+    curriculum: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.steps < 1 or self.seq_len < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:
@@ -77,6 +80,8 @@ class TrainResult:
     k_used: list[int | None] = field(default_factory=list)
     #: The evaluation at which the training loss was first non-finite (None: it never was).
     diverged_at: int | None = None
+    #: The curriculum level of every update (empty without a curriculum).
+    levels: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"config": self.config.flat(), "curve": self.curve, "final": self.final,
@@ -85,6 +90,8 @@ class TrainResult:
             out["k_used"] = self.k_used
         if self.diverged_at is not None:
             out["diverged_at"] = self.diverged_at
+        if self.levels:
+            out["levels"] = self.levels
         return out
 
 
@@ -217,19 +224,26 @@ def train(
     """
     cfg.validate()
     run = build_run(cfg.run, method)
-    trainer = _Trainer(cfg, run, on_eval, progress)
+    curriculum = (None if cfg.curriculum is None else
+                  CopyCurriculum.from_config(cfg.curriculum, run.task, cfg.batch_size, cfg.eval_batches, cfg.seed))
+    trainer = _Trainer(cfg, run, on_eval if curriculum is None else curriculum.with_eval(on_eval), progress)
     trainer.record(0)
     state: State | None = None
-    for segment, carry in _segments(run.task, cfg):
+    for segment, carry in (_segments(run.task, cfg) if curriculum is None else curriculum.segments(run.model)):
         if trainer.finished:
             break
         h0 = state if (carry and state is not None) else run.model.initial_state(cfg.batch_size)
         run.method.observe(trainer.updates, run.model, segment, h0, run.task.loss_kind)
         updates = run.method.updates(segment.length, first_update=trainer.updates, rng=trainer.rng)
         trainer.segment = segment
+        before = trainer.updates
         for step in run.engine.steps(segment, updates, h0):
             step.backward()
             state = detach_state(step.state)
             if trainer.after_update(step.update, step.loss.detach()):
                 break
-    return trainer.result()
+        if curriculum is not None:
+            curriculum.note_updates(segment, trainer.updates - before)
+    result = trainer.result()
+    result.levels = [] if curriculum is None else curriculum.levels
+    return result
