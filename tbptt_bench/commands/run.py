@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run only the cell with this key (or unique key prefix); repeatable")
     p.add_argument("--executor", default="local", choices=EXECUTORS, help="where cells run (default: local)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="local: worker processes for cells that time nothing (default 1); "
+                   help="local: worker processes for cells that time nothing (default: one per CPU, over --threads); "
                         "ray without --ray-address: CPUs of the local Ray instance (default: all)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="address of an existing Ray cluster (e.g. ray://head:10001); default: a local instance")

@@ -519,9 +519,15 @@ class RayExecutor:
             return crashed_result(cell, message, executor=self.name, concurrency=concurrency)
 
 
+def default_jobs(threads: int = 1) -> int:
+    """Local workers for cells that time nothing: one per ``threads`` of the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // threads)
+
+
 def make_executor(name: str, *, jobs: int | None = None, ray_address: str | None = None,
                   plugin_dirs: Sequence[str] = (), threads: int = 1) -> Executor:
-    """An executor by name (``local`` or ``ray``); ``jobs`` defaults to 1 locally, all CPUs for Ray.
+    """An executor by name (``local`` or ``ray``); ``jobs`` defaults to :func:`default_jobs` locally, all CPUs for Ray.
 
     ``threads`` is the torch thread count of every cell that times nothing (timing cells set their own).
     """
@@ -532,7 +538,7 @@ def make_executor(name: str, *, jobs: int | None = None, ray_address: str | None
     if name == "local":
         if ray_address:
             raise UsageError("--ray-address needs --executor ray")
-        return LocalExecutor(jobs or 1, plugin_dirs, threads)
+        return LocalExecutor(jobs or default_jobs(threads), plugin_dirs, threads)
     if name == "ray":
         if ray_address and jobs:
             raise UsageError("--jobs sizes a local Ray instance; with --ray-address the cluster decides")
