@@ -101,7 +101,11 @@ def test_every_benchmark_runs_once_on_its_tiny_cell():
                     cls.__name__ == "KCurveCost" and params[1] not in ("chunked", "tbptt"))
                 continue
             for name in benchmark_methods(cls):
-                value = getattr(bench, name)(*params)
+                try:
+                    value = getattr(bench, name)(*params)
+                except NotImplementedError:  # asv: skipped; a bias figure not defined for this method
+                    assert name.startswith("track_") and cls.__name__ != "GPUUpdate", (name, params)
+                    continue
                 ran += 1
                 if name.startswith("track_"):
                     assert getattr(getattr(cls, name), "unit", None), name
@@ -109,7 +113,9 @@ def test_every_benchmark_runs_once_on_its_tiny_cell():
                 else:
                     assert value is None
     n_cells = len(grid.grid()[0]) * len(grid.grid()[1])
-    assert ran >= 4 * n_cells  # time, peakmem and two bias figures everywhere (GPU ones too with CUDA)
+    # time, peakmem and at least one bias figure everywhere: the exact-expectation bias for mask methods (and
+    # 1 − cosine for deterministic ones), the bias-detected test for estimators without an exact expectation
+    assert ran >= 3 * n_cells
 
 
 def test_update_benchmark_is_perfs_timed_unit():

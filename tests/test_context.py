@@ -19,6 +19,7 @@ from tbptt_bench.analysis.gradients import flatten, method_gradient, true_gradie
 from tbptt_bench.analysis.long_lags import lag_grid, long_lag_profile
 from tbptt_bench.core.build import make_task
 from tbptt_bench.errors import UsageError
+from tbptt_bench.seeding import derive_seed
 from tbptt_bench.report.load import load_tables
 from tbptt_bench.report.report import build_report
 from tbptt_bench.suites.jobs import run_cell
@@ -92,7 +93,7 @@ def _independent(model: torch.nn.Module, cfg: ContextConfig) -> dict[int, tuple[
         d = np.stack(rows) - g
         u_d = (d.sum(0) @ d.sum(0) - (d * d).sum()) / (N * (N - 1))
         u_g = (g.sum(0) @ g.sum(0) - (g * g).sum()) / (N * (N - 1))
-        hi = expectation_bias(d, g, n_flips=0).relative_bias_hi
+        hi = expectation_bias(d, g, n_flips=0, seed=derive_seed("context", cfg.seed, k)).relative_bias_hi  # the interval's bootstrap draws
         error = float(np.mean(np.linalg.norm(d, axis=1) / np.linalg.norm(g, axis=1)))
         out[k] = (math.sqrt(max(u_d, 0.0) / u_g), hi, error)
     return out

@@ -29,9 +29,9 @@ def estimate_with(model, batch: Batch, loss_kind: str, bits: tuple[float, ...]) 
     """KF-RTRL's estimate when step t of row b draws the signs ``bits[(t·B + b)·GROUPS : …]``."""
     queue = list(bits)
 
-    def signs(shape: tuple[int, ...]) -> torch.Tensor:
+    def signs(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         n = shape[0] * shape[1]
-        out = torch.tensor(queue[:n], dtype=torch.float64).reshape(shape)
+        out = torch.tensor(queue[:n], dtype=torch.float64, device=device).reshape(shape)
         del queue[:n]
         return out
 

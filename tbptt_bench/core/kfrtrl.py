@@ -33,13 +33,26 @@ from torch import nn
 from tbptt_bench.core.forward_mode import CellFunction
 from tbptt_bench.errors import UsageError
 
-#: ``signs(shape) -> tensor of ±1``: where the estimator draws its signs (a seeded generator by default).
-SignSource = Callable[[tuple[int, ...]], torch.Tensor]
+#: ``signs(shape, device) -> tensor of ±1 on device``: where the estimator draws its signs (a seeded generator
+#: by default).
+SignSource = Callable[[tuple[int, ...], torch.device], torch.Tensor]
 
 
 def generator_signs(generator: torch.Generator) -> SignSource:
-    """Signs ``2·randint(0, 2) − 1`` drawn on the CPU from ``generator``."""
-    return lambda shape: (2 * torch.randint(0, 2, shape, generator=generator) - 1)
+    """Signs ``2·randint(0, 2) − 1`` drawn where the state lives: from ``generator`` on its own device, else from
+    a generator on the state's device seeded once from it (no host-device copy per step, as UORO's)."""
+    on_device: dict[str, torch.Generator] = {}
+
+    def signs(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        source = generator
+        if generator.device.type != device.type:
+            if str(device) not in on_device:
+                seed = int(torch.randint(0, 2**62, (), generator=generator))
+                on_device[str(device)] = torch.Generator(device=device).manual_seed(seed)
+            source = on_device[str(device)]
+        return 2 * torch.randint(0, 2, shape, generator=source, device=device) - 1
+
+    return signs
 
 
 def _ratio_sqrt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -85,7 +98,7 @@ class KroneckerFactors:
         if self.u is None or self.A is None:
             self.u = [torch.zeros_like(a) for a in columns]
             self.A = [torch.zeros_like(b) for b in immediate]
-        c = self.signs((s.shape[0], len(columns))).to(s.dtype).to(s.device)
+        c = self.signs((s.shape[0], len(columns)), s.device).to(s.dtype)
         new_u, new_A = [], []
         for g, (a, B) in enumerate(zip(columns, immediate)):
             DA = slope[:, :, None] * torch.matmul(w_hh, self.A[g])
