@@ -32,7 +32,8 @@ def suite_name(suite: str) -> str:
 
 
 def head_commit() -> str:
-    """HEAD's commit; exits with status 2 when tracked files have uncommitted changes."""
+    """HEAD's commit; exits with status 1 when tracked files have uncommitted changes (checked before the suites
+    run and again after them, so that no cell can have recorded a "+dirty" tree)."""
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.strip()
     if dirty:
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         cli("run", REPORTS[name], "--results", str(results), "--jobs", str(args.jobs), "--quiet")
         log.info("%s: suite ran in %.0f s", name, time.perf_counter() - started)
+    if head_commit() != commit:
+        sys.exit(f"regenerate: HEAD moved from {commit[:10]} while the suites ran; run it again on a quiet tree")
     for name in names:
         cli("report", str(results / suite_name(REPORTS[name])), "--out", str(ROOT / "reports" / name))
     log.info("regenerated %s at %s; commit reports/ now", ", ".join(names), commit[:10])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tbptt_bench.analysis.gradients import flatten, method_gradient
+from tbptt_bench.api import method_mask
 from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.report.sections.reproductions import (
     chunked_horizon, curriculum_levels, influence_learning, influence_signs, influence_verdict, order_agreement,
@@ -42,7 +43,7 @@ def test_influence_signs_reads_components_and_predicts_from_the_closed_form() ->
     assert signs.loc[("sliding", 10), "component"] == -3.0
     task = InfluenceBalancingTask(valid_length=2000)
     for (family, k), row in signs.iterrows():
-        expect = np.sign(task.segment_influence(k, 400, family)) * np.sign(task.segment_influence(400, 400))
+        expect = np.sign(task.segment_influence(method_mask(f"{family}:k={k}", 400))) * np.sign(task.segment_influence(np.tril(np.ones((400, 400)))))
         assert row["predicted_sign"] == expect
     assert signs["predicted_sign"].to_dict() == {("chunked", 40): -1, ("sliding", 10): -1, ("sliding", 100): 1}
 

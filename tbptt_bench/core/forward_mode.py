@@ -159,11 +159,42 @@ class CellFunction:
         return self.flat_params(vmap(one)(x, s, u), 1)
 
 
+class DeclaredCell(CellFunction):
+    """A :class:`CellFunction` whose step is the model's own ``row(theta, x, s) -> s'`` (docs/online.md, "Models
+    that declare their step"): one batch row, ``theta`` its parameters in ``named_parameters`` order, a state of
+    one tensor ``[1, B, S]`` and ``readout(features)`` taking that state. Every parameter is recurrent."""
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: super().__init__ checks for the built-in models
+        if not callable(getattr(model, "readout", None)):
+            raise UsageError(f"{type(model).__name__} declares row() but lacks readout(); "
+                             "a declared cell needs both (docs/online.md)")
+        state = model.initial_state(1)
+        if not hasattr(state, "shape") or state.dim() != 3 or state.shape[0] != 1:
+            raise UsageError(f"{type(model).__name__}: a declared cell needs a state of one tensor [1, B, S]")
+        self.model = model
+        self.cell = type(model).__name__
+        self.layers, self.hidden = 1, int(state.shape[2])
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.P = sum(self.sizes)
+        self.S = self.hidden
+
+    def state_size(self, hidden: int) -> int:
+        return hidden
+
+    def param_count(self, hidden: int) -> int:
+        return self.P
+
+    def row(self, theta, x, s):  # type: ignore[no-untyped-def]
+        return self.model.row(theta, x, s)
+
+
 def cell_function(model: nn.Module) -> CellFunction:
-    """The per-row recurrence forward mode steps: the model's own where it declares ``cell_function()``
-    (docs/online.md, "Models that declare their step"), else the built-in models' :class:`CellFunction`."""
-    declared = getattr(model, "cell_function", None)
-    return declared() if callable(declared) else CellFunction(model)
+    """The per-row recurrence forward mode steps: :class:`DeclaredCell` for a model that declares its step
+    (a ``row`` method), else the built-in models' :class:`CellFunction`."""
+    return DeclaredCell(model) if callable(getattr(model, "row", None)) else CellFunction(model)
 
 
 def structural_pattern(cell: CellFunction, n: int, generator: torch.Generator) -> torch.Tensor:

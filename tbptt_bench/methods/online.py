@@ -37,10 +37,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from tbptt_bench.core.declared_cell import DeclaredCell
 from tbptt_bench.core.kfrtrl import KroneckerFactors, generator_signs
 from tbptt_bench.core.forward_mode import (
-    CellFunction, Estimator, Influence, RankOne, check_influence_memory, itemsize, structural_pattern,
+    CellFunction, DeclaredCell, Estimator, Influence, RankOne, check_influence_memory, itemsize, structural_pattern,
 )
 from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError

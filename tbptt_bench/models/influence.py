@@ -8,8 +8,6 @@ forward-mode estimators (``rtrl``, ``snap``, ``uoro``, ``kfrtrl``) run on it as 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
@@ -51,12 +49,6 @@ class InfluenceLinear(nn.Module):
     def row(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """One step of one row at parameters ``theta`` (``(θ,)``): the per-row recurrence forward mode differentiates."""
         return self.transition @ s + theta[0] * self.signs
-
-    def cell_function(self) -> Any:
-        """The forward-mode view of this model (docs/online.md, "Models that declare their step")."""
-        from tbptt_bench.core.declared_cell import DeclaredCell  # core imports models: imported on use
-
-        return DeclaredCell(self)
 
 
 @register_model("influence-linear")

@@ -101,21 +101,19 @@ class InfluenceBalancingTask(Task):
             raise UsageError(f"influence-balancing: the truncated influence keeps the wrong sign up to {max_lag} lags")
         return int(agree[0]) + 1
 
-    def segment_influence(self, k: int, seq_len: int, family: str = "sliding") -> float:
-        """Σ over the ``seq_len`` losses of a segment of the influence each keeps, ``Σ_{kept d} a_d``.
+    def segment_influence(self, mask: np.ndarray) -> float:
+        """Σ over the losses of a segment of the influence each keeps: ``Σ_t Σ_{s ≤ t} m(t, s)·a_{t−s}``.
 
-        ``sliding``: loss t (1-based) keeps lags ``d < min(k, t)``; ``chunked``: the loss at offset j of its
-        chunk of k keeps lags ``d ≤ j``. Where ``s¹ − target`` is the same constant e at every step (the
-        fixed point of θ = 0 started from the zero state: e = −target), the truncated gradient is
+        ``mask`` is the segment's ``T × T`` mask m(t, s) (docs/design.md §2.3; ``tbptt_bench.method_mask(spec, T)``,
+        ones on and below the diagonal for full BPTT). Where ``s¹ − target`` is the same constant e at every step
+        (the fixed point of θ = 0 started from the zero state: e = −target), the truncated gradient is
         ``2·e·segment_influence`` (the loss is the squared error) and its sign is this number's times e's.
         """
-        if k < 1 or seq_len < 1 or family not in ("sliding", "chunked"):
-            raise UsageError(f"segment_influence: expected k ≥ 1, seq_len ≥ 1 and family sliding or chunked; "
-                             f"got {k}, {seq_len}, {family!r}")
-        cumulative = np.concatenate([[0.0], np.cumsum(self.lag_influences(seq_len))])
-        t = np.arange(1, seq_len + 1)
-        kept = np.minimum(k, t) if family == "sliding" else (t - 1) % k + 1
-        return float(cumulative[kept].sum())
+        m = np.asarray(mask, dtype=float)
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
+            raise UsageError(f"segment_influence: expected a square T × T mask, got shape {m.shape}")
+        t, s = np.tril_indices(m.shape[0])
+        return float((m[t, s] * self.lag_influences(m.shape[0])[t - s]).sum())
 
     # -- data --------------------------------------------------------------------------------------
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:

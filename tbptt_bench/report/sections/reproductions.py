@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from tbptt_bench.core.mask import mask_matrix
+from tbptt_bench.methods.base import parse_method
 from tbptt_bench.report.common import _fmt, _ok
 from tbptt_bench.report.document import Document
 from tbptt_bench.tasks.influence import InfluenceBalancingTask
@@ -116,8 +118,10 @@ def influence_signs(bias: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (family, k, seq_len), grp in rows.groupby(["family", "k", "seq_len"]):
         task = _task(grp)
-        predicted = np.sign(task.segment_influence(int(k), int(seq_len), family)) * \
-            np.sign(task.segment_influence(int(seq_len), int(seq_len)))
+        T = int(seq_len)
+        truncation = parse_method(f"{family}:k={int(k)}").updates(T)
+        predicted = np.sign(task.segment_influence(mask_matrix(truncation, T))) * \
+            np.sign(task.segment_influence(np.tril(np.ones((T, T)))))
         out.append({"family": family, "K": int(k), "seq_len": int(seq_len),
                     "cosine": float(grp["cosine_mean"].mean()),
                     "component": float((grp["cosine_mean"] * grp["norm_ratio_mean"]).mean()),
