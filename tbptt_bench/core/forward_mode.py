@@ -116,6 +116,7 @@ class CellFunction:
         new_h, new_c = [], []
         for layer in range(L):
             w = [p[f"rnn.{k}_l{layer}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            w[1] = self.model.masked_hh(layer, w[1])
             h = s[layer * H:(layer + 1) * H]
             if self.cell == "lstm":
                 c = s[(L + layer) * H:(L + layer + 1) * H]

@@ -73,6 +73,9 @@ class KroneckerFactors:
     def __post_init__(self) -> None:
         if self.cell.cell != "rnn" or self.cell.layers != 1:
             raise UsageError(f"kfrtrl is defined for one-layer rnn models; got {self.cell.layers}-layer {self.cell.cell}")
+        if self.cell.model.recurrent_mask(0) is not None:
+            raise UsageError("kfrtrl is defined for dense cores (a masked W_hh's immediate Jacobian is not one Kronecker "
+                             "product); use rtrl or snap:storage=sparse on a sparse core")
         self._embedding = isinstance(self.cell.model.encoder, nn.Embedding)
 
     def _params(self) -> dict[str, torch.Tensor]:

@@ -7,9 +7,11 @@ the models it is defined for and the estimator it carries.
 
 * ``rtrl`` — exact RTRL: ``M_t = D_t M_{t−1} + I_t``. At fixed θ, ``Σ_t`` of its estimates is the full
   BPTT gradient. Memory ``B·S·P`` (≈ B·H³ for a tanh RNN), time ≈ ``B·S²·P`` per step (≈ B·H⁴).
-* ``snap:n=N`` — SnAp-N (Menick et al. 2021): RTRL with ``M_t`` masked after every step to the
-  entries a parameter can reach within N steps (N = 1: the pattern of ``I_t``). Computed densely
-  (same cost as RTRL); the estimate is SnAp's exactly, the cost is not a sparse implementation's.
+* ``snap:n=N[,storage=dense|sparse]`` — SnAp-N (Menick et al. 2021): RTRL with ``M_t`` masked after every
+  step to the entries a parameter can reach within N steps (N = 1: the pattern of ``I_t``). ``dense`` (the
+  default) computes the masked ``B·S·P`` recursion (RTRL's cost); ``sparse`` stores only the pattern's entries
+  and updates them with gathers and scatter-adds (:mod:`tbptt_bench.core.sparse_snap`): the same estimate,
+  memory ``B·|Π_N|``. On a sparse core (model parameter ``sparsity``) SnAp-2's pattern is a small part of ``S·P``.
 * ``uoro`` — UORO (Tallec & Ollivier 2017): a rank-one, unbiased ``M̂_t = h̃_t θ̃_tᵀ`` per row. Memory
   ``B·(S + P)``, time a small multiple of a forward step. Signs come from a ``torch.Generator`` seeded
   with ``derive_seed("online-signs", seed, spec)``; it advances across sequences, so successive
@@ -42,6 +44,7 @@ from tbptt_bench.core.forward_mode import (
     CellFunction, DeclaredCell, Estimator, Influence, RankOne, check_influence_memory, itemsize, structural_pattern,
 )
 from tbptt_bench.core.mask import Update
+from tbptt_bench.core.sparse_snap import SparseInfluence
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, Param, positive_int, register_method
 from tbptt_bench.models.recurrent import CELL_TYPES
@@ -101,12 +104,23 @@ class RTRL(OnlineMethod):
 class SnAp(OnlineMethod):
     family = "snap"
     summary = "SnAp-n: RTRL with the influence matrix kept to the entries reachable in n steps (Menick et al.)"
-    schema = {"n": positive_int(1, required=False), "every": positive_int(1, required=False), "max_mib": max_mib()}
+    schema = {"n": positive_int(1, required=False), "every": positive_int(1, required=False), "max_mib": max_mib(),
+              "storage": Param(str, None, lambda v: v in ("dense", "sparse"), "dense or sparse (default dense)", False)}
     declared = False  # its pattern is read off the built-in cells' encoder
 
     def _estimator(self, cell: CellFunction, batch: int, generator: torch.Generator | None) -> Estimator:
+        pattern_seed = torch.Generator().manual_seed(derive_seed("snap-pattern"))
+        if self.params["storage"] == "sparse":
+            sparse = SparseInfluence(cell, batch, self.params["n"], pattern_seed)
+            dtype = next(cell.model.parameters()).dtype
+            need = batch * sparse.entries * itemsize(dtype)
+            if need > self.params["max_mib"] * 2**20:
+                raise UsageError(f"{self.spec}: the stored influence needs {need / 2**20:.0f} MiB (batch {batch} × "
+                                 f"{sparse.entries} pattern entries × {itemsize(dtype)} bytes), above "
+                                 f"max_mib={self.params['max_mib']}; lower the batch or n, or raise max_mib")
+            return sparse
         self._check_memory(cell, batch)
-        pattern = structural_pattern(cell, self.params["n"], torch.Generator().manual_seed(derive_seed("snap-pattern")))
+        pattern = structural_pattern(cell, self.params["n"], pattern_seed)
         return Influence(cell, batch, "exact", pattern=pattern.to(next(cell.model.parameters()).dtype))
 
 

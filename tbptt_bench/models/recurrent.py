@@ -6,6 +6,12 @@ linear read-out (``readout``); math in docs/models.md. Two execution paths share
 ``fused`` (one ``nn.RNN/LSTM/GRU`` call per chunk: cuDNN/oneDNN kernels) and ``cell`` (an explicit
 per-step loop written from the equations, used as an independent check and by methods that need every
 step's state).
+
+A **sparse core** (``sparsity > 0``): each layer's recurrent matrix ``weight_hh`` gets a fixed random mask that
+keeps ``round((1 − sparsity)·numel)`` entries, drawn from ``mask_seed`` (the same mask for every model seed).
+Both paths compute with ``weight_hh ⊙ mask``, so the pruned entries are zero in the recurrence and receive
+zero gradient from every method; they are also set to zero at construction, so an optimiser never moves
+them (docs/online.md, "Sparse cores").
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.models.protocol import ExecutionPath, InputFold, State, register_model
+from tbptt_bench.seeding import derive_seed
 
 CELL_TYPES = ("rnn", "lstm", "gru")
 
@@ -64,6 +71,8 @@ class RecurrentNet(nn.Module):
         hidden_size: int,
         num_layers: int = 1,
         path: ExecutionPath = "fused",
+        sparsity: float = 0.0,
+        mask_seed: int = 0,
     ) -> None:
         super().__init__()
         if cell not in CELL_TYPES:
@@ -85,6 +94,33 @@ class RecurrentNet(nn.Module):
         self.rnn = rnn_cls(hidden_size, hidden_size, num_layers=num_layers, batch_first=True)
         self.readout = nn.Linear(hidden_size, output_size)
         self._compiled_step: Callable[..., Any] | None = None
+        self.sparsity = float(sparsity)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"sparsity is the pruned fraction of each recurrent matrix, in [0, 1); got {sparsity}")
+        if self.sparsity > 0:
+            self._prune(int(mask_seed))
+
+    # -- sparse core ----------------------------------------------------------------------------
+    def _prune(self, mask_seed: int) -> None:
+        """Draw each layer's fixed ``weight_hh`` mask (buffer ``mask_hh_l{k}``) and zero the pruned entries."""
+        generator = torch.Generator().manual_seed(derive_seed("recurrent-mask", mask_seed))
+        for layer in range(self.num_layers):
+            weight = getattr(self.rnn, f"weight_hh_l{layer}")
+            keep = round((1.0 - self.sparsity) * weight.numel())
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[torch.randperm(weight.numel(), generator=generator)[:keep]] = True
+            self.register_buffer(f"mask_hh_l{layer}", mask.view(weight.shape))
+            with torch.no_grad():
+                weight.mul_(mask.view(weight.shape))
+
+    def recurrent_mask(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s fixed ``weight_hh`` mask (bool, the weight's shape), or None for a dense core."""
+        return getattr(self, f"mask_hh_l{layer}", None)
+
+    def masked_hh(self, layer: int, weight: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s recurrent matrix ``weight`` as the recurrence uses it: times the mask of a sparse core."""
+        mask = self.recurrent_mask(layer)
+        return weight if mask is None else weight * mask
 
     # -- protocol -------------------------------------------------------------------------------
     def initial_state(self, batch_size: int) -> State:
@@ -99,6 +135,10 @@ class RecurrentNet(nn.Module):
     def core(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Encoder and recurrence: top-layer hidden states ``[B, L, H]`` and the new state."""
         x = self.encoder(inputs)
+        if self.path == "fused" and self.sparsity > 0:
+            masked = {f"weight_hh_l{k}": self.masked_hh(k, getattr(self.rnn, f"weight_hh_l{k}"))
+                      for k in range(self.num_layers)}
+            return torch.func.functional_call(self.rnn, masked, (x, state))
         if self.path == "fused":
             return self.rnn(x, state)
         if self.path == "cell":
@@ -112,12 +152,12 @@ class RecurrentNet(nn.Module):
         Worth it when the raw input is no wider than the hidden state (one-hot tokens of a small
         vocabulary, low-dimensional real inputs): the first layer's input products shrink from H to
         that width and the encoder's input adjoint disappears. None on the cell path, for wider inputs,
-        or when the encoder or the first layer's input weights are frozen.
+        for a sparse core, or when the encoder or the first layer's input weights are frozen.
         """
         enc = self.encoder
         width = enc.num_embeddings if isinstance(enc, nn.Embedding) else enc.in_features
         first = (*enc.parameters(), self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
-        if self.path != "fused" or width > self.hidden_size or not all(p.requires_grad for p in first):
+        if self.path != "fused" or self.sparsity > 0 or width > self.hidden_size or not all(p.requires_grad for p in first):
             return None
         folded = FoldedNet(self)
         return InputFold(folded, folded.pullback)
@@ -145,7 +185,7 @@ class RecurrentNet(nn.Module):
             inp = x[:, t]
             for layer in range(self.num_layers):
                 w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
-                w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
+                w_hh = self.masked_hh(layer, getattr(self.rnn, f"weight_hh_l{layer}"))
                 b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
                 b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
                 if self.cell == "lstm":
@@ -222,10 +262,13 @@ class FoldedNet(nn.Module):
 
 
 def _factory(cell: str):  # type: ignore[no-untyped-def]
-    def build(task, hidden_size: int, num_layers: int = 1, path: ExecutionPath = "fused") -> RecurrentNet:  # type: ignore[no-untyped-def]
-        return RecurrentNet(cell, task.input_kind, task.input_size, task.output_size, hidden_size, num_layers, path)
+    def build(task, hidden_size: int, num_layers: int = 1, path: ExecutionPath = "fused",  # type: ignore[no-untyped-def]
+              sparsity: float = 0.0, mask_seed: int = 0) -> RecurrentNet:
+        return RecurrentNet(cell, task.input_kind, task.input_size, task.output_size, hidden_size, num_layers, path,
+                            sparsity, mask_seed)
 
-    build.__doc__ = f"Built-in {cell} model: encoder → {cell} core → linear read-out."
+    build.__doc__ = (f"Built-in {cell} model: encoder → {cell} core → linear read-out; ``sparsity`` prunes that "
+                     "fraction of each recurrent matrix with a fixed mask drawn from ``mask_seed``.")
     return build
 
 
