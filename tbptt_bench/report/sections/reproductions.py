@@ -51,22 +51,25 @@ INFLUENCE = Claim(
     "the unbiased estimators (UORO, ARTBP) converge",
     "system as in the public reproductions of the experiment: n = 23 units, 10 driven by +θ, 13 by −θ, "
     "A = ½I + ½·shift, loss on unit 1; the truncation lengths, learning rates and curves of the figure could "
-    "not be found with the search tool",
+    "not be found with the search tool (searched again 2026-12-07)",
 )
 CURRICULUM = Claim(
     "Mujika, Meier & Steger, NeurIPS 2018 (KF-RTRL); Menick et al., ICLR 2021 (SnAp)",
     "the copy-task curriculum experiments of both papers",
     "on a copy task whose string grows once the model copies it below 0.15 bits per symbol, the length reached "
     "orders the estimators: RTRL ≥ SnAp-2 ≥ SnAp-1 ≥ KF-RTRL ≥ UORO, with truncated BPTT limited by its window",
-    "KF-RTRL learned dependencies of up to 36 steps (found in a summary of the KF-RTRL paper); the lengths "
-    "reached by UORO, RTRL and truncated BPTT there, and every length of the SnAp paper, could not be found "
-    "with the search tool",
+    "KF-RTRL learned dependencies of up to 36 steps (found in a summary of the KF-RTRL paper); the SnAp paper's "
+    "abstract (found) says SnAp-1 costs no more than backpropagation and that on highly sparse networks SnAp-2 "
+    "stays tractable and can learn faster than BPTT when updates are online (hence its run on a sparse "
+    "core, tasks/copy-curriculum-sparse.toml); the lengths reached by UORO, RTRL and truncated BPTT in the "
+    "KF-RTRL paper, and every length of the SnAp paper, could not be found with the search tool (searched again "
+    "2026-12-07: the stored copies of both papers return only their openings)",
 )
 SAB = Claim(
     "Ke et al., \"Sparse Attentive Backtracking\", NeurIPS 2018",
     "the copy-task table (delays T = 100, 200, 300)",
     "with a short truncation SAB approaches full BPTT on copy at long delays, while truncated LSTM fails",
-    "the table's accuracies could not be found with the search tool",
+    "the table's accuracies could not be found with the search tool (searched again 2026-12-07)",
 )
 
 #: The published order of the curriculum's estimators (best first); families not listed are not ranked.
