@@ -25,16 +25,17 @@ from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.models.recurrent import RecurrentNet
 
-from test_engine import token_batch
+from test_engine import real_batch, token_batch
 
 CELLS = ["rnn", "gru", "lstm"]
 V = 5
 
 
 def sparse_model(cell: str, H: int = 5, layers: int = 1, sparsity: float = 0.7, seed: int = 0,
-                 mask_seed: int = 0) -> RecurrentNet:
+                 mask_seed: int = 0, kind: str = "tokens") -> RecurrentNet:
     torch.manual_seed(seed)
-    model = RecurrentNet(cell, "tokens", V, V, H, layers, sparsity=sparsity, mask_seed=mask_seed).double()
+    sizes = (V, V) if kind == "tokens" else (2, 1)
+    model = RecurrentNet(cell, kind, *sizes, H, layers, sparsity=sparsity, mask_seed=mask_seed).double()
     with torch.no_grad():  # larger recurrent weights so that the recursion matters
         for n, p in model.named_parameters():
             if "weight_hh" in n:
@@ -94,29 +95,32 @@ class Reference:
         self.L, self.H = model.num_layers, model.hidden_size
         self.S = self.L * self.H * (2 if model.cell == "lstm" else 1)
 
-    def step(self, theta: torch.Tensor, token: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def step(self, theta: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         pieces, at = {}, 0
         for name, shape in zip(self.names, self.shapes):
             pieces[name] = theta[at:at + shape.numel()].view(shape)
             at += shape.numel()
         parts = s.view(-1, self.L, 1, self.H)  # [1 or 2, L, B = 1, H]
         state = (parts[0], parts[1]) if self.model.cell == "lstm" else parts[0]
-        _, new = functional_call(self.model, pieces, (token.view(1, 1), state))
+        inputs = x.view(1, 1, -1) if x.is_floating_point() else x.view(1, 1)
+        _, new = functional_call(self.model, pieces, (inputs, state))
         return torch.cat([p.reshape(-1) for p in (new if isinstance(new, tuple) else (new,))])
 
-    def jacobians(self, theta: torch.Tensor, token: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def jacobians(self, theta: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``I`` ``[S, P]`` and ``D`` ``[S, S]`` of one row."""
-        return jacobian(lambda th, z: self.step(th, token, z), (theta, s))  # type: ignore[return-value]
+        return jacobian(lambda th, z: self.step(th, x, z), (theta, s))  # type: ignore[return-value]
 
     def pattern(self, n: int) -> torch.Tensor:
         """Π_n grown from the Jacobians' nonzeros at random θ (pruned weights masked by the model), random states,
-        every token."""
+        every token (real inputs: random ones)."""
         g = torch.Generator().manual_seed(11)
         theta = torch.randn(self.theta.shape, generator=g, dtype=torch.float64)
         first = torch.zeros(self.S, self.theta.numel(), dtype=torch.bool)
         transition = torch.zeros(self.S, self.S, dtype=torch.bool)
-        for token in range(V):
-            I, D = self.jacobians(theta, torch.tensor(token), torch.randn(self.S, generator=g, dtype=torch.float64))
+        tokens = isinstance(self.model.encoder, torch.nn.Embedding)
+        probes = [torch.tensor(v) for v in range(V)] if tokens else list(torch.randn(4, 2, generator=g, dtype=torch.float64))
+        for x in probes:
+            I, D = self.jacobians(theta, x, torch.randn(self.S, generator=g, dtype=torch.float64))
             first |= I != 0
             transition |= D != 0
         pattern = first
@@ -125,13 +129,13 @@ class Reference:
         return pattern
 
 
-def run_both(model: RecurrentNet, n: int, T: int = 5, B: int = 2) -> tuple:  # type: ignore[type-arg]
+def run_both(model: RecurrentNet, n: int, T: int = 5, B: int = 2, kind: str = "tokens") -> tuple:  # type: ignore[type-arg]
     """Step the library's sparse estimator and the reference side by side; the largest difference of the stored
     values from the reference's on the pattern, and the estimator and reference pattern."""
     ref = Reference(model)
     pattern = ref.pattern(n)
     est = parse_method(f"snap:n={n},storage=sparse").estimator(CellFunction(model), B)
-    batch = token_batch(B=B, T=T, V=V, seed=3)
+    batch = token_batch(B=B, T=T, V=V, seed=3) if kind == "tokens" else real_batch(B=B, T=T, seed=3)
     s = torch.randn(B, ref.S, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     M = torch.zeros(B, ref.S, ref.theta.numel(), dtype=torch.float64)
     worst = 0.0
@@ -161,8 +165,11 @@ def test_sparse_snap_equals_masked_rtrl_on_sparse_cores(cell: str, n: int) -> No
     assert worst < 1e-12
 
 
-def test_sparse_snap_two_layers() -> None:
-    worst, est, pattern, _ = run_both(sparse_model("gru", H=4, layers=2, sparsity=0.6), 2, T=4)
+@pytest.mark.parametrize("cell", CELLS)
+def test_sparse_snap_two_layers_and_real_inputs(cell: str) -> None:
+    worst, est, pattern, _ = run_both(sparse_model(cell, H=4, layers=2, sparsity=0.6), 2, T=4)
+    assert est.entries == int(pattern.sum()) and worst < 1e-12
+    worst, est, pattern, _ = run_both(sparse_model(cell, H=4, sparsity=0.6, kind="real"), 2, T=4, kind="real")
     assert est.entries == int(pattern.sum()) and worst < 1e-12
 
 
