@@ -23,6 +23,7 @@ at all), random states and every token, as the dense pattern is, but assembled f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,8 @@ from torch.func import jacrev, vmap
 
 from tbptt_bench.core.forward_mode import GATES, CellFunction
 from tbptt_bench.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ class SparseInfluence:
         device = self.pattern.rows.device
         self._source = self.pattern.rows * self.factors.Q + self.factors.source.to(device)[self.pattern.cols]
         self._factor = self.factors.factor.to(device)[self.pattern.cols]
+        dense = self.cell.S * int(self.factors.kept.sum())
+        if self.pattern.size > dense // 2:
+            log.info("sparse SnAp-%d keeps %d of %d influence entries per row; on a pattern this dense the dense "
+                     "storage (storage=dense) is faster", self.n, self.pattern.size, dense)
 
     @property
     def entries(self) -> int:
