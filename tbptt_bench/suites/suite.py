@@ -258,7 +258,9 @@ def _time_limit(value: Any, where: str) -> float | None:
 
 def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw: Mapping[str, Any],
                    where: str) -> dict[str, Any]:
-    """Defaults filled in, values checked against their types, method specs canonicalised."""
+    """Defaults filled in, values checked against their types and their declared bounds and accepted values
+    (:mod:`tbptt_bench.options`), method specs canonicalised."""
+    options = measure.options()
     out: dict[str, Any] = {}
     for name, (hint, default) in schema.items():
         if name in KEYED_TABLES:
@@ -267,7 +269,7 @@ def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw:
         if value is NO_DEFAULT:
             raise UsageError(f"{where}: missing {name}")
         if name in raw:
-            value = coerce(value, hint, f"{where}: {name}")
+            value = options[name].check(coerce(value, hint, f"{where}: {name}"), f"{where}: {name}")
         if name == "method" and isinstance(value, str):
             value = _canonical_method(value, where)
         if name == "methods" and isinstance(value, list):
