@@ -80,20 +80,23 @@ class Option:
         """The name a user wrote: the flag, else the field's name."""
         return self.flag.flag or self.name
 
-    def check(self, value: Any, what: str | None = None) -> Any:
-        """``value`` within the declared bounds and choices (None passes where the hint allows it)."""
-        what = what or self.spelled
+    def check(self, value: Any, where: str = "") -> Any:
+        """``value`` within the declared bounds and choices (None passes where the hint allows it); an error
+        names the flag, or the key after ``where`` (a suite block)."""
+        name = f"{where}: {self.name}" if where else self.spelled
         if value is None:
             return value
         f = self.flag
         if f.choices is not None and value not in f.choices:
-            raise UsageError(f"{what} = {value!r} is not accepted; accepted: {', '.join(map(str, f.choices))}")
+            prefix = f"{where}: " if where else ""
+            raise UsageError(f"{prefix}unknown {self.name if where else self.spelled} {value!r}; accepted: "
+                             f"{', '.join(map(str, f.choices))}")
         if f.lo is None and f.hi is None or isinstance(value, (list, dict, str)):
             return value
         if _base(self.hint) is int:
             hi = None if f.hi is None else int(f.hi)
-            return integer(what, value, lo=None if f.lo is None else int(f.lo) + (1 if f.lo_open else 0), hi=hi)
-        return finite_float(what, value, f.lo, f.hi, lo_open=f.lo_open, hi_open=f.hi_open)
+            return integer(name, value, lo=None if f.lo is None else int(f.lo) + (1 if f.lo_open else 0), hi=hi)
+        return finite_float(name, value, f.lo, f.hi, lo_open=f.lo_open, hi_open=f.hi_open)
 
 
 def _base(hint: Any) -> Any:
@@ -151,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser, options: Mapping[str, Option]
         else:
             kwargs["default"] = None if o.default is REQUIRED else o.default
             kind = _base(o.hint)
-            if kind in (int, float):
+            if kind in (int, float) and f.parse is None:  # a parse function reads the text itself
                 kwargs["type"] = kind
             if f.choices is not None:
                 kwargs["choices"] = list(f.choices)

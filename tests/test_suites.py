@@ -58,7 +58,7 @@ def error_of(text: str) -> str:
     (BASE.replace("replicates = 2", "replicates = 0"), "replicates must be an integer ≥ 1"),
     (BASE.replace("steps = 3", 'steps = "three"'), "steps = 'three' must be an integer"),
     (BASE.replace("steps = 3", "steps = 0"), "[[train]] block 1: steps must be ≥ 1, got 0"),
-    (BASE.replace("steps = 3", 'path = "gpu"'), "path = 'gpu' is not accepted; accepted: fused, cell"),
+    (BASE.replace("steps = 3", 'path = "gpu"'), "block 1: unknown path 'gpu'; accepted: fused, cell"),
     (BASE.replace("steps = 3", "lr = 0"), "lr must be > 0, got 0"),
     (BASE + "task_params = { copy = { n_remember = 3 } }\n", "task_params names task 'copy'"),
     (BASE + "task_params = { adding = { colour = 3 } }\n", "does not accept parameters"),

@@ -9,24 +9,13 @@ from pathlib import Path
 import pandas as pd
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.suites.measures import MEASURE_NAMES, TABLES
 
 log = logging.getLogger(__name__)
 
 
-MEASURES = ("train", "bias", "context", "perf")
-
-
 #: Columns every row of a tbptt-bench result table has.
 BOOKKEEPING = ("key", "measure", "status")
-
-
-#: Columns a measurement kind must have for its section to be drawn (beyond the bookkeeping).
-REQUIRED = {
-    "train": ("task", "model", "method", "seed", "eval_metric"),
-    "perf": ("task", "model", "method", "seq_len", "tokens_per_s", "ms_per_update"),
-    "bias": ("task", "model", "spec", "relative_bias"),
-    "context": ("task", "model", "method", "update", "k", "relative_bias"),
-}
 
 
 def find_store(path: str | Path) -> Path:
@@ -69,40 +58,51 @@ def report_frames(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
                                     for row in frame[task_columns].to_dict("records")]
         return frame
 
-    measured = [legacy(tables[m]) for m in MEASURES if m in tables and not tables[m].empty]
-    out = {name: legacy(frame) for name, frame in tables.items() if name not in MEASURES}
+    measured = [legacy(tables[m]) for m in MEASURE_NAMES if m in tables and not tables[m].empty]
+    out = {name: legacy(frame) for name, frame in tables.items() if name not in MEASURE_NAMES}
     out["results"] = pd.concat(measured, ignore_index=True) if measured else pd.DataFrame()
     return out
 
 
 def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
-    """Every table of a store, assembled for the report (:func:`report_frames`), or one Parquet/CSV file
-    as ``results``.
+    """Every table of a store, checked against the declared columns (:data:`tbptt_bench.suites.measures.TABLES`)
+    and assembled for the report (:func:`report_frames`); one Parquet/CSV file of a version-1 store (a
+    ``measure`` column) is split into its measures' tables first.
 
     Raises UsageError for a path that does not exist, an empty table, or a table that is not a
-    tbptt-bench result table (no key/measure/status columns).
+    tbptt-bench result table (no key/measure/status columns, or a measure's required columns missing).
     """
     from tbptt_bench.suites.store import read_tables
 
     root = find_store(path)
-    if root.is_file():
-        tables = {"results": _read_file(root)}
-    else:
-        tables = report_frames(read_tables(root))
+    tables = _split_file(root, _read_file(root)) if root.is_file() else read_tables(root)
     tables = {name: upgrade_bias_columns(df) for name, df in tables.items()}
-    main = tables.get("results", pd.DataFrame())
-    if main.empty:
+    measured = {m: tables[m] for m in MEASURE_NAMES if m in tables and not tables[m].empty}
+    if not measured:
         raise UsageError(f"results table in {root} is empty; run a suite into it first")
-    missing = [c for c in BOOKKEEPING if c not in main.columns]
-    if missing:
-        raise UsageError(f"{root} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
-    for measure in sorted(set(main["measure"].dropna()) & set(REQUIRED)):
-        rows = main[(main["measure"] == measure) & (main["status"] == "ok")]
-        lacking = [c for c in REQUIRED[measure] if c not in rows.columns or (len(rows) and rows[c].isna().all())]
+    for measure, frame in measured.items():
+        missing = [c for c in BOOKKEEPING if c not in frame.columns]
+        if missing:
+            raise UsageError(f"{root} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
+        rows = frame[frame["status"] == "ok"]
+        lacking = [c for c in TABLES[measure].required if c not in rows.columns or (len(rows) and rows[c].isna().all())]
         if len(rows) and lacking:
             raise UsageError(f"{root}: {measure} rows lack column(s) {', '.join(lacking)}; "
                              "the table was not written by this version of tbptt-bench")
-    return tables
+    return report_frames(tables)
+
+
+def _split_file(path: Path, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One results file (all measures' rows, a ``measure`` column) as one table per measure, columns renamed
+    as the store renames them."""
+    from tbptt_bench.suites.schema import RENAMED
+
+    missing = [c for c in BOOKKEEPING if c not in frame.columns]
+    if missing:
+        raise UsageError(f"{path} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
+    frame = frame.rename(columns=RENAMED)
+    return {str(m): rows.dropna(axis=1, how="all").reset_index(drop=True)
+            for m, rows in frame.groupby("measure", sort=False)}
 
 
 def upgrade_bias_columns(df: pd.DataFrame) -> pd.DataFrame:

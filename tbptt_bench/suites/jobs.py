@@ -39,7 +39,7 @@ from tbptt_bench.models import MODELS
 from tbptt_bench.seeding import generator
 from tbptt_bench.core.build import make_task
 from tbptt_bench.options import REQUIRED, Option, schema
-from tbptt_bench.suites.measures import bias_options, tables_of
+from tbptt_bench.suites.measures import TASK_DIRECTION, bias_options, tables_of
 from tbptt_bench.suites.schema import CELLS, RENAMED, SHARED, flatten_params, utc_now
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.training.loop import TrainConfig, train
@@ -172,7 +172,9 @@ def _train_check(params: dict[str, Any]) -> None:
 def _train_run(params: dict[str, Any]) -> Tables:
     cfg = TrainConfig(**params)
     result = train(cfg)
-    extra = {"metric_name": result.metric_name, "baseline": result.baseline}
+    task = _task_cached(cfg.task, json.dumps(cfg.task_params or {}, sort_keys=True))
+    extra = {"metric_name": result.metric_name, "baseline": result.baseline,
+             TASK_DIRECTION: bool(task.metric_higher_is_better)}
     curves = [{**row, **extra} for row in result.curve]
     if result.diverged_at is not None:
         message = f"loss became non-finite by update {result.diverged_at}"
@@ -345,6 +347,10 @@ def run_cell(cell: GridPoint, *, executor: str = "local", concurrency: int = 1) 
     diverged_at: int | None = None
     try:
         tables = measure.run(dict(cell.params))
+        undeclared = sorted(set(tables) - set(measure.tables))
+        if undeclared:
+            raise RuntimeError(f"measure {measure.name!r} wrote undeclared table(s) {', '.join(undeclared)}; declare "
+                               "them in tbptt_bench/suites/measures.py")
         rows = tables.get(cell.measure, [])
         status, error = reported_status(rows)
         diverged_at = next((r["diverged_at"] for r in rows if r.get("diverged_at") is not None), None)

@@ -269,7 +269,7 @@ def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw:
         if value is NO_DEFAULT:
             raise UsageError(f"{where}: missing {name}")
         if name in raw:
-            value = options[name].check(coerce(value, hint, f"{where}: {name}"), f"{where}: {name}")
+            value = options[name].check(coerce(value, hint, f"{where}: {name}"), where)
         if name == "method" and isinstance(value, str):
             value = _canonical_method(value, where)
         if name == "methods" and isinstance(value, list):

@@ -33,6 +33,7 @@ from tbptt_bench.options import MAX_COUNT, Option, declared, key_values, option,
 from tbptt_bench.methods.base import Method, parse_method
 from tbptt_bench.seeding import derive_seed
 from tbptt_bench.tasks.base import Task
+from tbptt_bench.validation import finite_float
 
 #: The optimiser name meaning "no optimiser": θ stays fixed.
 NO_OPTIMIZER = "none"
@@ -92,6 +93,11 @@ def _key_values(flag: str, items: list[str]) -> dict[str, Any]:
     return key_values(items, flag)
 
 
+def _clip(flag: str, value: Any) -> float | None:
+    """``--clip-norm`` as a norm, 0 (or none given) for no clipping."""
+    return None if value is None else finite_float(flag, value, 0) or None
+
+
 def _kwargs(flag: str, text: str | None) -> dict[str, Any] | None:
     """``--optimizer-args`` text as keyword arguments (None for none)."""
     return parse_kwargs(text, flag) or None if text is not None else None
@@ -144,7 +150,7 @@ class RunConfig:
         None, flag="--lr-schedule-args", metavar="JSON|K=V,...", parse=_kwargs,
         help="its keyword arguments, e.g. step_size=100,gamma=0.5")
     #: Gradient clipping by global norm before each optimiser step; None for none.
-    clip: float | None = option(1.0, flag="--clip-norm", aliases=("--clip",), lo=0, parse=lambda _, v: v or None,
+    clip: float | None = option(1.0, flag="--clip-norm", aliases=("--clip",), lo=0, parse=_clip,
                                 help="clip gradients to this global norm before each step (0 disables)")
 
     def validate(self) -> None:
