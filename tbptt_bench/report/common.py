@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from tbptt_bench.suites.measures import TASK_DIRECTION, higher_is_better
+from tbptt_bench.suites.measures import MEASURE_NAMES, TASK_DIRECTION, higher_is_better
 from tbptt_bench.methods.base import describe, order_specs
 from tbptt_bench.report import stats
 from tbptt_bench.report.document import Options
@@ -150,10 +150,23 @@ def _metric_labels(frame: pd.DataFrame, table: str = "train") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "metric_name", "higher"])
 
 
-def _ok(frame: pd.DataFrame, measure: str) -> pd.DataFrame:
-    if frame.empty or "measure" not in frame.columns:
+def _ok(tables: dict[str, pd.DataFrame] | pd.DataFrame, measure: str) -> pd.DataFrame:
+    """The ``ok`` rows of a measure's own table (``tables[measure]``), or of the rows of ``measure`` in one
+    frame of several measures' rows."""
+    frame = tables.get(measure, pd.DataFrame()) if isinstance(tables, dict) else tables
+    if frame.empty or "status" not in frame.columns:
         return frame.iloc[0:0]
-    return frame[(frame["measure"] == measure) & (frame["status"] == "ok")].copy()
+    keep = frame["status"] == "ok"
+    if "measure" in frame.columns:
+        keep &= frame["measure"] == measure
+    return frame[keep].copy()
+
+
+def measured_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every row of every measure's own table (whatever its status), in the declared order of the measures:
+    what the sections that speak of all cells (provenance, the report's header) count."""
+    frames = [tables[m] for m in MEASURE_NAMES if m in tables and not tables[m].empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _unit(frame: pd.DataFrame) -> str:

@@ -40,34 +40,40 @@ def _is_store(path: Path) -> bool:
     return (path / "manifest.json").is_file() or any(path.glob("*.parquet")) or (path / "parts").is_dir()
 
 
-def report_frames(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """The store's per-measurement tables (docs/suites.md) in the form the report sections read:
-    one ``results`` frame with the rows of ``train``, ``bias``, ``context`` and ``perf`` (a ``measure`` column tells
-    them apart), ``update`` for ``n_updates``, the task parameters as JSON text in ``task_params`` and
-    integer columns with gaps as floats with NaN."""
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """A stored table as the report sections read it: integer columns with gaps as floats with NaN (not
+    ``pd.NA``) and the task parameters also as JSON text in ``task_params`` (panel labels)."""
     from tbptt_bench.suites.schema import unflatten
 
-    def legacy(frame: pd.DataFrame) -> pd.DataFrame:
-        frame = frame.rename(columns={"n_updates": "update"})
-        for name in frame.columns:  # the sections expect NaN, not pd.NA, in integer columns with gaps
-            if isinstance(frame[name].dtype, pd.Int64Dtype):
-                frame[name] = frame[name].astype("float64") if frame[name].isna().any() else frame[name].astype("int64")
-        task_columns = [c for c in frame.columns if c.startswith("task.")]
-        if "task_params" not in frame.columns and "task" in frame.columns:
-            frame["task_params"] = [json.dumps(unflatten(row, "task"), sort_keys=True)
-                                    for row in frame[task_columns].to_dict("records")]
-        return frame
+    frame = frame.copy()
+    for name in frame.columns:
+        if isinstance(frame[name].dtype, pd.Int64Dtype):
+            frame[name] = frame[name].astype("float64") if frame[name].isna().any() else frame[name].astype("int64")
+    task_columns = [c for c in frame.columns if c.startswith("task.")]
+    if "task_params" not in frame.columns and "task" in frame.columns:
+        frame["task_params"] = [json.dumps(unflatten(row, "task"), sort_keys=True)
+                                for row in frame[task_columns].to_dict("records")]
+    return frame
 
-    measured = [legacy(tables[m]) for m in MEASURE_NAMES if m in tables and not tables[m].empty]
-    out = {name: legacy(frame) for name, frame in tables.items() if name not in MEASURE_NAMES}
-    out["results"] = pd.concat(measured, ignore_index=True) if measured else pd.DataFrame()
-    return out
+
+def as_tables(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The store's tables by name (docs/suites.md), each :func:`readable`. Tables in the version-1 form —
+    one ``results`` frame of every measure's rows with a ``measure`` column, ``update`` for ``n_updates`` —
+    are split into the measures' tables first."""
+    tables = dict(tables)
+    if "results" in tables:
+        from tbptt_bench.suites.schema import RENAMED
+
+        results = tables.pop("results")
+        tables = {name: frame.rename(columns=RENAMED) for name, frame in tables.items()}
+        tables.update(_split_file(Path("results"), results) if not results.empty else {})
+    return {name: readable(frame) for name, frame in tables.items()}
 
 
 def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
-    """Every table of a store, checked against the declared columns (:data:`tbptt_bench.suites.measures.TABLES`)
-    and assembled for the report (:func:`report_frames`); one Parquet/CSV file of a version-1 store (a
-    ``measure`` column) is split into its measures' tables first.
+    """Every table of a store by name (:func:`as_tables`), checked against the declared columns
+    (:data:`tbptt_bench.suites.measures.TABLES`); one Parquet/CSV file of a version-1 store (a ``measure``
+    column) is split into its measures' tables first.
 
     Raises UsageError for a path that does not exist, an empty table, or a table that is not a
     tbptt-bench result table (no key/measure/status columns, or a measure's required columns missing).
@@ -89,20 +95,21 @@ def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
         if len(rows) and lacking:
             raise UsageError(f"{root}: {measure} rows lack column(s) {', '.join(lacking)}; "
                              "the table was not written by this version of tbptt-bench")
-    return report_frames(tables)
+    return as_tables(tables)
 
 
 def _split_file(path: Path, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """One results file (all measures' rows, a ``measure`` column) as one table per measure, columns renamed
-    as the store renames them."""
-    from tbptt_bench.suites.schema import RENAMED
+    """One results frame (all measures' rows, a ``measure`` column) as one table per measure and a ``cells``
+    table (one row per cell), columns renamed as the store renames them."""
+    from tbptt_bench.suites.schema import RENAMED, SHARED
 
     missing = [c for c in BOOKKEEPING if c not in frame.columns]
     if missing:
         raise UsageError(f"{path} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
     frame = frame.rename(columns=RENAMED)
-    return {str(m): rows.dropna(axis=1, how="all").reset_index(drop=True)
-            for m, rows in frame.groupby("measure", sort=False)}
+    out = {str(m): rows.reset_index(drop=True) for m, rows in frame.groupby("measure", sort=False)}
+    out["cells"] = frame.drop_duplicates("key")[[c for c in SHARED if c in frame.columns]].reset_index(drop=True)
+    return out
 
 
 def upgrade_bias_columns(df: pd.DataFrame) -> pd.DataFrame:
