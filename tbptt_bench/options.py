@@ -5,8 +5,8 @@ A command's options are the fields of one dataclass (``RunConfig``, ``TrainConfi
 
 * :func:`add_arguments` adds the command-line flags (default: the field's default),
 * :func:`from_args` turns the parsed flags into field values, every value checked against its bounds,
-* :func:`schema` gives a suite's accepted keys with their types and defaults, and :func:`check_value`
-  checks a suite's value against the same bounds and choices,
+* :func:`schema` gives a suite's accepted keys with their types and defaults, and :meth:`Option.check`
+  checks a suite's value against the same bounds and accepted values,
 
 so a default, a bound or a list of accepted values cannot differ between the command line, a suite
 file and the API. Pure: no torch, pandas or scipy (the CLI builds its parser from these declarations).
@@ -107,8 +107,9 @@ def _base(hint: Any) -> Any:
 
 def declared(cls: type, *, skip: Collection[str] = (), only: Collection[str] | None = None,
              defaults: Mapping[str, Any] | None = None) -> dict[str, Option]:
-    """The options of dataclass ``cls`` in field order: the fields declared with :func:`option`, those in
-    ``skip`` left out (or only those in ``only``), with ``defaults`` replacing the fields' own."""
+    """The options of dataclass ``cls`` in field order, those in ``skip`` left out (or only those in ``only``),
+    with ``defaults`` replacing the fields' own. Every field taken must be declared with :func:`option`
+    (TypeError otherwise: an undeclared field would be a suite key nobody checks)."""
     hints = typing.get_type_hints(cls)
     out: dict[str, Option] = {}
     for f in dataclasses.fields(cls):
@@ -199,14 +200,14 @@ def grid_values(args: argparse.Namespace, o: Option, split: Callable[[str], list
             try:
                 value = o.check(integer(o.spelled, value, lo=None))
             except UsageError:
-                raise UsageError(f"{o.spelled} takes integers ≥ {o.flag.lo:g} separated by commas, e.g. 256,1024; "
+                raise UsageError(f"{o.spelled} takes integers ≥ {o.flag.lo or 0:g} separated by commas, e.g. 256,1024; "
                                  f"got {item!r}") from None
         out.append(o.check(value))
     return out
 
 
 def key_values(items: list[str], option: str) -> dict[str, Any]:
-    """``KEY=VALUE`` items as a dict; numbers become int or float (non-finite ones are refused by the user)."""
+    """``KEY=VALUE`` items as a dict; numbers become int or float (non-finite ones are refused by the task)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -45,7 +45,7 @@ from torch import nn
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.validation import integer_list
-from tbptt_bench.analysis.bias_options import BiasOptions, default_max_lag
+from tbptt_bench.analysis.bias_options import BiasOptions
 from tbptt_bench.analysis.expectation import expectation_bias
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan

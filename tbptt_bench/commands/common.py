@@ -10,7 +10,6 @@ from typing import Any, Callable, Collection, Iterator, Mapping
 
 from torch import nn
 
-from tbptt_bench.errors import UsageError
 from tbptt_bench.core.build import make_model, make_task
 from tbptt_bench.tasks.base import Task
 from tbptt_bench.options import MAX_COUNT, Option, declared

@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from tbptt_bench.commands.common import ITEMSIZE, check_output, emit_json
-from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import split_specs
 from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.options import add_arguments, from_args, grid_values
