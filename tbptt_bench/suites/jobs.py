@@ -188,15 +188,11 @@ def _train_run(params: dict[str, Any]) -> Tables:
 
 
 def _bias_check(params: dict[str, Any]) -> None:
-    from tbptt_bench.core.build import resolve_dtype
-
+    """What the declarations cannot say (sizes, dtype and bounds are checked against them as the suite is read)."""
     if not params["methods"]:
         raise UsageError("methods = [] measures nothing; list at least one method spec")
     for spec in params["methods"]:
         parse_method(spec)
-    resolve_dtype(params["dtype"])
-    if params["hidden_size"] < 1 or params["num_layers"] < 1 or params["n_batches"] < 1:
-        raise UsageError("hidden_size, num_layers and n_batches must be ≥ 1")
     check_task_and_model(params)
     if params.get("model_params"):
         from tbptt_bench.core.build import make_model
