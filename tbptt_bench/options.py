@@ -5,8 +5,8 @@ A command's options are the fields of one dataclass (``RunConfig``, ``TrainConfi
 
 * :func:`add_arguments` adds the command-line flags (default: the field's default),
 * :func:`from_args` turns the parsed flags into field values, every value checked against its bounds,
-* :func:`schema` gives a suite's accepted keys with their types and defaults, and :meth:`Option.check`
-  checks a suite's value against the same bounds and accepted values,
+* :func:`schema` gives a suite's accepted keys with their types and defaults, and :meth:`Option.read`
+  reads a suite's value: of the field's type (:func:`coerce`), within the same bounds and accepted values,
 
 so a default, a bound or a list of accepted values cannot differ between the command line, a suite
 file and the API. Pure: no torch, pandas or scipy (the CLI builds its parser from these declarations).
@@ -80,6 +80,11 @@ class Option:
         """The name a user wrote: the flag, else the field's name."""
         return self.flag.flag or self.name
 
+    def read(self, value: Any, where: str) -> Any:
+        """A suite's value for this option: of the field's type (:func:`coerce`) and within its declaration
+        (:meth:`check`); errors name ``where`` (the file and block) and the key."""
+        return self.check(coerce(value, self.hint, f"{where}: {self.name}"), where)
+
     def check(self, value: Any, where: str = "") -> Any:
         """``value`` within the declared bounds and choices (None passes where the hint allows it); an error
         names the flag, or the key after ``where`` (a suite block)."""
@@ -97,6 +102,60 @@ class Option:
             hi = None if f.hi is None else int(f.hi)
             return integer(name, value, lo=None if f.lo is None else int(f.lo) + (1 if f.lo_open else 0), hi=hi)
         return finite_float(name, value, f.lo, f.hi, lo_open=f.lo_open, hi_open=f.hi_open)
+
+
+def coerce(value: Any, hint: Any, what: str) -> Any:
+    """``value`` checked against a type hint; ints widen to floats, ``"none"`` is None where allowed."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value == "none"):
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, what)
+            except UsageError:
+                continue
+        raise UsageError(f"{what} = {value!r} must be {_describe(hint)}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise UsageError(f"{what} = {value!r} must be one of {', '.join(map(repr, args))}")
+    base = origin or hint
+    ok = True
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = finite_float(what, value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    elif base in (list, tuple, typing.Sequence):
+        ok = isinstance(value, list)
+        if ok and args:
+            value = [coerce(v, args[0], what) for v in value]
+    elif base is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise UsageError(f"{what} = {value!r} must be {_describe(hint)}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            parts.append('"none"')
+        return " or ".join(parts)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
+             list: "a list"}
+    return names.get(origin or hint, str(hint))
 
 
 def _base(hint: Any) -> Any:
