@@ -13,6 +13,7 @@ import pytest
 
 from tbptt_bench.cli import build_parser
 from tbptt_bench.commands import grad as grad_command
+from tbptt_bench.commands import train as train_command
 from tbptt_bench.commands.perf import GRID, configs_from_args
 from tbptt_bench.commands.train import config_from_args
 from tbptt_bench.errors import UsageError
@@ -39,7 +40,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 # --------------------------------------------------------------------------- command-line defaults
 
 COMMAND_OPTIONS = {
-    "train": TrainConfig.options,
+    "train": lambda: {**TrainConfig.options(), **train_command.SNAPSHOT},
     "perf": PerfConfig.options,
     "bias": measures.bias_options,
     "grad": lambda: grad_command.OPTIONS,
@@ -86,6 +87,8 @@ def test_bias_flips_are_the_statistics_default() -> None:
 
     assert BiasOptions.n_flips == DEFAULT_FLIPS
     assert inspect.signature(bias_snapshots).parameters["n_flips"].default == DEFAULT_FLIPS
+    batches = inspect.signature(bias_snapshots).parameters["n_batches"].default
+    assert batches == train_command.SNAPSHOT["n_batches"].default == _parse(["train"]).n_batches == 4
     assert from_args(_parse(["bias"]), measures.bias_options())["n_flips"] == DEFAULT_FLIPS
 
 
@@ -101,6 +104,7 @@ def test_grad_defaults_and_flags() -> None:
     (["bias", "--ci", "1"], "--ci must be in (0, 1), got 1"),
     (["bias", "--flips", "-1"], "--flips must be ≥ 0, got -1"),
     (["train", "--max-tokens", "0"], "--max-tokens must be ≥ 1, got 0"),
+    (["train", "--bias-batches", "0"], "--bias-batches must be ≥ 1, got 0"),
     (["train", "--clip-norm", "-1"], "--clip-norm must be ≥ 0, got -1"),
     (["perf", "--seq-len", "8,0"], "--seq-len takes integers ≥ 1 separated by commas"),
     (["perf", "--path", "fused,gpu"], "unknown --path 'gpu'; accepted: fused, cell"),

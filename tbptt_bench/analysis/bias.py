@@ -45,7 +45,7 @@ from torch import nn
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.validation import integer_list
-from tbptt_bench.analysis.bias_options import BiasOptions
+from tbptt_bench.analysis.bias_options import BiasOptions, SnapshotOptions
 from tbptt_bench.analysis.expectation import expectation_bias
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
@@ -504,7 +504,7 @@ def bias_snapshots(
     *,
     seq_len: int,
     batch_size: int,
-    n_batches: int = 4,
+    n_batches: int = SnapshotOptions.n_batches,
     seed: int = 0,
     n_flips: int = BiasOptions.n_flips,
 ) -> Callable[[int, nn.Module], dict[str, Any]]:

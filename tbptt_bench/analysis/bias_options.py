@@ -117,3 +117,10 @@ class BiasOptions:
             raise UsageError(f"the maximum lag D must be between 0 and the sequence length T={self.seq_len}, "
                              f"got {lag_max}")
         return lag_max
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    """Bias snapshots taken while training (``train --bias-at``; :func:`tbptt_bench.analysis.bias.bias_snapshots`)."""
+
+    n_batches: int = option(4, flag="--bias-batches", lo=1, hi=MAX_COUNT, help="held-out batches per bias snapshot")

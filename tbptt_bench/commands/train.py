@@ -10,13 +10,17 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tbptt_bench.atomic import check_parent, write_text
-from tbptt_bench.commands.common import check_counts, check_output, check_sizes, emit_json
+from tbptt_bench.analysis.bias_options import SnapshotOptions
+from tbptt_bench.commands.common import check_output, check_sizes, emit_json
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.training.loop import TrainConfig, train
-from tbptt_bench.options import add_arguments, from_args
+from tbptt_bench.options import add_arguments, declared, from_args
 
 log = logging.getLogger(__name__)
+
+#: The options of ``--bias-at`` snapshots.
+SNAPSHOT = declared(SnapshotOptions)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the learning-curve rows get the bias columns (docs/bias.md)")
     p.add_argument("--bias-methods", metavar="SPECS", default=None,
                    help="methods measured by --bias-at, comma-separated specs (default: --method)")
-    p.add_argument("--bias-batches", type=int, default=4, help="held-out batches per bias snapshot")
+    add_arguments(p, SNAPSHOT)
     p.set_defaults(run=run)
 
 
@@ -38,7 +42,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training configuration the flags describe, every value checked (docs/reliability.md)."""
     cfg = TrainConfig(**from_args(args, TrainConfig.options()))
     check_sizes(cfg.flat())
-    check_counts(args, {"bias_batches": 1})
+    from_args(args, SNAPSHOT)
     return cfg
 
 
@@ -85,8 +89,6 @@ def bias_hook(args: argparse.Namespace, cfg: TrainConfig):  # type: ignore[no-un
         if n > cfg.steps or not (n == 0 or n == cfg.steps or n % cfg.eval_every == 0):
             raise UsageError(f"--bias-at {n} is not an evaluation point; use 0, multiples of --eval-every "
                              f"{cfg.eval_every}, or --steps {cfg.steps}")
-    if args.bias_batches < 1:
-        raise UsageError(f"--bias-batches must be ≥ 1, got {args.bias_batches}")
     specs = split_specs(args.bias_methods) if args.bias_methods else [cfg.method]
     return bias_snapshots(make_task(cfg.task, **cfg.task_params), specs, at, seq_len=cfg.seq_len,
-                          batch_size=cfg.batch_size, n_batches=args.bias_batches, seed=cfg.seed)
+                          batch_size=cfg.batch_size, **from_args(args, SNAPSHOT), seed=cfg.seed)
