@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tbptt_bench"
 
 # Bottom to top. A module may import from its own layer or any layer below it.
 LAYERS: list[set[str]] = [
-    {"errors", "atomic", "registry", "provenance", "seeding", "validation"},
+    {"errors", "atomic", "registry", "provenance", "seeding", "validation", "options"},
     {"tasks"},
     {"models"},
     {"core"},

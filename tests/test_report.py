@@ -335,7 +335,7 @@ def test_cpu_and_gpu_rows_fall_in_separate_panels(tmp_path: Path) -> None:
 def test_time_to_target_known_answer() -> None:
     curves = pd.DataFrame({
         "key": ["a"] * 4 + ["b"] * 4, "seed": [1] * 4 + [2] * 4, "method": ["m"] * 8,
-        "update": [0, 8, 16, 24] * 2, "wall_time": [0.0, 1.0, 2.0, 3.0] * 2,
+        "n_updates": [0, 8, 16, 24] * 2, "wall_time": [0.0, 1.0, 2.0, 3.0] * 2,
         # run a beats 0.5 at 8, falls back at 16, stays from 24; run b never stays
         "eval_metric": [0.1, 0.6, 0.4, 0.7, 0.1, 0.2, 0.6, 0.3],
     })
@@ -349,7 +349,7 @@ def test_time_to_target_known_answer() -> None:
 
 
 def test_training_bias_melts_further_methods() -> None:
-    curves = pd.DataFrame({"key": ["a", "a"], "panel": ["p", "p"], "method": ["full", "full"], "update": [0, 8],
+    curves = pd.DataFrame({"key": ["a", "a"], "panel": ["p", "p"], "method": ["full", "full"], "n_updates": [0, 8],
                            "bias_method": ["full", "full"], "relative_bias": [0.0, 0.0],
                            "chunked:k=4/relative_bias": [0.5, 0.25]})
     long = training_bias(curves, "relative_bias")
@@ -383,7 +383,9 @@ def test_cli_report_from_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "wrote" in capsys.readouterr().out
     assert (tmp_path / "rep" / "report.html").is_file()
     assert (tmp_path / "rep" / "figures" / "learning_curves.svg").is_file()
-    assert load_tables(root)["results"]["key"].nunique() == small["results"]["key"].nunique()
+    loaded = load_tables(root)
+    assert sum(loaded[m]["key"].nunique() for m in ("train", "perf")) == small["results"]["key"].nunique()
+    assert "bias" not in loaded and "update" not in loaded["curves"] and "n_updates" in loaded["curves"]
     ttt = pd.read_csv(tmp_path / "rep" / "tables" / "time_to_target.csv")
     assert (ttt["target"] == 0.15).all() and (ttt["target source"] == "given with --target").all()
 

@@ -12,6 +12,7 @@ import pytest
 from tbptt_bench.report.budget import at_common_budget, common_budget, interpolate_runs, run_value_at
 from tbptt_bench.report.report import build_report
 from tbptt_bench.report.sections.decision import chosen_k, decision_table, smallest_k
+from tbptt_bench.report.load import as_tables
 from test_report import FAST, quick_tables
 
 ADAPTIVE = "adaptive:delta=0.5,kmin=2,kmax=12,every=8"
@@ -58,7 +59,7 @@ def test_smallest_k_uses_every_seeds_upper_end() -> None:
 
 def test_decision_table_against_hand_computation() -> None:
     tables, train = small_store()
-    table = decision_table(tables, train).set_index("series")
+    table = decision_table(as_tables(tables), train).set_index("series")
     chunked, sliding = table.loc["chunked"], table.loc["sliding"]
     assert chunked["k_0.05"] == 8 and math.isnan(chunked["k_0.01"])
     # no perf cell at K=8: the nearest measured K (4) at the largest T both have (24), over full's
@@ -75,7 +76,7 @@ def test_decision_table_against_hand_computation() -> None:
 
 
 def test_chosen_k_is_the_median_last_k_of_methods_that_vary_it() -> None:
-    curves = pd.DataFrame({"key": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "update": [0, 8, 16] * 3,
+    curves = pd.DataFrame({"key": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "n_updates": [0, 8, 16] * 3,
                            "k_used": [2, 4, 6, 2, 8, 8, 4, 4, 4]})
     train = pd.DataFrame({"key": ["a", "b", "c"], "task": "copy", "model": "lstm",
                           "method": [ADAPTIVE, ADAPTIVE, "chunked:k=4"]})
@@ -137,7 +138,7 @@ def test_cost_at_the_training_size_and_at_scale_against_hand_computation() -> No
     train = train.assign(hidden_size=8, batch_size=4)
     small, big = split_sizes(tables["results"][tables["results"]["measure"] == "perf"], train)
     assert set(big["hidden_size"]) == {128} and set(small["hidden_size"]) == {8}
-    table = decision_table(tables, train).set_index("series")
+    table = decision_table(as_tables(tables), train).set_index("series")
     chunked = table.loc["chunked"]
     assert chunked["speed_0.05"] == pytest.approx(500 / 1000) and chunked["cost_k_0.05"] == 4
     assert chunked["speed_scale_0.05"] == pytest.approx(3000 / 4000) and chunked["cost_k_scale_0.05"] == 8

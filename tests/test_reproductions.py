@@ -52,7 +52,7 @@ def curves(rows: list[tuple[str, int, float, float]]) -> tuple[pd.DataFrame, pd.
     """(train rows, curves) from (method, seed, initial loss, final loss); a NaN final marks a diverged run."""
     train = pd.DataFrame([{"key": f"{m}/{s}", "method": m, "status": "diverged" if np.isnan(f) else "ok"}
                           for m, s, _, f in rows])
-    curve = pd.DataFrame([{"key": f"{m}/{s}", "method": m, "update": u, "eval_loss": v}
+    curve = pd.DataFrame([{"key": f"{m}/{s}", "method": m, "n_updates": u, "eval_loss": v}
                           for m, s, i, f in rows for u, v in ((0, i), (10, f)) if not np.isnan(v)])
     return train, curve
 

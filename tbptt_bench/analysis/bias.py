@@ -45,8 +45,8 @@ from torch import nn
 
 from tbptt_bench.errors import UsageError
 from tbptt_bench.validation import integer_list
-from tbptt_bench.analysis.expectation import DEFAULT_FLIPS, expectation_bias
-from tbptt_bench.methods.length import warn_long_windows
+from tbptt_bench.analysis.bias_options import BiasOptions, SnapshotOptions
+from tbptt_bench.analysis.expectation import expectation_bias
 from tbptt_bench.analysis.gradients import Gradient, flatten, method_gradient, true_gradient
 from tbptt_bench.analysis.kcurve import kcurve_gradients, plan
 from tbptt_bench.core.lags import LagDecomposition, LagProfile, decomposition_profile, lag_decomposition
@@ -276,89 +276,8 @@ class BiasReport:
     alignment: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def default_max_lag(seq_len: int, methods: Sequence[Method]) -> int:
-    """Lags profiled when not given: every method's fixed lag count, and at least min(T - 1, 64)."""
-    fixed = [m.fixed_lags for m in methods if m.fixed_lags is not None]
-    return max(1, min(seq_len, max([min(seq_len - 1, 64), *fixed])))
-
-
 #: An exact relative bias at or below this is zero up to rounding (no extrapolation ratio to it).
 EXACT_ZERO = 1e-12
-#: ``BiasOptions.expectation``: E ĝ over random draws only as sampled, or also exactly.
-EXPECTATIONS = ("sampled", "exact")
-
-
-@dataclass(frozen=True)
-class BiasOptions:
-    """What a bias measurement averages over and how (see :func:`analyse_bias`).
-
-    ``dtype`` (e.g. float64) computes everything on a copy of the model in that dtype. ``max_lag``: lags of
-    the profile (0: none; None: :func:`default_max_lag`); the profile pools the first ``profile_batches``.
-    ``labels``: extra constant columns (e.g. ``{"model": "lstm", "hidden": 64}``). ``probes > 0``: g enters
-    only through that many forward-mode directional derivatives per batch (:mod:`tbptt_bench.analysis.truegrad`).
-    ``expectation="exact"`` also computes each random method's E ĝ over its draws exactly at every batch
-    (the ``exact_*`` columns; ``"sampled"``: only deterministic methods have them).
-    """
-
-    seq_len: int
-    batch_size: int
-    n_batches: int
-    seed: int
-    device: str | torch.device | None = None
-    dtype: str | torch.dtype | None = None
-    true_checkpoint: int | None = None
-    n_flips: int = DEFAULT_FLIPS
-    ci_level: float = 0.95
-    split: str = "valid"
-    warmup: int | None = None
-    max_lag: int | None = None
-    profile_batches: int = 1
-    fit_from: int = 1
-    fast: bool = True
-    with_provenance: bool = True
-    labels: dict[str, Any] | None = None
-    probes: int = 0
-    expectation: str = "sampled"
-
-    @classmethod
-    def of(cls, options: BiasOptions | None, fields: dict[str, Any]) -> BiasOptions:
-        """``options`` with ``fields`` replaced, or options made from ``fields``; UsageError for unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise UsageError(f"unknown bias option {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
-        if options is not None:
-            return dataclasses.replace(options, **fields)
-        missing = [n for n in ("seq_len", "batch_size", "n_batches", "seed") if n not in fields]
-        if missing:
-            raise UsageError(f"a bias measurement needs {', '.join(missing)}; e.g. seq_len=64, batch_size=16, "
-                             "n_batches=8, seed=0")
-        return cls(**fields)
-
-    def check(self, methods: Sequence[Method]) -> int:
-        """Raise UsageError for options that cannot be measured; return the profile's maximum lag."""
-        if not methods:
-            raise UsageError("no methods to measure; give at least one method spec")
-        if self.n_batches < 1:
-            raise UsageError(f"the number of batches must be ≥ 1, got {self.n_batches}")
-        if self.seq_len < 1:
-            raise UsageError(f"seq_len must be ≥ 1, got {self.seq_len}")
-        warn_long_windows(methods, self.seq_len)  # K > T: windows clipped at step 1 (docs/design.md §2.10)
-        if self.true_checkpoint is not None and self.true_checkpoint < 1:
-            raise UsageError(f"the checkpoint length must be ≥ 1, got {self.true_checkpoint}")
-        if not 0 < self.ci_level < 1:
-            raise UsageError(f"the confidence level must be in (0, 1), got {self.ci_level}")
-        if self.expectation not in EXPECTATIONS:
-            raise UsageError(f"expectation must be one of {', '.join(EXPECTATIONS)}, got {self.expectation!r}")
-        if self.expectation == "exact" and self.probes:
-            raise UsageError("the exact expectation is compared with the true gradient; use probes=0 with it")
-        if self.probes < 0 or self.probes == 1:
-            raise UsageError(f"the number of probes must be 0 (exact true gradient) or ≥ 2, got {self.probes}")
-        lag_max = default_max_lag(self.seq_len, methods) if self.max_lag is None else self.max_lag
-        if lag_max < 0 or lag_max > self.seq_len:
-            raise UsageError(f"the maximum lag D must be between 0 and the sequence length T={self.seq_len}, "
-                             f"got {lag_max}")
-        return lag_max
 
 
 @dataclass
@@ -585,9 +504,9 @@ def bias_snapshots(
     *,
     seq_len: int,
     batch_size: int,
-    n_batches: int = 4,
+    n_batches: int = SnapshotOptions.n_batches,
     seed: int = 0,
-    n_flips: int = 1000,
+    n_flips: int = BiasOptions.n_flips,
 ) -> Callable[[int, nn.Module], dict[str, Any]]:
     """An ``on_eval(update, model)`` hook for :func:`tbptt_bench.training.loop.train` that measures bias.
 

@@ -15,12 +15,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tbptt_bench.commands.common import (add_run_args, build, check_counts, check_output, check_sizes, emit_json,
-                                         progress_bar)
+from tbptt_bench.commands.common import build, check_output, check_sizes, emit_json, progress_bar
 from tbptt_bench.atomic import atomic_path
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.base import Method, describe, grid, split_specs
-from tbptt_bench.validation import finite_float, integer_list
+from tbptt_bench.options import add_arguments, from_args
+from tbptt_bench.suites.measures import bias_options, measured_options
+from tbptt_bench.validation import integer_list
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,32 +32,11 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bias", help="gradient bias of methods over a K grid against the true gradient")
-    add_run_args(p, seq_len=64, batch=16, hidden=32)
+    add_arguments(p, bias_options())
     p.add_argument("--method", action="append", default=[], metavar="FAMILY|SPEC",
                    help="method families (chunked, sliding, tbptt, full) combined with --k, or complete specs; "
                         "comma-separated or repeated (default: chunked)")
     p.add_argument("--k", default="", metavar="K,K,...", help="truncation lengths, e.g. 1,2,4,8,16,32")
-    p.add_argument("--batches", type=int, default=8, help="independent batches (stream positions) N")
-    p.add_argument("--true-checkpoint", type=int, default=None, metavar="C",
-                   help="true gradient with activation checkpointing every C steps (memory ~T/C + C)")
-    p.add_argument("--probes", type=int, default=0, metavar="N",
-                   help="no true gradient: compare through N forward-mode probes per batch (memory independent of T; "
-                        "group 'all' only)")
-    p.add_argument("--max-lag", type=int, default=None, metavar="D",
-                   help="lags of the lag profile (default min(T-1, 64) and every sliding K; 0: none)")
-    p.add_argument("--profile-batches", type=int, default=1, help="batches pooled into the lag profile")
-    p.add_argument("--fit-from", type=int, default=1, help="first lag of the geometric decay fit")
-    p.add_argument("--flips", type=int, default=999,
-                   help="random sign flips for the test of zero bias (0: skip the test; default %(default)s)")
-    p.add_argument("--ci", type=float, default=0.95, help="confidence level")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="data split")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="streaming tasks: warm-up steps before each segment (default T; 0: zero state)")
-    p.add_argument("--expectation", default="sampled", choices=["sampled", "exact"],
-                   help="exact: also compute E ĝ over a random method's draws exactly at every batch (no sampling; "
-                        "JSON field 'exact'); sampled: only deterministic methods get the exact_* figures")
-    p.add_argument("--engine", action="store_true",
-                   help="compute every method through the engine (no shared K curve or lag decomposition)")
     p.add_argument("--json", action="store_true", help="print the tables as JSON")
     p.add_argument("--save", metavar="FILE.csv|FILE.parquet", help="write the tidy table (and FILE.lags.*)")
     p.add_argument("--figure", metavar="FILE.png", help="write the figure (png, pdf or svg)")
@@ -94,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from tbptt_bench.analysis.bias import analyse_bias  # imported here: the CLI starts without scipy
 
     methods = methods_from_args(args)
-    check_counts(args, {"batches": 1, "flips": 0, "profile_batches": 0, "fit_from": 1, "probes": 0,
-                        "true_checkpoint": 1, "max_lag": 0, "warmup": 0})
-    finite_float("--ci", args.ci, 0, 1, lo_open=True, hi_open=True)
-    check_sizes(args)
+    v = from_args(args, bias_options())
+    check_sizes(v)
     if args.save and Path(args.save).suffix not in TABLE_FORMATS:
         raise UsageError(f"cannot write {args.save}: use a file ending in .csv or .parquet")
     check_output(args.save, "--save")
@@ -105,23 +83,19 @@ def run(args: argparse.Namespace) -> int:
     if args.figure and Path(args.figure).suffix.lower() not in FIGURE_SUFFIXES:
         raise UsageError(f"cannot write {args.figure}: use a figure file ending in {', '.join(FIGURE_SUFFIXES)}")
     check_output(args.figure, "--figure")
-    task, model = build(args)
-    with progress_bar(f"bias {args.task}/{args.model}: batches", args.batches, quiet=args.json) as update:
-        report = analyse_bias(
-            task, model, methods, progress=update, seq_len=args.seq_len, batch_size=args.batch,
-            n_batches=args.batches, seed=args.seed, device=args.device, dtype=args.dtype,
-            true_checkpoint=args.true_checkpoint, n_flips=args.flips, ci_level=args.ci, split=args.split,
-            warmup=args.warmup, max_lag=args.max_lag, profile_batches=args.profile_batches, fit_from=args.fit_from,
-            fast=not args.engine, labels={"model": args.model, "hidden": args.hidden, "layers": args.layers},
-            probes=args.probes, expectation=args.expectation,
-        )
+    task, model = build(v)
+    measured = {k: v[k] for k in ("seq_len", "batch_size", "seed", "device", "dtype", *measured_options())}
+    with progress_bar(f"bias {v['task']}/{v['model']}: batches", v["n_batches"], quiet=args.json) as update:
+        report = analyse_bias(task, model, methods, progress=update, **measured,
+                              labels={"model": v["model"], "hidden": v["hidden_size"], "layers": v["num_layers"]})
     if args.save:
         write_table(report.table, Path(args.save))
         write_table(report.lags, lags_path(Path(args.save)))
     if args.figure:
         from tbptt_bench.report.bias_plots import bias_figure, save_figure
 
-        title = f"{args.task} / {args.model} (H={args.hidden}), T={args.seq_len}, B={args.batch}, N={args.batches}"
+        title = (f"{v['task']} / {v['model']} (H={v['hidden_size']}), T={v['seq_len']}, B={v['batch_size']}, "
+                 f"N={v['n_batches']}")
         save_figure(bias_figure(report.table, report.lags, title), args.figure)
     if args.json:
         emit_json({"meta": report.meta, "rows": _records(report.table), "lags": _records(report.lags),

@@ -11,18 +11,21 @@ import torch
 
 from tbptt_bench import __version__
 from tbptt_bench.atomic import atomic_path, check_parent
-from tbptt_bench.commands.common import add_run_args, build, check_output, check_sizes, emit_json
+from tbptt_bench.commands.common import build, check_output, check_sizes, emit_json, run_options
 from tbptt_bench.analysis.gradients import compare, method_gradient, true_gradient
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.methods.length import warn_long_windows
+from tbptt_bench.options import add_arguments, from_args
 from tbptt_bench.seeding import derive_seed, generator
 
+#: The run fields ``grad`` takes (one batch, so smaller defaults than training's).
+OPTIONS = run_options(seq_len=40, batch_size=4, hidden_size=16)
 LOSS_NORMALISATION = "L = sum over steps t of l_t; l_t = (1/B) * sum over rows b of w[b,t] * loss(b,t)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grad", help="gradient estimate of a method vs the true gradient on one batch")
-    add_run_args(p, seq_len=40, batch=4, hidden=16)
+    add_arguments(p, OPTIONS)
     p.add_argument("--method", required=True, help="method spec, e.g. tbptt:k1=5,k2=10")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--save", metavar="FILE.npz", help="write parameters, data and both gradients")
@@ -31,20 +34,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     method = parse_method(args.method)
-    check_sizes(args)
+    v = from_args(args, OPTIONS)
+    check_sizes(v)
     check_output(args.save, "--save")
-    warn_long_windows([method], args.seq_len)
-    task, model = build(args)
-    batch = task.sample(args.batch, args.seq_len, generator(derive_seed("data", args.seed)))
-    data = batch.to(args.device, next(model.parameters()).dtype)
-    state = model.initial_state(args.batch)
-    est = method_gradient(model, data, method, task.loss_kind, state, seed=args.seed)
+    warn_long_windows([method], v["seq_len"])
+    task, model = build(v)
+    batch = task.sample(v["batch_size"], v["seq_len"], generator(derive_seed("data", v["seed"])))
+    data = batch.to(v["device"], next(model.parameters()).dtype)
+    state = model.initial_state(v["batch_size"])
+    est = method_gradient(model, data, method, task.loss_kind, state, seed=v["seed"])
     true = true_gradient(model, data, task.loss_kind, state)
     metrics = {group: c.as_dict() for group, c in compare(est, true).items()}
     meta = {
-        "task": args.task, "model": args.model, "method": method.spec, "seq_len": args.seq_len,
-        "batch": args.batch, "hidden": args.hidden, "layers": args.layers, "seed": args.seed,
-        "dtype": args.dtype, "loss_kind": task.loss_kind, "loss_normalisation": LOSS_NORMALISATION,
+        "task": v["task"], "model": v["model"], "method": method.spec, "seq_len": v["seq_len"],
+        "batch": v["batch_size"], "hidden": v["hidden_size"], "layers": v["num_layers"], "seed": v["seed"],
+        "dtype": v["dtype"], "loss_kind": task.loss_kind, "loss_normalisation": LOSS_NORMALISATION,
         "tbptt_bench": __version__, "torch": torch.__version__, "numpy": np.__version__,
     }
     if args.save:
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({**meta, "metrics": metrics})
     else:
-        print(f"{method.spec} on {args.task}/{args.model}, T={args.seq_len}, B={args.batch}:")
+        print(f"{method.spec} on {v['task']}/{v['model']}, T={v['seq_len']}, B={v['batch_size']}:")
         for group, m in metrics.items():
             print(f"  {group:<10} relative error {m['relative_error']:.6g}  cosine {m['cosine']:.6g}  "
                   f"norm ratio {m['norm_ratio']:.6g}")

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,44 +20,22 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tbptt_bench.commands.common import (ITEMSIZE, MAX_SEED, add_optimizer_args, check_counts, check_output,
-                                         emit_json, optimizer_values, parse_task_params)
-from tbptt_bench.errors import UsageError
+from tbptt_bench.commands.common import ITEMSIZE, check_output, emit_json
 from tbptt_bench.methods.base import split_specs
 from tbptt_bench.methods.length import warn_long_windows
-from tbptt_bench.perf.config import PerfConfig
-from tbptt_bench.validation import check_run_size, finite_float, integer, integer_list
+from tbptt_bench.options import add_arguments, from_args, grid_values
+from tbptt_bench.perf.config import PerfConfig, parse_size  # noqa: F401 (parse_size: the --memory-limit syntax)
+from tbptt_bench.validation import check_run_size, finite_float
 
 log = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+#: The options that take a list of values, crossed into a grid (``--seq-len 256,1024``).
+GRID = ("model", "path", "num_layers", "hidden_size", "batch_size", "method", "seq_len")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("perf", help="throughput, ms per update and peak memory of methods (fresh process each)")
-    p.add_argument("--task", default="copy", help="task name (see `tbptt-bench tasks`)")
-    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="task constructor parameter, repeatable")
-    p.add_argument("--model", default="lstm", help="model names, comma-separated (e.g. rnn,lstm,gru)")
-    p.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="model factory parameter, repeatable, applied to every model (e.g. --model-param mem=16 for sab)")
-    p.add_argument("--method", action="append", default=[], metavar="SPECS",
-                   help="method specs, comma-separated or repeated (default chunked:k=64)")
-    p.add_argument("--seq-len", default="1024", help="sequence lengths T, comma-separated")
-    p.add_argument("--batch", default="32", help="batch sizes B, comma-separated")
-    p.add_argument("--hidden", default="128", help="hidden sizes H, comma-separated")
-    p.add_argument("--layers", default="1", help="numbers of layers, comma-separated")
-    p.add_argument("--path", default="fused", help="execution paths, comma-separated: fused, cell")
-    p.add_argument("--compile", action="store_true", help="torch.compile the per-step cell (cell path only)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU available)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed sequences before timing")
-    p.add_argument("--repeats", type=int, default=5, help="timed sequences (median and p10/p90 reported)")
-    add_optimizer_args(p, clip=None, allow_none=True)
-    p.add_argument("--seed", type=int, default=0, help="seed for parameters and data")
-    p.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="cap what each run may add, e.g. 2G or 512M; beyond it the cell is recorded as oom")
+    add_arguments(p, PerfConfig.options(), grid=GRID)
     p.add_argument("--timeout", type=float, default=None, help="seconds per configuration before it is abandoned")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (faster; memory columns then depend on what ran before)")
@@ -75,57 +52,22 @@ def split_methods(items: list[str]) -> list[str]:
     return [spec for item in items for spec in split_specs(item)]
 
 
-def int_list(text: str, name: str) -> list[int]:
-    """``"256,1024"`` → ``[256, 1024]``, each an integer ≥ 1 (no empty items)."""
-    return integer_list(f"--{name}", text, lo=1, example="256,1024", skip_empty=False)
-
-
-def parse_size(text: str | None) -> int | None:
-    """``"512M"`` → bytes (binary units: K = 1024); None stays None."""
-    if text is None:
-        return None
-    match = _SIZE.match(text)
-    if not match:
-        raise UsageError(f"--memory-limit {text!r} is not a size; expected e.g. 2G, 512M or a number of bytes")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
-    size = finite_float("--memory-limit", match.group(1), 0, lo_open=True) * scale
-    return integer("--memory-limit", float(min(size, 2.0**62)) // 1, lo=1)
-
-
-def check_args(args: argparse.Namespace) -> dict[str, list[int]]:
-    """Counts, rates and the size grid checked before anything is built; the size lists by flag."""
-    check_counts(args, {"threads": 1, "warmup": 0, "repeats": 1})
-    integer("--seed", args.seed, lo=0, hi=MAX_SEED)
-    finite_float("--lr", args.lr, 0, lo_open=True)
-    if args.timeout is not None:
-        finite_float("--timeout", args.timeout, 0, lo_open=True)
-    sizes = {name: int_list(getattr(args, name.replace("-", "_")), name)
-             for name in ("layers", "hidden", "batch", "seq-len")}
-    check_run_size(max(sizes["batch"]), max(sizes["seq-len"]), max(sizes["hidden"]), max(sizes["layers"]),
-                   ITEMSIZE.get(args.dtype, 8))
-    return sizes
-
-
 def configs_from_args(args: argparse.Namespace) -> list[PerfConfig]:
     """The grid of configurations the flags describe (every value checked first)."""
     from tbptt_bench.perf.tables import expand_grid  # imported where used: the CLI starts without pandas
 
-    sizes = check_args(args)
-    base = PerfConfig(task=args.task, device=args.device, dtype=args.dtype, threads=args.threads,
-                      warmup=args.warmup, repeats=args.repeats, seed=args.seed, **optimizer_values(args),
-                      compile=args.compile, task_params=parse_task_params(args.task_param),
-                      model_params=parse_task_params(args.model_param, "--model-param"),
-                      memory_limit=parse_size(args.memory_limit))
-    return expand_grid(
-        base,
-        model=[m.strip() for m in args.model.split(",")],
-        path=[p.strip() for p in args.path.split(",")],
-        num_layers=sizes["layers"],
-        hidden_size=sizes["hidden"],
-        batch_size=sizes["batch"],
-        method=split_methods(args.method or ["chunked:k=64"]),
-        seq_len=sizes["seq-len"],
-    )
+    options = PerfConfig.options()
+    base = from_args(args, {name: o for name, o in options.items() if name not in GRID})
+    if args.timeout is not None:
+        finite_float("--timeout", args.timeout, 0, lo_open=True)
+    grid = {name: grid_values(args, options[name], split_specs if name == "method" else _commas) for name in GRID}
+    check_run_size(max(grid["batch_size"]), max(grid["seq_len"]), max(grid["hidden_size"]), max(grid["num_layers"]),
+                   ITEMSIZE.get(base["dtype"], 8))
+    return expand_grid(PerfConfig(**base), **grid)
+
+
+def _commas(text: str) -> list[str]:
+    return text.split(",")
 
 
 def run(args: argparse.Namespace) -> int:

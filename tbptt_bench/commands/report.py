@@ -81,9 +81,10 @@ def _target(text: str) -> tuple[str, float]:
 
 def check_targets(targets: dict[str, float], tables: "dict[str, pd.DataFrame]") -> None:
     """Every task named by --target has rows in the results (a target for another task would be ignored)."""
-    import pandas as pd
+    from tbptt_bench.report.common import measured_rows
 
-    present = sorted(set(map(str, tables["results"].get("task", pd.Series(dtype=str)).dropna())))
+    rows = measured_rows(tables)
+    present = sorted(set(map(str, rows["task"].dropna()))) if "task" in rows.columns else []
     for task in targets:
         if task not in present:
             raise UsageError(f"--target {task}=…: the results hold no {task!r} rows; tasks there: "

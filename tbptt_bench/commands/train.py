@@ -10,35 +10,22 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tbptt_bench.atomic import check_parent, write_text
-from tbptt_bench.commands.common import (
-    add_optimizer_args,
-    add_run_args,
-    check_counts,
-    check_output,
-    check_sizes,
-    emit_json,
-    optimizer_values,
-    parse_task_params,
-)
+from tbptt_bench.analysis.bias_options import SnapshotOptions
+from tbptt_bench.commands.common import check_output, check_sizes, emit_json
 from tbptt_bench.errors import UsageError
 from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.training.loop import TrainConfig, train
-from tbptt_bench.training.run import RunConfig
-from tbptt_bench.validation import finite_float, integer
+from tbptt_bench.options import add_arguments, declared, from_args
 
 log = logging.getLogger(__name__)
+
+#: The options of ``--bias-at`` snapshots.
+SNAPSHOT = declared(SnapshotOptions)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train with a method and record the learning curve")
-    add_run_args(p)
-    p.add_argument("--method", default=RunConfig.method, help="method spec")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="number of optimiser updates")
-    p.add_argument("--max-tokens", type=int, default=TrainConfig.max_tokens,
-                   help="also stop after this many trained loss positions (x batch): equal data budgets")
-    add_optimizer_args(p, clip=1.0)
-    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="evaluate every N updates")
-    p.add_argument("--eval-batches", type=int, default=TrainConfig.eval_batches, help="held-out batches per evaluation")
+    add_arguments(p, TrainConfig.options())
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--save", metavar="FILE.json", help="write the learning curve and config as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,28 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the learning-curve rows get the bias columns (docs/bias.md)")
     p.add_argument("--bias-methods", metavar="SPECS", default=None,
                    help="methods measured by --bias-at, comma-separated specs (default: --method)")
-    p.add_argument("--bias-batches", type=int, default=4, help="held-out batches per bias snapshot")
-    p.add_argument("--threads", type=int, default=RunConfig.threads,
-                   help="torch threads (default: as torch sets them; 1 on a busy machine is often much faster)")
+    add_arguments(p, SNAPSHOT)
     p.set_defaults(run=run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training configuration the flags describe, every value checked (docs/reliability.md)."""
-    check_sizes(args)
-    check_counts(args, {"steps": 1, "eval_every": 1, "eval_batches": 1, "bias_batches": 1, "threads": 1})
-    if args.max_tokens is not None:
-        integer("--max-tokens", args.max_tokens, lo=1, hi=2**62)
-    finite_float("--lr", args.lr, 0, lo_open=True)
-    finite_float("--clip-norm", args.clip_norm, 0)
-    return TrainConfig(
-        task=args.task, model=args.model, method=args.method, steps=args.steps, seq_len=args.seq_len,
-        batch_size=args.batch, hidden_size=args.hidden, num_layers=args.layers, **optimizer_values(args),
-        eval_every=args.eval_every, eval_batches=args.eval_batches,
-        seed=args.seed, device=args.device, dtype=args.dtype, path=args.path,
-        task_params=parse_task_params(args.task_param), max_tokens=args.max_tokens,
-        model_params=parse_task_params(args.model_param, "--model-param"), threads=args.threads,
-    )
+    cfg = TrainConfig(**from_args(args, TrainConfig.options()))
+    check_sizes(cfg.flat())
+    from_args(args, SNAPSHOT)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,8 +89,6 @@ def bias_hook(args: argparse.Namespace, cfg: TrainConfig):  # type: ignore[no-un
         if n > cfg.steps or not (n == 0 or n == cfg.steps or n % cfg.eval_every == 0):
             raise UsageError(f"--bias-at {n} is not an evaluation point; use 0, multiples of --eval-every "
                              f"{cfg.eval_every}, or --steps {cfg.steps}")
-    if args.bias_batches < 1:
-        raise UsageError(f"--bias-batches must be ≥ 1, got {args.bias_batches}")
     specs = split_specs(args.bias_methods) if args.bias_methods else [cfg.method]
     return bias_snapshots(make_task(cfg.task, **cfg.task_params), specs, at, seq_len=cfg.seq_len,
-                          batch_size=cfg.batch_size, n_batches=args.bias_batches, seed=cfg.seed)
+                          batch_size=cfg.batch_size, **from_args(args, SNAPSHOT), seed=cfg.seed)

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tbptt_bench.core.build import make_task, resolve_device
 from tbptt_bench.errors import UsageError
+from tbptt_bench.options import MAX_COUNT, option
 from tbptt_bench.methods.base import parse_method
 from tbptt_bench.models import MODELS
 from tbptt_bench.provenance import provenance
 from tbptt_bench.seeding import generator
 from tbptt_bench.training.run import ComposedConfig, RunConfig
+from tbptt_bench.validation import finite_float, integer
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | None) -> int | None:
+    """``"512M"`` → bytes (binary units: K = 1024); None stays None."""
+    if text is None:
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"--memory-limit {text!r} is not a size; expected e.g. 2G, 512M or a number of bytes")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    size = finite_float("--memory-limit", match.group(1), 0, lo_open=True) * scale
+    return integer("--memory-limit", float(min(size, 2.0**62)) // 1, lo=1)
 
 CONFIG_COLUMNS = [
     "task", "model", "method", "seq_len", "batch_size", "hidden_size", "num_layers", "dtype", "path",
@@ -49,10 +66,14 @@ class PerfConfig(ComposedConfig):
         "method": "chunked:k=64", "seq_len": 1024, "batch_size": 32, "hidden_size": 128, "clip": None}
 
     run: RunConfig
-    warmup: int = 1
-    repeats: int = 5
-    compile: bool = False
-    memory_limit: int | None = None
+    warmup: int = option(1, flag="--warmup", lo=0, hi=MAX_COUNT, help="untimed sequences before timing")
+    repeats: int = option(5, flag="--repeats", lo=1, hi=MAX_COUNT,
+                          help="timed sequences (median and p10/p90 reported)")
+    compile: bool = option(False, flag="--compile", action="store_true",
+                           help="torch.compile the per-step cell (cell path only)")
+    memory_limit: int | None = option(None, flag="--memory-limit", metavar="SIZE", parse=lambda _, t: parse_size(t),
+                                      lo=1, help="cap what each run may add, e.g. 2G or 512M; beyond it the cell is "
+                                                 "recorded as oom")
 
     def validate(self) -> None:
         """Raise UsageError, saying what is accepted, for anything that cannot be measured."""

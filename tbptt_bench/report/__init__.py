@@ -7,6 +7,6 @@ choices the command line offers live here, everything else in the modules.
 #: Figure formats written besides the PNG the HTML embeds.
 FORMATS = ("png", "svg", "pdf")
 #: Comparison axes of learning results, and the curve column each reads.
-AXES = {"tokens": "tokens", "compute": "compute_steps", "update": "update", "wall": "wall_time"}
+AXES = {"tokens": "tokens", "compute": "compute_steps", "update": "n_updates", "wall": "wall_time"}
 #: Paired tests across seeds.
 TESTS = ("wilcoxon", "permutation")

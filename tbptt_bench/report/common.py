@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from tbptt_bench.errors import UsageError
+from tbptt_bench.suites.measures import MEASURE_NAMES, TASK_DIRECTION, higher_is_better
 from tbptt_bench.methods.base import describe, order_specs
 from tbptt_bench.report import stats
 from tbptt_bench.report.document import Options
@@ -136,30 +136,37 @@ def _plain(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _higher_is_better(task: str, metric_name: str) -> bool:
-    import tbptt_bench.tasks  # noqa: F401  (registers the built-in tasks)
-    from tbptt_bench.tasks import TASKS
-
-    try:
-        return bool(getattr(TASKS.get(task), "metric_higher_is_better"))
-    except (UsageError, AttributeError):
-        return metric_name.lower().startswith("acc")
-
-
-def _metric_labels(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per task: metric name and direction, as a lookup frame."""
+def _metric_labels(frame: pd.DataFrame, table: str = "train") -> pd.DataFrame:
+    """Per task: the name of ``table``'s ``eval_metric`` and whether higher is better, as its declaration
+    says (:func:`tbptt_bench.suites.measures.higher_is_better`: the rows' own direction column, or the
+    registered task's), as a lookup frame."""
     rows = []
     for task, grp in frame.groupby("task"):
         name = str(grp["metric_name"].dropna().iloc[0]) if "metric_name" in grp and grp["metric_name"].notna().any() \
             else "metric"
-        rows.append({"task": task, "metric_name": name, "higher": _higher_is_better(str(task), name)})
+        stored = grp[TASK_DIRECTION].dropna() if TASK_DIRECTION in grp else pd.Series(dtype=object)
+        row = {"task": task, TASK_DIRECTION: bool(stored.iloc[0]) if len(stored) else None}
+        rows.append({"task": task, "metric_name": name, "higher": higher_is_better(table, "eval_metric", row)})
     return pd.DataFrame(rows, columns=["task", "metric_name", "higher"])
 
 
-def _ok(frame: pd.DataFrame, measure: str) -> pd.DataFrame:
-    if frame.empty or "measure" not in frame.columns:
+def _ok(tables: dict[str, pd.DataFrame] | pd.DataFrame, measure: str) -> pd.DataFrame:
+    """The ``ok`` rows of a measure's own table (``tables[measure]``), or of the rows of ``measure`` in one
+    frame of several measures' rows."""
+    frame = tables.get(measure, pd.DataFrame()) if isinstance(tables, dict) else tables
+    if frame.empty or "status" not in frame.columns:
         return frame.iloc[0:0]
-    return frame[(frame["measure"] == measure) & (frame["status"] == "ok")].copy()
+    keep = frame["status"] == "ok"
+    if "measure" in frame.columns:
+        keep &= frame["measure"] == measure
+    return frame[keep].copy()
+
+
+def measured_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every row of every measure's own table (whatever its status), in the declared order of the measures:
+    what the sections that speak of all cells (provenance, the report's header) count."""
+    frames = [tables[m] for m in MEASURE_NAMES if m in tables and not tables[m].empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _unit(frame: pd.DataFrame) -> str:

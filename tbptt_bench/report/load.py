@@ -9,24 +9,13 @@ from pathlib import Path
 import pandas as pd
 
 from tbptt_bench.errors import UsageError
+from tbptt_bench.suites.measures import MEASURE_NAMES, TABLES
 
 log = logging.getLogger(__name__)
 
 
-MEASURES = ("train", "bias", "context", "perf")
-
-
 #: Columns every row of a tbptt-bench result table has.
 BOOKKEEPING = ("key", "measure", "status")
-
-
-#: Columns a measurement kind must have for its section to be drawn (beyond the bookkeeping).
-REQUIRED = {
-    "train": ("task", "model", "method", "seed", "eval_metric"),
-    "perf": ("task", "model", "method", "seq_len", "tokens_per_s", "ms_per_update"),
-    "bias": ("task", "model", "spec", "relative_bias"),
-    "context": ("task", "model", "method", "update", "k", "relative_bias"),
-}
 
 
 def find_store(path: str | Path) -> Path:
@@ -51,58 +40,76 @@ def _is_store(path: Path) -> bool:
     return (path / "manifest.json").is_file() or any(path.glob("*.parquet")) or (path / "parts").is_dir()
 
 
-def report_frames(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """The store's per-measurement tables (docs/suites.md) in the form the report sections read:
-    one ``results`` frame with the rows of ``train``, ``bias``, ``context`` and ``perf`` (a ``measure`` column tells
-    them apart), ``update`` for ``n_updates``, the task parameters as JSON text in ``task_params`` and
-    integer columns with gaps as floats with NaN."""
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """A stored table as the report sections read it: integer columns with gaps as floats with NaN (not
+    ``pd.NA``) and the task parameters also as JSON text in ``task_params`` (panel labels)."""
     from tbptt_bench.suites.schema import unflatten
 
-    def legacy(frame: pd.DataFrame) -> pd.DataFrame:
-        frame = frame.rename(columns={"n_updates": "update"})
-        for name in frame.columns:  # the sections expect NaN, not pd.NA, in integer columns with gaps
-            if isinstance(frame[name].dtype, pd.Int64Dtype):
-                frame[name] = frame[name].astype("float64") if frame[name].isna().any() else frame[name].astype("int64")
-        task_columns = [c for c in frame.columns if c.startswith("task.")]
-        if "task_params" not in frame.columns and "task" in frame.columns:
-            frame["task_params"] = [json.dumps(unflatten(row, "task"), sort_keys=True)
-                                    for row in frame[task_columns].to_dict("records")]
-        return frame
+    frame = frame.copy()
+    for name in frame.columns:
+        if isinstance(frame[name].dtype, pd.Int64Dtype):
+            frame[name] = frame[name].astype("float64") if frame[name].isna().any() else frame[name].astype("int64")
+    task_columns = [c for c in frame.columns if c.startswith("task.")]
+    if "task_params" not in frame.columns and "task" in frame.columns:
+        frame["task_params"] = [json.dumps(unflatten(row, "task"), sort_keys=True)
+                                for row in frame[task_columns].to_dict("records")]
+    return frame
 
-    measured = [legacy(tables[m]) for m in MEASURES if m in tables and not tables[m].empty]
-    out = {name: legacy(frame) for name, frame in tables.items() if name not in MEASURES}
-    out["results"] = pd.concat(measured, ignore_index=True) if measured else pd.DataFrame()
-    return out
+
+def as_tables(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The store's tables by name (docs/suites.md), each :func:`readable`. Tables in the version-1 form —
+    one ``results`` frame of every measure's rows with a ``measure`` column, ``update`` for ``n_updates`` —
+    are split into the measures' tables first."""
+    tables = dict(tables)
+    if "results" in tables:
+        from tbptt_bench.suites.schema import RENAMED
+
+        results = tables.pop("results")
+        tables = {name: frame.rename(columns=RENAMED) for name, frame in tables.items()}
+        tables.update(_split_file(Path("results"), results) if not results.empty else {})
+    return {name: readable(frame) for name, frame in tables.items()}
 
 
 def load_tables(path: str | Path) -> dict[str, pd.DataFrame]:
-    """Every table of a store, assembled for the report (:func:`report_frames`), or one Parquet/CSV file
-    as ``results``.
+    """Every table of a store by name (:func:`as_tables`), checked against the declared columns
+    (:data:`tbptt_bench.suites.measures.TABLES`); one Parquet/CSV file of a version-1 store (a ``measure``
+    column) is split into its measures' tables first.
 
     Raises UsageError for a path that does not exist, an empty table, or a table that is not a
-    tbptt-bench result table (no key/measure/status columns).
+    tbptt-bench result table (no key/measure/status columns, or a measure's required columns missing).
     """
     from tbptt_bench.suites.store import read_tables
 
     root = find_store(path)
-    if root.is_file():
-        tables = {"results": _read_file(root)}
-    else:
-        tables = report_frames(read_tables(root))
+    tables = _split_file(root, _read_file(root)) if root.is_file() else read_tables(root)
     tables = {name: upgrade_bias_columns(df) for name, df in tables.items()}
-    main = tables.get("results", pd.DataFrame())
-    if main.empty:
+    measured = {m: tables[m] for m in MEASURE_NAMES if m in tables and not tables[m].empty}
+    if not measured:
         raise UsageError(f"results table in {root} is empty; run a suite into it first")
-    missing = [c for c in BOOKKEEPING if c not in main.columns]
-    if missing:
-        raise UsageError(f"{root} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
-    for measure in sorted(set(main["measure"].dropna()) & set(REQUIRED)):
-        rows = main[(main["measure"] == measure) & (main["status"] == "ok")]
-        lacking = [c for c in REQUIRED[measure] if c not in rows.columns or (len(rows) and rows[c].isna().all())]
+    for measure, frame in measured.items():
+        missing = [c for c in BOOKKEEPING if c not in frame.columns]
+        if missing:
+            raise UsageError(f"{root} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
+        rows = frame[frame["status"] == "ok"]
+        lacking = [c for c in TABLES[measure].required if c not in rows.columns or (len(rows) and rows[c].isna().all())]
         if len(rows) and lacking:
             raise UsageError(f"{root}: {measure} rows lack column(s) {', '.join(lacking)}; "
                              "the table was not written by this version of tbptt-bench")
-    return tables
+    return as_tables(tables)
+
+
+def _split_file(path: Path, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One results frame (all measures' rows, a ``measure`` column) as one table per measure and a ``cells``
+    table (one row per cell), columns renamed as the store renames them."""
+    from tbptt_bench.suites.schema import RENAMED, SHARED
+
+    missing = [c for c in BOOKKEEPING if c not in frame.columns]
+    if missing:
+        raise UsageError(f"{path} is not a tbptt-bench results table: missing column(s) {', '.join(missing)}")
+    frame = frame.rename(columns=RENAMED)
+    out = {str(m): rows.reset_index(drop=True) for m, rows in frame.groupby("measure", sort=False)}
+    out["cells"] = frame.drop_duplicates("key")[[c for c in SHARED if c in frame.columns]].reset_index(drop=True)
+    return out
 
 
 def upgrade_bias_columns(df: pd.DataFrame) -> pd.DataFrame:

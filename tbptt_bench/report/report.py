@@ -30,8 +30,9 @@ import pandas as pd
 
 from tbptt_bench.errors import UsageError, touching
 from tbptt_bench.report import figures
-from tbptt_bench.report.common import order_methods
+from tbptt_bench.report.common import measured_rows, order_methods
 from tbptt_bench.report.document import AXIS_WORDS, Document, Options
+from tbptt_bench.report.load import as_tables
 from tbptt_bench.report.render import render_html, render_markdown
 from tbptt_bench.report.sections.alignment import alignment_section
 from tbptt_bench.report.sections.bias import bias_section
@@ -72,6 +73,7 @@ def build_report(tables: dict[str, pd.DataFrame], out: str | Path, options: Opti
     or permission refused is a ResourceError naming ``out``.
     """
     options = options or Options()
+    tables = as_tables(tables)
     out = Path(out).absolute()
     _check_replaceable(out)
     with touching(out, note="any earlier report there is unchanged and no half-built one is left"):
@@ -159,7 +161,7 @@ def _swap_in(building: Path, out: Path) -> None:
 
 def _write(tables: dict[str, pd.DataFrame], out: Path, options: Options) -> Document:
     """Every section of the report, written into the folder ``out``."""
-    main = tables["results"]
+    main = measured_rows(tables)
     suites = sorted({str(s) for s in main.get("suite", pd.Series(dtype=str)).dropna()})
     title = options.title or f"tbptt-bench report: {', '.join(suites) or 'results'}"
     doc = Document(title, out, options)

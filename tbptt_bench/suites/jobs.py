@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import inspect
 import json
 import logging
 import time
-import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping
@@ -40,6 +38,8 @@ from tbptt_bench.provenance import provenance
 from tbptt_bench.models import MODELS
 from tbptt_bench.seeding import generator
 from tbptt_bench.core.build import make_task
+from tbptt_bench.options import REQUIRED, Option, schema
+from tbptt_bench.suites.measures import TASK_DIRECTION, bias_options, tables_of
 from tbptt_bench.suites.schema import CELLS, RENAMED, SHARED, flatten_params, utc_now
 from tbptt_bench.perf.failures import is_out_of_memory
 from tbptt_bench.training.loop import TrainConfig, train
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CELL_STATUSES = ("ok", "diverged", "oom", "timeout", "failed")
 #: Marks a parameter without a default in a measure's schema.
-NO_DEFAULT = object()
+NO_DEFAULT = REQUIRED
 
 #: Parameters from which a cell's seed is derived (besides the suite seed and the replicate index).
 #: Cells that differ only in other parameters (method, optimiser, steps, measurement) share a seed and
@@ -112,14 +112,24 @@ class Measure:
     timing: bool
     #: The module that must be importable for this measure (its function lives there).
     module: str
-    #: The accepted parameters: name → (type hint, default), :data:`NO_DEFAULT` for no default.
-    schema: Callable[[], dict[str, tuple[Any, Any]]]
+    #: The accepted parameters, declared once (:mod:`tbptt_bench.options`): name → option (type hint,
+    #: default or :data:`NO_DEFAULT`, bounds and accepted values); ``seed`` is set by the suite.
+    options: Callable[[], dict[str, Option]]
     #: Raises UsageError for parameters that cannot be measured (called before anything runs).
     check: Callable[[dict[str, Any]], None]
     #: Measures one cell from its parameters (the seed included): rows per table.
     run: Callable[[dict[str, Any]], Tables]
     #: Parameter names whose value is itself a list (a list of lists is then a grid axis).
     list_keys: frozenset[str] = frozenset()
+
+    def schema(self) -> dict[str, tuple[Any, Any]]:
+        """The accepted parameters besides ``seed``: name → (type hint, default)."""
+        return schema(self.options(), skip={"seed"})
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables this measure writes: its own, then its side tables (:mod:`tbptt_bench.suites.measures`)."""
+        return tables_of(self.name)
 
     def available(self) -> str | None:
         """``None`` when usable, else why not."""
@@ -150,8 +160,8 @@ def check_task_and_model(params: Mapping[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- train
 
-def _train_schema() -> dict[str, tuple[Any, Any]]:
-    return TrainConfig.schema()
+def _train_options() -> dict[str, Option]:
+    return TrainConfig.options()
 
 
 def _train_check(params: dict[str, Any]) -> None:
@@ -162,7 +172,9 @@ def _train_check(params: dict[str, Any]) -> None:
 def _train_run(params: dict[str, Any]) -> Tables:
     cfg = TrainConfig(**params)
     result = train(cfg)
-    extra = {"metric_name": result.metric_name, "baseline": result.baseline}
+    task = _task_cached(cfg.task, json.dumps(cfg.task_params or {}, sort_keys=True))
+    extra = {"metric_name": result.metric_name, "baseline": result.baseline,
+             TASK_DIRECTION: bool(task.metric_higher_is_better)}
     curves = [{**row, **extra} for row in result.curve]
     if result.diverged_at is not None:
         message = f"loss became non-finite by update {result.diverged_at}"
@@ -173,35 +185,14 @@ def _train_run(params: dict[str, Any]) -> Tables:
 
 # --------------------------------------------------------------------------- bias
 
-#: What a bias cell builds before it calls :func:`tbptt_bench.analysis.bias.analyse_bias` (the model at its
-#: initial θ, drawn from the cell's seed), with defaults; the other keys are the fields of bias.BiasOptions.
-BIAS_BUILD: dict[str, tuple[Any, Any]] = {
-    "task": (str, NO_DEFAULT), "task_params": (dict, {}), "model": (str, NO_DEFAULT), "model_params": (dict, {}),
-    "hidden_size": (int, 32),
-    "num_layers": (int, 1), "path": (str, "fused"), "methods": (list[str], NO_DEFAULT),
-    "seq_len": (int, 64), "batch_size": (int, 16), "n_batches": (int, 8), "device": (str, "cpu"),
-    "dtype": (str, "float64"),
-}
-
-
-def _bias_schema() -> dict[str, tuple[Any, Any]]:
-    from tbptt_bench.analysis import bias
-
-    options = _signature_schema(bias.BiasOptions, skip={"task", "model", "methods", "seed", "with_provenance",
-                                                         "labels"})
-    return {**options, **BIAS_BUILD}
 
 
 def _bias_check(params: dict[str, Any]) -> None:
-    from tbptt_bench.core.build import resolve_dtype
-
+    """What the declarations cannot say (sizes, dtype and bounds are checked against them as the suite is read)."""
     if not params["methods"]:
         raise UsageError("methods = [] measures nothing; list at least one method spec")
     for spec in params["methods"]:
         parse_method(spec)
-    resolve_dtype(params["dtype"])
-    if params["hidden_size"] < 1 or params["num_layers"] < 1 or params["n_batches"] < 1:
-        raise UsageError("hidden_size, num_layers and n_batches must be ≥ 1")
     check_task_and_model(params)
     if params.get("model_params"):
         from tbptt_bench.core.build import make_model
@@ -226,10 +217,10 @@ def _bias_run(params: dict[str, Any]) -> Tables:
 
 # --------------------------------------------------------------------------- context
 
-def _context_schema() -> dict[str, tuple[Any, Any]]:
+def _context_options() -> dict[str, Option]:
     from tbptt_bench.training.context import ContextConfig
 
-    return ContextConfig.schema()
+    return ContextConfig.options()
 
 
 def _context_check(params: dict[str, Any]) -> None:
@@ -255,10 +246,10 @@ def _context_run(params: dict[str, Any]) -> Tables:
 
 # --------------------------------------------------------------------------- perf
 
-def _perf_schema() -> dict[str, tuple[Any, Any]]:
+def _perf_options() -> dict[str, Option]:
     from tbptt_bench.perf.config import PerfConfig
 
-    return PerfConfig.schema()
+    return PerfConfig.options()
 
 
 def _perf_config(params: dict[str, Any]) -> Any:
@@ -283,17 +274,6 @@ def _perf_run(params: dict[str, Any]) -> Tables:
 
 # --------------------------------------------------------------------------- helpers
 
-def _signature_schema(fn: Callable[..., Any], skip: set[str]) -> dict[str, tuple[Any, Any]]:
-    hints = typing.get_type_hints(fn)
-    out: dict[str, tuple[Any, Any]] = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        default = NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
-        out[name] = (hints.get(name, Any), default)
-    return out
-
-
 def _records(frame: Any) -> Rows:
     if isinstance(frame, pd.DataFrame):
         return frame.to_dict("records")
@@ -302,13 +282,13 @@ def _records(frame: Any) -> Rows:
 
 MEASURES: dict[str, Measure] = {
     "train": Measure("train", 1, timing=False, module="tbptt_bench.training.loop",
-                     schema=_train_schema, check=_train_check, run=_train_run),
+                     options=_train_options, check=_train_check, run=_train_run),
     "bias": Measure("bias", 1, timing=False, module="tbptt_bench.analysis.bias", list_keys=frozenset({"methods"}),
-                    schema=_bias_schema, check=_bias_check, run=_bias_run),
+                    options=bias_options, check=_bias_check, run=_bias_run),
     "context": Measure("context", 1, timing=False, module="tbptt_bench.training.context", list_keys=frozenset({"levels"}),
-                       schema=_context_schema, check=_context_check, run=_context_run),
+                       options=_context_options, check=_context_check, run=_context_run),
     "perf": Measure("perf", 1, timing=True, module="tbptt_bench.perf.child",
-                    schema=_perf_schema, check=_perf_check, run=_perf_run),
+                    options=_perf_options, check=_perf_check, run=_perf_run),
 }
 
 
@@ -363,6 +343,10 @@ def run_cell(cell: GridPoint, *, executor: str = "local", concurrency: int = 1) 
     diverged_at: int | None = None
     try:
         tables = measure.run(dict(cell.params))
+        undeclared = sorted(set(tables) - set(measure.tables))
+        if undeclared:
+            raise RuntimeError(f"measure {measure.name!r} wrote undeclared table(s) {', '.join(undeclared)}; declare "
+                               "them in tbptt_bench/suites/measures.py")
         rows = tables.get(cell.measure, [])
         status, error = reported_status(rows)
         diverged_at = next((r["diverged_at"] for r in rows if r.get("diverged_at") is not None), None)

@@ -32,13 +32,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tbptt_bench.suites.measures import TABLES
+
 SCHEMA_VERSION = 2
 SCHEMA_META = b"tbptt_bench.schema_version"
 CELLS = "cells"
-#: The table of each measurement kind and its side tables.
-MEASURE_TABLES = {"train": "train", "bias": "bias", "context": "context", "perf": "perf"}
-SIDE_TABLES = {"curves": "train", "lags": "bias", "alignment": "bias", "effective_context": "context",
-               "context_lags": "context"}
+#: The table of each measurement kind and its side tables (each table declared once, in
+#: :data:`tbptt_bench.suites.measures.TABLES`).
+MEASURE_TABLES = {t.measure: t.name for t in TABLES.values() if not t.side}
+SIDE_TABLES = {t.name: t.measure for t in TABLES.values() if t.side}
 
 _TIME = pa.timestamp("us", tz="UTC")
 #: Columns that every row of every table has, in this order and with these types.

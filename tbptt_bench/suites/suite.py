@@ -33,8 +33,6 @@ import importlib.resources
 import itertools
 import json
 import logging
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,7 +49,7 @@ from tbptt_bench.methods.base import parse_method
 from tbptt_bench.seeding import derive_seed
 from tbptt_bench.core.build import resolve_device, resolve_dtype
 from tbptt_bench.methods.length import warn_long_windows
-from tbptt_bench.validation import finite_float, is_allocation_failure
+from tbptt_bench.validation import is_allocation_failure
 
 log = logging.getLogger(__name__)
 
@@ -258,76 +256,24 @@ def _time_limit(value: Any, where: str) -> float | None:
 
 def resolve_params(measure: Measure, schema: Mapping[str, tuple[Any, Any]], raw: Mapping[str, Any],
                    where: str) -> dict[str, Any]:
-    """Defaults filled in, values checked against their types, method specs canonicalised."""
+    """Defaults filled in, values checked against their types and their declared bounds and accepted values
+    (:mod:`tbptt_bench.options`), method specs canonicalised."""
+    options = measure.options()
     out: dict[str, Any] = {}
-    for name, (hint, default) in schema.items():
+    for name, (_, default) in schema.items():
         if name in KEYED_TABLES:
             continue
         value = raw.get(name, default)
         if value is NO_DEFAULT:
             raise UsageError(f"{where}: missing {name}")
         if name in raw:
-            value = coerce(value, hint, f"{where}: {name}")
+            value = options[name].read(value, where)
         if name == "method" and isinstance(value, str):
             value = _canonical_method(value, where)
         if name == "methods" and isinstance(value, list):
             value = [_canonical_method(v, where) for v in value]
         out[name] = value
     return out
-
-
-def coerce(value: Any, hint: Any, what: str) -> Any:
-    """``value`` checked against a type hint; ints widen to floats, ``"none"`` is None where allowed."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or hint is object:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value == "none"):
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, what)
-            except UsageError:
-                continue
-        raise UsageError(f"{what} = {value!r} must be {_describe(hint)}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise UsageError(f"{what} = {value!r} must be one of {', '.join(map(repr, args))}")
-    base = origin or hint
-    ok = True
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = finite_float(what, value) if ok else value
-    elif base is str:
-        ok = isinstance(value, str)
-    elif base in (list, tuple, typing.Sequence):
-        ok = isinstance(value, list)
-        if ok and args:
-            value = [coerce(v, args[0], what) for v in value]
-    elif base is dict:
-        ok = isinstance(value, dict)
-    if not ok:
-        raise UsageError(f"{what} = {value!r} must be {_describe(hint)}")
-    return value
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        if type(None) in args:
-            parts.append('"none"')
-        return " or ".join(parts)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
-             list: "a list"}
-    return names.get(origin or hint, str(hint))
 
 
 def _canonical_method(spec: str, where: str) -> str:

@@ -23,6 +23,7 @@ from torch import nn
 from tbptt_bench.analysis.context import CurveOptions, context_curve, describe_contexts, held_out_positions, LEVELS
 from tbptt_bench.core.build import make_task
 from tbptt_bench.errors import UsageError
+from tbptt_bench.options import option
 from tbptt_bench.training.loop import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -37,24 +38,19 @@ CURVE_FIELDS = ("tokens", "train_loss", "eval_loss", "eval_metric")
 class ContextConfig(TrainConfig):
     """Training (every :class:`TrainConfig` field; checkpoints at its evaluations) plus the K curve measured there."""
 
-    #: Steps T of each held-out segment the curve is measured on.
-    curve_seq_len: int = 1024
-    #: The largest chunk length of the dyadic grid K = 1, 2, 4, …, kmax (a power of two ≤ curve_seq_len).
-    kmax: int = 256
-    #: Held-out segments per checkpoint (the interval of the relative bias needs ≥ 4).
-    n_batches: int = 4
-    #: The split the segments come from (its last n_batches · curve_seq_len steps per stream).
-    curve_split: str = "valid"
-    #: Steps run without gradient before each segment, from the zero state.
-    curve_warmup: int = 512
-    #: Levels L of relative bias at which the effective context is read.
-    levels: list[float] = field(default_factory=lambda: list(LEVELS))
-    #: Confidence level of the relative bias's interval.
-    ci_level: float = 0.95
-    #: The lag profile out to this lag on the same segments, in float64 (0: none).
-    max_lag: int = 0
-    #: Loss positions sampled per segment for the lag profile.
-    lag_positions: int = 8
+    curve_seq_len: int = option(1024, lo=1, help="steps T of each held-out segment the curve is measured on")
+    kmax: int = option(256, lo=1, help="the largest chunk length of the dyadic grid K = 1, 2, 4, …, kmax (a power of "
+                                       "two ≤ curve_seq_len)")
+    n_batches: int = option(4, lo=1, help="held-out segments per checkpoint (the interval of the relative bias needs ≥ 4)")
+    curve_split: str = option("valid", choices=("train", "valid", "test"),
+                              help="the split the segments come from (its last n_batches · curve_seq_len steps per "
+                                   "stream)")
+    curve_warmup: int = option(512, lo=0, help="steps run without gradient before each segment, from the zero state")
+    levels: list[float] = option(factory=lambda: list(LEVELS),
+                                 help="levels L of relative bias at which the effective context is read")
+    ci_level: float = option(0.95, help="confidence level of the relative bias's interval")
+    max_lag: int = option(0, lo=0, help="the lag profile out to this lag on the same segments, in float64 (0: none)")
+    lag_positions: int = option(8, lo=1, help="loss positions sampled per segment for the lag profile")
 
     def curve_options(self) -> CurveOptions:
         """The curve measurement's options."""

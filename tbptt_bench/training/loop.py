@@ -32,6 +32,7 @@ from torch import nn
 from tbptt_bench.core.engine import step_loss_sum
 from tbptt_bench.core.mask import Update
 from tbptt_bench.errors import UsageError
+from tbptt_bench.options import MAX_COUNT, option
 from tbptt_bench.methods.base import Method
 from tbptt_bench.models.protocol import State, detach_state
 from tbptt_bench.seeding import derive_seed, generator, method_rng
@@ -50,14 +51,16 @@ class TrainConfig(ComposedConfig):
     """
 
     run: RunConfig
-    steps: int = 200
-    eval_every: int = 50
-    eval_batches: int = 4
+    steps: int = option(200, flag="--steps", lo=1, hi=MAX_COUNT, help="number of optimiser updates")
+    eval_every: int = option(50, flag="--eval-every", lo=1, hi=MAX_COUNT, help="evaluate every N updates")
+    eval_batches: int = option(4, flag="--eval-batches", lo=1, hi=MAX_COUNT, help="held-out batches per evaluation")
     #: Also stop once this many loss positions (summed over the batch: the curve's ``tokens``) have been
     #: trained on: an equal data budget for methods whose updates cover different numbers of losses.
-    max_tokens: int | None = None
+    max_tokens: int | None = option(None, flag="--max-tokens", lo=1, hi=2**62,
+                                    help="also stop after this many trained loss positions (x batch): equal data "
+                                         "budgets")
     #: A copy curriculum (``tbptt_bench.training.curriculum``), e.g. ``{start = 1, threshold = 0.15}``; None for none.
-    curriculum: dict[str, Any] | None = None
+    curriculum: dict[str, Any] | None = option(None, help="a copy curriculum, e.g. {start = 1, threshold = 0.15}")
 
     def validate(self) -> None:
         if self.steps < 1 or self.seq_len < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:

@@ -19,7 +19,6 @@ import functools
 import inspect
 import json
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,11 +29,12 @@ from tbptt_bench.core.build import make_model, make_task, resolve_device, resolv
 from tbptt_bench.core.engine import Engine
 from tbptt_bench.core.forward_mode import OnlineEngine
 from tbptt_bench.errors import UsageError
+from tbptt_bench.options import MAX_COUNT, Option, declared, key_values, option, schema
 from tbptt_bench.methods.base import Method, parse_method
 from tbptt_bench.seeding import derive_seed
 from tbptt_bench.tasks.base import Task
+from tbptt_bench.validation import finite_float
 
-PATHS = ("fused", "cell")
 #: The optimiser name meaning "no optimiser": θ stays fixed.
 NO_OPTIMIZER = "none"
 
@@ -81,36 +81,77 @@ def scheduler_class(name: str) -> type[Any]:
                     "it steps on a metric, not per update; ")
 
 
+PATHS = ("fused", "cell")
+#: Dtypes a run can compute in.
+DTYPES = ("float32", "float64")
+#: The largest seed (numpy and torch take seeds below 2**63).
+MAX_SEED = 2**63 - 1
+
+
+def _key_values(flag: str, items: list[str]) -> dict[str, Any]:
+    """``--task-param KEY=VALUE`` items as a dict."""
+    return key_values(items, flag)
+
+
+def _clip(flag: str, value: Any) -> float | None:
+    """``--clip-norm`` as a norm, 0 (or none given) for no clipping."""
+    return None if value is None else finite_float(flag, value, 0) or None
+
+
+def _kwargs(flag: str, text: str | None) -> dict[str, Any] | None:
+    """``--optimizer-args`` text as keyword arguments (None for none)."""
+    return parse_kwargs(text, flag) or None if text is not None else None
+
+
 @dataclass
 class RunConfig:
-    """What defines a run of a method on a task and model (plain values; defaults are training's)."""
+    """What defines a run of a method on a task and model (plain values; defaults are training's).
 
-    task: str = "copy"
-    task_params: dict[str, Any] = field(default_factory=dict)
-    model: str = "lstm"
+    Each field is declared once (:func:`tbptt_bench.options.option`): its flag on the command line, its
+    help, accepted values and bounds; commands and suites derive their options from these declarations.
+    """
+
+    task: str = option("copy", flag="--task", help="task name (see `tbptt-bench tasks`)")
+    task_params: dict[str, Any] = option(
+        factory=dict, flag="--task-param", action="append", metavar="KEY=VALUE", parse=_key_values,
+        help="task constructor parameter, repeatable (e.g. --task-param corpus=text --task-param path=f.txt)")
+    model: str = option("lstm", flag="--model", help="model name (see `tbptt-bench tasks`)")
     #: Keyword arguments of the model's factory (e.g. ``{"mem": 16}`` for ``sab``); {} for its defaults.
-    model_params: dict[str, Any] = field(default_factory=dict)
-    hidden_size: int = 32
-    num_layers: int = 1
-    path: str = "fused"
-    method: str = "chunked:k=16"
-    seq_len: int = 64
-    batch_size: int = 16
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    model_params: dict[str, Any] = option(
+        factory=dict, flag="--model-param", action="append", metavar="KEY=VALUE", parse=_key_values,
+        help="model factory parameter, repeatable (e.g. --model-param mem=16 for sab)")
+    hidden_size: int = option(32, flag="--hidden", lo=1, help="hidden size")
+    num_layers: int = option(1, flag="--layers", lo=1, help="number of recurrent layers")
+    path: str = option("fused", flag="--path", choices=PATHS, help="execution path of built-in models")
+    method: str = option("chunked:k=16", flag="--method", help="method spec")
+    seq_len: int = option(64, flag="--seq-len", lo=1, help="sequence (or stream segment) length T")
+    batch_size: int = option(16, flag="--batch", lo=1, help="batch size B")
+    dtype: str = option("float32", flag="--dtype", choices=DTYPES, help="dtype of parameters and data")
+    device: str = option("cpu", flag="--device", help="cpu, cuda, cuda:N or auto")
+    seed: int = option(0, flag="--seed", lo=0, hi=MAX_SEED, help="seed for parameters and data")
     #: torch threads; None leaves them as they are (perf: every CPU the process may use).
-    threads: int | None = None
+    threads: int | None = option(None, flag="--threads", lo=1, hi=MAX_COUNT,
+                                 help="torch threads (default: as torch sets them; perf: every CPU available; 1 on a busy machine is "
+                                      "often much faster)")
     #: A ``torch.optim`` optimiser name (any case), or ``none`` (θ fixed).
-    optimizer: str = "adam"
-    lr: float = 1e-3
+    optimizer: str = option("adam", flag="--optimizer",
+                            help="any torch.optim optimiser by name, any case (adam, sgd, adamw, rmsprop, …), or "
+                                 "none (θ fixed: the cost of gradient estimates)")
+    lr: float = option(1e-3, flag="--lr", lo=0, lo_open=True, help="learning rate")
     #: Further keyword arguments of the optimiser (``lr`` is its own field); None for none.
-    optimizer_args: dict[str, Any] | None = None
+    optimizer_args: dict[str, Any] | None = option(
+        None, flag="--optimizer-args", metavar="JSON|K=V,...", parse=_kwargs,
+        help='its keyword arguments besides lr, e.g. momentum=0.9,nesterov=true or {"betas": [0.9, 0.99]}')
     #: A ``torch.optim.lr_scheduler`` name, stepped after every update; None for a constant rate.
-    lr_schedule: str | None = None
-    lr_schedule_args: dict[str, Any] | None = None
+    lr_schedule: str | None = option(
+        None, flag="--lr-schedule", metavar="NAME",
+        help="a torch.optim.lr_scheduler scheduler by name, stepped after every update (e.g. StepLR)")
+    lr_schedule_args: dict[str, Any] | None = option(
+        None, flag="--lr-schedule-args", metavar="JSON|K=V,...", parse=_kwargs,
+        help="its keyword arguments, e.g. step_size=100,gamma=0.5")
     #: Gradient clipping by global norm before each optimiser step; None for none.
-    clip: float | None = 1.0
+    clip: float | None = option(1.0, flag="--clip-norm", aliases=("--clip",), lo=0, parse=_clip,
+                                help="clip gradients to this global norm before each step (0 disables)")
 
     def validate(self) -> None:
         """Raise UsageError, saying what is accepted, for a value no run can use."""
@@ -282,22 +323,15 @@ class ComposedConfig:
         return {**dataclasses.asdict(self.run), **own}
 
     @classmethod
+    def options(cls) -> dict[str, Option]:
+        """Every flat field's declaration (run fields first, with this kind's :attr:`RUN_DEFAULTS`): what its
+        command's flags and its suite keys derive from."""
+        return {**declared(RunConfig, defaults=cls.RUN_DEFAULTS), **declared(cls, skip={"run"})}
+
+    @classmethod
     def schema(cls) -> dict[str, tuple[Any, Any]]:
         """Field name → (type hint, default) over the flat fields, ``seed`` excluded (suites set it)."""
-        out: dict[str, tuple[Any, Any]] = {}
-        run_hints = typing.get_type_hints(RunConfig)
-        for f in dataclasses.fields(RunConfig):
-            if f.name != "seed":
-                out[f.name] = (run_hints[f.name], cls.RUN_DEFAULTS.get(f.name, _default(f)))
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name != "run":
-                out[f.name] = (hints[f.name], _default(f))
-        return out
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return schema(cls.options(), skip={"seed"})
 
 
 def parse_kwargs(text: str, what: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ EXACT_ZERO = 1e-12
 
 def _bias_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Bias rows of the whole gradient (group ``all``), with a ``method`` column."""
-    bias = _ok(tables["results"], "bias")
+    bias = _ok(tables, "bias")
     if bias.empty:
         return bias
     if "spec" in bias.columns:

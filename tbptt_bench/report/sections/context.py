@@ -27,6 +27,8 @@ DRAWN = ("k_effective", "k_effective_point")
 LAG_FLOOR = 1e-30
 #: Batches below which the relative bias has no interval (analysis/expectation.py).
 MIN_BATCHES_FOR_INTERVALS = 4
+#: Column names of the effective-context table as shown (the store's ``n_updates``: the checkpoint's update).
+SHOWN = {"n_updates": "update"}
 
 
 def _upper_median(values: pd.Series) -> float:
@@ -51,7 +53,7 @@ def _panelled(frame: pd.DataFrame) -> pd.DataFrame:
 
 def context_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
     """Effective context K(L) against training progress, relative bias against K per checkpoint, and a table."""
-    curve = _ok(tables.get("results", pd.DataFrame()), "context")
+    curve = _ok(tables, "context")
     if curve.empty or "k" not in curve.columns:
         return
     levels = tables.get("effective_context", pd.DataFrame())
@@ -91,7 +93,7 @@ def context_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
 def _context_figure(doc: Document, levels: pd.DataFrame, kmax: int, few: bool) -> None:
     """K(L) against tokens trained on, one colour per level, one line style per rule."""
     rules = [r for r in DRAWN if r in levels.columns and not (few and r == "k_effective")]
-    long = levels.melt(id_vars=["panel", "seed", "tokens", "update", "level"], value_vars=rules,
+    long = levels.melt(id_vars=["panel", "seed", "tokens", "n_updates", "level"], value_vars=rules,
                        var_name="rule", value_name="K")
     long["K"] = pd.to_numeric(long["K"], errors="coerce").astype(float)
     long["rule"] = long["rule"].map(RULES)
@@ -118,13 +120,13 @@ def _bias_figure(doc: Document, curve: pd.DataFrame, level_values: list[float]) 
     """Relative bias against K, one line per checkpoint coloured by training progress; the levels dashed."""
     o = doc.options
     curve = curve.assign(K=pd.to_numeric(curve["k"], errors="coerce").astype(float))
-    by = ["panel", "update", "K"]
+    by = ["panel", "n_updates", "K"]
     rel = seed_interval(curve, "relative_bias", by, low="relative_bias_lo", high="relative_bias_hi", options=o)
     rel = _zero_intervals(rel, curve, by)
-    tokens = curve.groupby("update")["tokens"].median()
-    order = sorted(rel["update"].unique())
+    tokens = curve.groupby("n_updates")["tokens"].median()
+    order = sorted(rel["n_updates"].unique())
     labels = {u: f"update {int(u)} ({_tokens(float(tokens.get(u, np.nan)))} tokens)" for u in order}
-    rel["checkpoint"] = rel["update"].map(labels)
+    rel["checkpoint"] = rel["n_updates"].map(labels)
     colours = dict(zip((labels[u] for u in order), sns.color_palette("viridis", n_colors=max(len(order), 1))))
     words = " and ".join(f"{v:.0%}" for v in level_values)
     refs = pd.DataFrame([{"panel": p, "y": v, "label": f"levels {words}"}
@@ -145,13 +147,13 @@ def _lag_figure(doc: Document, lags: pd.DataFrame) -> None:
     o = doc.options
     phi = pd.to_numeric(lags["phi_mean"], errors="coerce")
     shown = lags[phi >= phi.max() * LAG_FLOOR]
-    by = ["panel", "update", "lag"]
+    by = ["panel", "n_updates", "lag"]
     prof = seed_interval(shown, "phi_mean", by, se="phi_se", options=o)
     prof["ci_low"] = prof["ci_low"].clip(lower=prof["mean"] * 1e-3)
-    tokens = lags.groupby("update")["tokens"].median()
-    order = sorted(prof["update"].unique())
+    tokens = lags.groupby("n_updates")["tokens"].median()
+    order = sorted(prof["n_updates"].unique())
     labels = {u: f"update {int(u)} ({_tokens(float(tokens.get(u, np.nan)))} tokens)" for u in order}
-    prof["checkpoint"] = prof["update"].map(labels)
+    prof["checkpoint"] = prof["n_updates"].map(labels)
     colours = dict(zip((labels[u] for u in order), sns.color_palette("viridis", n_colors=max(len(order), 1))))
     positions = int(lags["n_positions"].max()) if "n_positions" in lags.columns else 0
     fig = figures.ci_lines(prof, x="lag", y="mean", low="ci_low", high="ci_high", hue="checkpoint", panel="panel",
@@ -173,9 +175,9 @@ def _context_table(doc: Document, levels: pd.DataFrame, kmax: int, few: bool) ->
     values = [c for c in ("tokens", "eval_metric") if c in levels.columns]
     rules = [r for r in RULES if r in levels.columns]
     frame = levels.assign(**{r: pd.to_numeric(levels[r], errors="coerce").astype(float) for r in rules})
-    wide = frame.pivot_table(index=["panel", "update"], columns="level", values=rules, aggfunc=_upper_median,
+    wide = frame.pivot_table(index=["panel", "n_updates"], columns="level", values=rules, aggfunc=_upper_median,
                              dropna=False)
-    base = frame.groupby(["panel", "update"])[values].median()
+    base = frame.groupby(["panel", "n_updates"])[values].median()
     full = base.copy()
     shown = base.copy()
     if "tokens" in shown.columns:
@@ -190,8 +192,8 @@ def _context_table(doc: Document, levels: pd.DataFrame, kmax: int, few: bool) ->
             full[name] = column
             unavailable = few and rule == "k_effective"
             shown[name] = column.map(lambda v: "n/a" if unavailable else f"> {kmax}" if np.isnan(v) else _fmt(int(v)))
-    shown = shown.reset_index()
-    doc.table("effective_context", shown, full.reset_index(), caption=(
+    shown = shown.reset_index().rename(columns=SHOWN)
+    doc.table("effective_context", shown, full.reset_index().rename(columns=SHOWN), caption=(
         "Effective context per checkpoint (upper median over seeds; held-out metric: the task's, e.g. bits per "
         "character, median over seeds): the smallest K with relative bias ≤ L under the "
         "interval rule (upper end of the interval ≤ L; conservative), the point estimate and the mean per-batch "

@@ -21,7 +21,7 @@ BUSY_MARK = ("Open markers: measured on a busy machine (other processes used the
 def cost_section(doc: Document, tables: dict[str, pd.DataFrame], palette: dict[str, Any]) -> pd.DataFrame:
     """Throughput, time per update and peak memory; returns the perf rows used."""
     doc.section("cost", "Cost")
-    perf = _ok(tables["results"], "perf")
+    perf = _ok(tables, "perf")
     perf = perf[perf["tokens_per_s"].notna()] if "tokens_per_s" in perf.columns else perf.iloc[0:0]
     if perf.empty:
         doc.text("No perf measurements in these results.")

@@ -143,7 +143,7 @@ def chosen_k(curves: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["task", "model", "method", "K"])
     varied = runs.groupby("key")["k_used"].nunique()
     runs = runs[runs["key"].isin(varied[varied > 1].index)]
-    last = runs.sort_values("update").groupby("key", as_index=False).last()
+    last = runs.sort_values("n_updates").groupby("key", as_index=False).last()
     return last.groupby(["task", "model", "method"], as_index=False)["k_used"].median().rename(columns={"k_used": "K"})
 
 
@@ -158,7 +158,7 @@ def decision_table(tables: dict[str, pd.DataFrame], train: pd.DataFrame, unit: s
     if bias.empty or "relative_bias_hi" not in bias.columns:
         return pd.DataFrame()
     bias = with_method_axes(bias)
-    perf = _ok(tables["results"], "perf")
+    perf = _ok(tables, "perf")
     perf = with_method_axes(perf) if not perf.empty and "tokens_per_s" in perf.columns else pd.DataFrame()
     train = with_method_axes(train) if not train.empty else train
     small, scale = split_sizes(perf, train)
@@ -278,7 +278,7 @@ def decision_section(doc: Document, slot: list[tuple[str, Any]], tables: dict[st
         if table.empty:
             doc.text("No bias measurements with intervals over a K grid, so no K can be recommended.")
             return
-        perf = _ok(tables["results"], "perf")
+        perf = _ok(tables, "perf")
         perf = perf[perf["tokens_per_s"].notna()] if "tokens_per_s" in perf.columns else perf.iloc[0:0]
         _, scale = split_sizes(with_method_axes(perf) if len(perf) else perf, train)
         at_scale = (f"at scale ({scale_words(scale)}); " if len(scale) else

@@ -21,7 +21,7 @@ def learning_section(doc: Document, tables: dict[str, pd.DataFrame], palette: di
     per-seed rows whose ``eval_metric`` is the value at the panel's common budget (for statistics)."""
     o = doc.options
     doc.section("learning", "Learning")
-    train = _ok(tables["results"], "train")
+    train = _ok(tables, "train")
     if train.empty:
         doc.text("No train measurements in these results.")
         return train
@@ -117,7 +117,7 @@ def training_bias(curves: pd.DataFrame, column: str) -> pd.DataFrame:
     trained method); further methods are in ``SPEC/column``. ``series`` names the measured method, and
     the trained one where they differ.
     """
-    base = ["key", "panel", "method", "update"]
+    base = ["key", "panel", "method", "n_updates"]
     first = curves[base].assign(measured=curves["bias_method"] if "bias_method" in curves else curves["method"],
                                 value=curves[column])
     pieces = [first]
@@ -142,10 +142,10 @@ def _bias_over_training(doc: Document, curves: pd.DataFrame, palette: dict[str, 
         return
     col = cols[0]
     long = training_bias(curves, col)
-    summary = stats.summarise(long, "value", ["panel", "series", "update"], confidence=o.confidence,
+    summary = stats.summarise(long, "value", ["panel", "series", "n_updates"], confidence=o.confidence,
                               n_resamples=o.n_resamples, seed=o.seed)
     label = col.replace("_", " ")
-    fig = figures.ci_lines(summary, x="update", y="mean", low="ci_low", high="ci_high", hue="series",
+    fig = figures.ci_lines(summary, x="n_updates", y="mean", low="ci_low", high="ci_high", hue="series",
                            panel="panel", colours=figures.palette(order_methods(summary["series"]), palette),
                            logy=col != "cosine", zero_below=1e-12 if col != "cosine" else None,
                            xlabel="updates (snapshots are taken at update counts)",
@@ -157,7 +157,7 @@ def _bias_over_training(doc: Document, curves: pd.DataFrame, palette: dict[str, 
                "interval over seeds.")
 
 
-def time_to_target(curves: pd.DataFrame, *, target: float, higher: bool, unit: str, x: str = "update") -> pd.DataFrame:
+def time_to_target(curves: pd.DataFrame, *, target: float, higher: bool, unit: str, x: str = "n_updates") -> pd.DataFrame:
     """Per run (key): the value of ``x`` at the first evaluation from which on the held-out metric stays beyond
     ``target`` (column ``at``), and the run's last ``x`` (``last``).
 

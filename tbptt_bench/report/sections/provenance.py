@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tbptt_bench.report.common import _device_label, _fmt
+from tbptt_bench.report.common import _device_label, _fmt, measured_rows
 from tbptt_bench.report.document import Document
 
 
@@ -16,7 +16,7 @@ PROVENANCE = (("suite", "suite"), ("git commit", "git_commit"), ("host", "hostna
 
 
 def provenance_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
-    main = tables["results"]
+    main = measured_rows(tables)
     doc.section("provenance", "Provenance")
     rows = []
     for label, col in PROVENANCE:

@@ -16,6 +16,7 @@ is computed from the measured rows by the rule printed beside it, never set by h
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -78,25 +79,34 @@ PUBLISHED_ORDER = ("rtrl", "snap:n=2", "snap:n=1", "kfrtrl", "uoro")
 
 def reproductions_section(doc: Document, tables: dict[str, pd.DataFrame]) -> None:
     """The Reproductions section; nothing when the results hold none of the three experiments."""
-    main = tables.get("results", pd.DataFrame())
     curves = tables.get("curves", pd.DataFrame())
-    if main.empty or "task" not in main.columns:
-        return
-    influence = main[main["task"] == "influence-balancing"]
-    curriculum = _curriculum_runs(main, curves)
-    sab = main[main["suite"].astype(str).str.startswith("sab-long")] if "suite" in main.columns else main.iloc[0:0]
-    if influence.empty and curriculum.empty and sab.empty:
+    influence = _where(tables, "task", lambda task: task == "influence-balancing")
+    curriculum = _curriculum_runs(curves)
+    sab = _where(tables, "suite", lambda suite: suite.astype(str).str.startswith("sab-long"))
+    if not influence and curriculum.empty and not sab:
         return
     doc.section("reproductions", "Reproductions")
     doc.text("Each classic result's published claim (paraphrased, with its source) beside what these results "
              "measured, and a verdict computed from the rows by the rule stated with it: reproduced, partly, or "
              "not, with the reason. The suites are scaled down to run on two CPU cores (docs/reproductions.md).")
-    if not influence.empty:
+    if influence:
         _influence(doc, influence, curves)
     if not curriculum.empty:
         _curriculum(doc, curriculum)
-    if not sab.empty:
+    if sab:
         _sab(doc, sab)
+
+
+def _where(tables: dict[str, pd.DataFrame], column: str,
+           keep: Callable[[pd.Series], pd.Series]) -> dict[str, pd.DataFrame]:
+    """The rows of the train and bias tables whose ``column`` passes ``keep`` (tables left without rows are
+    left out)."""
+    out = {}
+    for measure in ("train", "bias"):
+        frame = tables.get(measure, pd.DataFrame())
+        if column in frame.columns and (rows := frame[keep(frame[column])]).shape[0]:
+            out[measure] = rows
+    return out
 
 
 def _claim(doc: Document, claim: Claim) -> None:
@@ -149,8 +159,8 @@ def influence_learning(train: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFram
     for method, grp in train.groupby("method", sort=False):
         keys = set(grp["key"])
         runs = curves[curves["key"].isin(keys)] if not curves.empty else curves
-        first = runs[runs["update"] == 0].groupby("key")["eval_loss"].first()
-        last = runs.sort_values("update").groupby("key")["eval_loss"].last()
+        first = runs[runs["n_updates"] == 0].groupby("key")["eval_loss"].first()
+        last = runs.sort_values("n_updates").groupby("key")["eval_loss"].last()
         initial = float(first.mean()) if len(first) else float("nan")
         diverged = int((grp["status"] == "diverged").sum())
         finals = last.reindex(list(keys))
@@ -166,10 +176,10 @@ def influence_learning(train: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(out)
 
 
-def _influence(doc: Document, rows: pd.DataFrame, curves: pd.DataFrame) -> None:
+def _influence(doc: Document, rows: dict[str, pd.DataFrame], curves: pd.DataFrame) -> None:
     doc.heading("Influence balancing")
     _claim(doc, INFLUENCE)
-    task = _task(rows)
+    task = _task(next(iter(rows.values())))
     horizon = task.balance_horizon()
     doc.text(f"**Closed form** (docs/reproductions.md): θ's influence on the observed unit at lag d is "
              f"a_d = (A^d v)₁, +1 for the first {task.n_positive} lags; the truncated influence Σ_{{d<K}} a_d turns "
@@ -206,8 +216,8 @@ def _influence(doc: Document, rows: pd.DataFrame, curves: pd.DataFrame) -> None:
                   caption="The unbiased estimators at θ = 0 over their draws: the mean cosine of single draws, and "
                   "the noise-corrected relative bias ‖E[ĝ − g]‖/‖g‖ with its interval and the test of zero bias "
                   "(docs/statistics.md).")
-    train = _ok(rows, "train")
-    train = pd.concat([train, rows[(rows["measure"] == "train") & (rows["status"] == "diverged")]])
+    runs = rows.get("train", pd.DataFrame(columns=["status"]))
+    train = pd.concat([_ok(rows, "train"), runs[runs["status"] == "diverged"]])
     if train.empty:
         return
     learning = influence_learning(train, curves)
@@ -272,11 +282,11 @@ def chunked_horizon(task: InfluenceBalancingTask, max_k: int = 5000) -> int:
 # -- copy curriculum ---------------------------------------------------------------------------------
 
 
-def _curriculum_runs(main: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+def _curriculum_runs(curves: pd.DataFrame) -> pd.DataFrame:
     """One row per curriculum run: method, seed and the level in force at its last evaluation."""
     if curves.empty or "curriculum_level" not in curves.columns:
         return pd.DataFrame()
-    runs = curves[curves["curriculum_level"].notna()].sort_values("update")
+    runs = curves[curves["curriculum_level"].notna()].sort_values("n_updates")
     if runs.empty:
         return pd.DataFrame()
     last = runs.groupby("key").last().reset_index()
@@ -336,7 +346,7 @@ def _curriculum(doc: Document, runs: pd.DataFrame) -> None:
 # -- sparse attentive backtracking ------------------------------------------------------------------
 
 
-def _sab(doc: Document, rows: pd.DataFrame) -> None:
+def _sab(doc: Document, rows: dict[str, pd.DataFrame]) -> None:
     doc.heading("Sparse attentive backtracking at long delays")
     _claim(doc, SAB)
     train = _ok(rows, "train")
