@@ -89,7 +89,8 @@ def step_loss_sum(outputs: torch.Tensor, batch: Batch, loss_kind: str, batch_siz
         per = (diff * diff).reshape(*batch.weights.shape, -1).sum(-1)
     else:
         raise ValueError(f"unknown loss kind {loss_kind!r}")
-    return (per * batch.weights.to(per.dtype)).sum() / batch_size
+    weights = batch.weights if batch.weights.dtype == per.dtype else batch.weights.to(per.dtype)
+    return (per * weights).sum() / batch_size
 
 
 def scale_grad(state: State, factor: float) -> State:
@@ -436,8 +437,8 @@ class EngineRun:
         frontier = max(self.bank)
         if reachable and p < frontier:
             self._ensure_state(p)
-        if min(self.bank) < p:
-            self.bank = {q: s for q, s in self.bank.items() if q >= p or q == frontier}
+        for q in [q for q in self.bank if q < p and q != frontier]:
+            del self.bank[q]
         if self.kept:
             self.kept = {k: g for k, g in self.kept.items() if k[0] >= p}
 
@@ -470,17 +471,20 @@ class EngineRun:
         """Forward from the state at ``start`` to ``end``; return Σ ℓ_t for t in ``[la, lb)``."""
         engine = self.engine
         state = self._state_at(start)
-        inner = self.split_list[bisect.bisect_right(self.split_list, start) : bisect.bisect_left(self.split_list, end)]
-        cuts = {start, end, *inner}
+        first, last = bisect.bisect_right(self.split_list, start), bisect.bisect_left(self.split_list, end)
         scales = dict(u.scales) if u.scales else _NO_SCALES
-        if scales:
+        split = grad and (engine.checkpoint or (engine.max_fused_steps and end - start > engine.max_fused_steps))
+        if first == last and not scales and not split and start < end:  # one call (a chunk): no cut set
+            points = [start, end]
+        else:
+            cuts = {start, end, *self.split_list[first:last]}
             cuts.update(p for p in scales if start < p < end)
-        if engine.checkpoint and grad:
-            cuts.update(range(start - start % engine.checkpoint + engine.checkpoint, end, engine.checkpoint))
-        elif engine.max_fused_steps and grad and end - start > engine.max_fused_steps:
-            n = engine.max_fused_steps
-            cuts.update(range(start - start % n + n, end, n))
-        points = sorted(cuts)
+            if engine.checkpoint and grad:
+                cuts.update(range(start - start % engine.checkpoint + engine.checkpoint, end, engine.checkpoint))
+            elif split:
+                n = engine.max_fused_steps
+                cuts.update(range(start - start % n + n, end, n))
+            points = sorted(cuts)
         retain = grad and not scales and not engine.checkpoint and self._worth_retaining(points)
         total: torch.Tensor | None = None
         previous_out: State | None = None
