@@ -16,8 +16,9 @@
 Calls are interleaved (A B, then B A, …) so that drift on a shared machine hits both alike. Each round
 gives one ratio (the two calls of a round ran next to each other); the result is the median of those
 per-round ratios with a distribution-free 95% interval for it (order statistics of the binomial), and,
-beside it, the ratio of median times. The load average before and after each comparison is recorded:
-on a busy machine, run more rounds. Defaults: copy task, LSTM, hidden 128, batch 32, T = 1024, K = 64.
+beside it, the ratio of median times. Each call's process CPU time is recorded too and compared the
+same way (it leaves out time spent waiting for a core). The load average before and after each
+comparison is recorded: on a busy machine, run more rounds. Defaults: copy task, LSTM, hidden 128, batch 32, T = 1024, K = 64.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +100,23 @@ def compare(times: dict[str, list[float]], a: str, b: str) -> dict[str, Any]:
     }
 
 
+#: Untimed calls of each loop before the timed rounds.
+WARMUP = 2
+
+
+def cpu_timed(fn: Callable[[], None], seconds: list[float]) -> Callable[[], None]:
+    """``fn`` that also appends the process CPU time of each call to ``seconds``: on a shared machine
+    CPU time leaves out the time a call waited for a core, which wall time charges to whichever
+    implementation was unlucky."""
+
+    def call() -> None:
+        t0 = time.process_time()
+        fn()
+        seconds.append(time.process_time() - t0)
+
+    return call
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the system has none)."""
     try:
@@ -116,20 +135,27 @@ def overhead(base: PerfConfig, args: argparse.Namespace, results: dict[str, Any]
         cfg = dataclasses.replace(base, method=method)
         w, engine = engine_runner(cfg)
         fns = {"engine": engine, **{label: hand_runner(cfg, w, k) for label, k in hand.items()}}
+        cpu: dict[str, list[float]] = {label: [] for label in fns}
         load_before = load_average()
-        times = interleaved_times(fns, args.rounds, warmup=2)
+        times = interleaved_times({label: cpu_timed(fn, cpu[label]) for label, fn in fns.items()}, args.rounds,
+                                  warmup=WARMUP)
         load_after = load_average()
+        cpu = {label: seconds[WARMUP:] for label, seconds in cpu.items()}
         for label in hand:
             r = compare(times, "engine", label)
             r.update({f"{side}_tokens_per_s": tokens / statistics.median(times[side]) for side in ("engine", label)})
-            r.update(hidden=base.hidden_size, load_before=load_before, load_after=load_after)
+            r.update(hidden=base.hidden_size, load_before=load_before, load_after=load_after,
+                     cpu_time=compare(cpu, "engine", label))
             results[_key(f"overhead_{name}_vs_{label}", base, args)] = r
             lo, hi = r["median_round_ratio_ci95"]
+            c = r["cpu_time"]
             print(f"overhead {method:>14} vs {label:<18} hidden {base.hidden_size:>4}: engine "
                   f"{r['engine_tokens_per_s']:>9,.0f} tok/s, hand {r[label + '_tokens_per_s']:>9,.0f} tok/s; "
                   f"engine/hand per-round median {r['median_round_ratio']:.3f} (95% {lo:.3f}-{hi:.3f}, "
-                  f"{r['rounds']} rounds; ratio of medians {r['ratio_of_medians']:.3f}); load "
-                  f"{_load(load_before)} -> {_load(load_after)}; target >= 0.95")
+                  f"{r['rounds']} rounds; ratio of medians {r['ratio_of_medians']:.3f}); in CPU time "
+                  f"{c['median_round_ratio']:.3f} (95% {c['median_round_ratio_ci95'][0]:.3f}-"
+                  f"{c['median_round_ratio_ci95'][1]:.3f}); load {_load(load_before)} -> {_load(load_after)}; "
+                  f"target >= 0.95")
 
 
 def _load(value: float | None) -> str:
