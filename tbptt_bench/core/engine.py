@@ -56,6 +56,7 @@ WINDOW_BLOCK = 512
 #: forward and backward; benchmarks/bench_overhead.py), because a call's workspace then stays in cache.
 #: On CUDA calls are not split (cuDNN keeps long sequences efficient).
 CPU_FUSED_STEPS = 64
+_NO_SCALES: dict[int, float] = {}
 
 
 class Source(Protocol):
@@ -88,7 +89,8 @@ def step_loss_sum(outputs: torch.Tensor, batch: Batch, loss_kind: str, batch_siz
         per = (diff * diff).reshape(*batch.weights.shape, -1).sum(-1)
     else:
         raise ValueError(f"unknown loss kind {loss_kind!r}")
-    return (per * batch.weights.to(per.dtype)).sum() / batch_size
+    weights = batch.weights if batch.weights.dtype == per.dtype else batch.weights.to(per.dtype)
+    return (per * weights).sum() / batch_size
 
 
 def scale_grad(state: State, factor: float) -> State:
@@ -336,13 +338,21 @@ class Engine:
         """``Σ ℓ_t`` over positions ``lo..hi-1`` of a segment; the read-out runs with gradient."""
         if hi <= lo:
             return torch.zeros((), device=self.device, dtype=self.dtype)
-        feats = features[:, lo:hi]
-        outputs = self.model.readout(feats) if self.split_readout else feats  # type: ignore[operator]
-        return step_loss_sum(outputs, data.slice(lo, hi), self.loss_kind, batch_size)
+        if lo > 0 or hi < features.shape[1]:  # the whole segment (chunked updates) needs no slices
+            features, data = features[:, lo:hi], data.slice(lo, hi)
+        outputs = self.model.readout(features) if self.split_readout else features  # type: ignore[operator]
+        return step_loss_sum(outputs, data, self.loss_kind, batch_size)
 
     def fetch(self, source: Source, a: int, b: int) -> Batch:
         """Steps ``[a, b)`` of ``source`` on the engine's device (one chunk; the source stays put)."""
         return self.to_device(source.slice(a, b))
+
+    def holds(self, source: Source) -> bool:
+        """Whether ``source`` is a :class:`Batch` already on the engine's device, floating tensors in its
+        dtype: then a chunk is a plain slice (moving it would return the same tensors)."""
+        return isinstance(source, Batch) and all(
+            t.device == self.device and (t.dtype == self.dtype or not t.is_floating_point())
+            for t in (source.inputs, source.targets, source.weights))
 
     def to_device(self, data: Batch) -> Batch:
         """Move a chunk (:func:`to_device`, pinned as ``pin_memory`` says)."""
@@ -372,6 +382,8 @@ class EngineRun:
         self.links: list[tuple[State, State]] = []
         self.leaves: list[State] = []
         self.done = 0
+        #: Chunks of a source already in place are slices of it, decided once per run, not per chunk.
+        self._fetch: Callable[[int, int], Batch] = source.slice if engine.holds(source) else self._moved
         self.cross = CrossCutRun(state, engine.keep_parts, self._fetch, engine.core, self._loss) if crosscut else None
 
     def steps(self, updates: Sequence[Update], horizon: int | None = None, ahead: Sequence[Update] = ()) -> Iterator[UpdateStep]:
@@ -396,7 +408,9 @@ class EngineRun:
             self.keep_from = keep_from[i]
             self._drop_stale_segments()
             loss = self._update_loss(u)
-            after = self.bank.get(u.loss_end, self.bank[max(self.bank)])
+            after = self.bank.get(u.loss_end)
+            if after is None:
+                after = self.bank[max(self.bank)]
             yield UpdateStep(self.done, u, loss, after, bool(self.leaves) or bool(engine.keep_parts), self.chain_adjoints)
             self.done += 1
             self.chain_adjoints()  # a no-op when the consumer has chained already
@@ -423,8 +437,10 @@ class EngineRun:
         frontier = max(self.bank)
         if reachable and p < frontier:
             self._ensure_state(p)
-        self.bank = {q: s for q, s in self.bank.items() if q >= p or q == frontier}
-        self.kept = {k: g for k, g in self.kept.items() if k[0] >= p}
+        for q in [q for q in self.bank if q < p and q != frontier]:
+            del self.bank[q]
+        if self.kept:
+            self.kept = {k: g for k, g in self.kept.items() if k[0] >= p}
 
     # -- one update ------------------------------------------------------------------------------
     def _update_loss(self, u: Update) -> torch.Tensor:
@@ -455,16 +471,20 @@ class EngineRun:
         """Forward from the state at ``start`` to ``end``; return Σ ℓ_t for t in ``[la, lb)``."""
         engine = self.engine
         state = self._state_at(start)
-        inner = self.split_list[bisect.bisect_right(self.split_list, start) : bisect.bisect_left(self.split_list, end)]
-        cuts = {start, end, *inner}
-        scales = dict(u.scales)
-        cuts.update(p for p in scales if start < p < end)
-        if engine.checkpoint and grad:
-            cuts.update(range(start - start % engine.checkpoint + engine.checkpoint, end, engine.checkpoint))
-        elif engine.max_fused_steps and grad and end - start > engine.max_fused_steps:
-            n = engine.max_fused_steps
-            cuts.update(range(start - start % n + n, end, n))
-        points = sorted(cuts)
+        first, last = bisect.bisect_right(self.split_list, start), bisect.bisect_left(self.split_list, end)
+        scales = dict(u.scales) if u.scales else _NO_SCALES
+        split = grad and (engine.checkpoint or (engine.max_fused_steps and end - start > engine.max_fused_steps))
+        if first == last and not scales and not split and start < end:  # one call (a chunk): no cut set
+            points = [start, end]
+        else:
+            cuts = {start, end, *self.split_list[first:last]}
+            cuts.update(p for p in scales if start < p < end)
+            if engine.checkpoint and grad:
+                cuts.update(range(start - start % engine.checkpoint + engine.checkpoint, end, engine.checkpoint))
+            elif split:
+                n = engine.max_fused_steps
+                cuts.update(range(start - start % n + n, end, n))
+            points = sorted(cuts)
         retain = grad and not scales and not engine.checkpoint and self._worth_retaining(points)
         total: torch.Tensor | None = None
         previous_out: State | None = None
@@ -521,6 +541,8 @@ class EngineRun:
 
     def chain_adjoints(self) -> None:
         """Carry ∂L/∂(segment input state) back through the earlier segments of the window."""
+        if not self.links and not self.leaves:
+            return
         for leaf, out in reversed(self.links):
             pairs = [(o, s.grad) for o, s in zip(_parts(out), _parts(leaf)) if s.grad is not None and o.requires_grad]
             if pairs:
@@ -607,7 +629,7 @@ class EngineRun:
         return min(u.window_start, max(u.window_start, u.loss_start - u.max_lag + 1), u.loss_start)
 
     # -- data and loss of this run ---------------------------------------------------------------
-    def _fetch(self, a: int, b: int) -> Batch:
+    def _moved(self, a: int, b: int) -> Batch:
         return self.engine.fetch(self.source, a, b)
 
     def _loss(self, features: torch.Tensor, data: Batch, lo: int, hi: int) -> torch.Tensor:
