@@ -20,6 +20,14 @@ from cuda_sim import SimulatedCuda, install, running
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the ``quick_run`` folder share one pytest-xdist worker (``--dist loadgroup``), so the
+    README's quick suite runs once per test run, not once per worker."""
+    for item in items:
+        if "quick_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_run"))
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder where the README's ``tbptt-bench run quick && tbptt-bench report results/quick --out

@@ -303,7 +303,46 @@ def test_fresh_child_runs_the_parents_package_not_a_stray_one(tmp_path, monkeypa
         **TINY, "task": "copy-perf-plugin", "repeats": 1}))
     assert row["status"] == "ok", row["error"]
     assert row["fresh_process"] and row["pid"] != os.getpid() and row["task"] == "copy-perf-plugin"
-    assert sorted(p.name for p in temp.glob("tbptt-perf-*")) == [live.name]
+    left = sorted(p.name for p in temp.glob("tbptt-perf-*"))
+    servers = [name for name in left if name.startswith(f"tbptt-perf-{os.getpid()}-server-")]  # this run's, alive
+    assert sorted(set(left) - set(servers)) == [live.name] and len(servers) <= 1
+
+
+def _server_pids() -> set[int]:
+    return {server.proc.pid for server in child.MeasuringServer._servers.values() if server.proc.poll() is None}
+
+
+def test_server_forks_a_new_process_per_configuration_and_survives_a_timeout():
+    cfg = PerfConfig(method="chunked:k=4", seq_len=24, **TINY)
+    first = child.measure_in_fresh_process(cfg)
+    late = child.measure_in_fresh_process(dataclasses.replace(cfg, seq_len=4096, repeats=50), timeout=0.5)
+    second = child.measure_in_fresh_process(cfg)
+    assert first["status"] == second["status"] == "ok" and late["status"] == "timeout"
+    servers = _server_pids()
+    assert len(servers) == 1 and os.getpid() not in servers
+    assert len({first["pid"], second["pid"], os.getpid(), *servers}) == 4  # two new processes, neither a server
+    assert first["fresh_process"] and late["fresh_process"]
+
+
+def test_the_server_and_its_children_end_with_their_parent():
+    script = ("import os, sys, json; from tbptt_bench.perf import child; from tbptt_bench.perf.config import PerfConfig;"
+              f"row = child.measure_in_fresh_process(PerfConfig(method='full', seq_len=24, **{TINY!r}));"
+              "print(json.dumps([s.proc.pid for s in child.MeasuringServer._servers.values()]), flush=True);"
+              "os._exit(0)")  # no atexit: the server learns of its parent's end from the kernel
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    (server,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    for _ in range(100):
+        if not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"measuring server {server} outlived its parent")
+
+
+def test_one_interpreter_per_configuration_without_the_server(monkeypatch):
+    monkeypatch.setenv(child.SERVER_ENV, "0")
+    row = child.measure_in_fresh_process(PerfConfig(method="chunked:k=4", seq_len=24, **TINY))
+    assert row["status"] == "ok" and row["fresh_process"] and row["pid"] not in _server_pids() | {os.getpid()}
 
 
 def test_child_refuses_a_package_other_than_the_parents(tmp_path, capsys):
@@ -311,6 +350,7 @@ def test_child_refuses_a_package_other_than_the_parents(tmp_path, capsys):
 
     cmd = child.child_command(tmp_path / "c.json", tmp_path / "r.json")
     assert cmd[:3] == [sys.executable, "-I", "-c"] and cmd[4] == str(Path(tbptt_bench.__file__).resolve().parents[1])
+    assert child.child_command(None, None)[5] == "--serve"
     assert f"tbptt_bench={Path(tbptt_bench.__file__).resolve()}" in cmd
     rc = child.main(["--child", str(tmp_path / "c.json"), str(tmp_path / "r.json"),
                      "--expect", f"tbptt_bench={tmp_path / 'other' / '__init__.py'}"])
