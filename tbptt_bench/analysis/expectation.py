@@ -6,13 +6,15 @@ E‖mean d‖² = ‖E d‖² + tr Cov(d)/N: an exactly unbiased method looks bi
 
 This module estimates ‖E d‖² and ‖E g‖² with the U-statistic U(x) = Σ_{i≠j} x_iᵀx_j / N(N−1), which
 is unbiased (E U = ‖E x‖², also when E x = 0); gives ‖E d‖ and the ratio ‖E d‖/‖E g‖ confidence
-intervals by a studentised bootstrap over batches (jackknife standard errors of U; Fieller's linear
-combination for the ratio), with 0 inside exactly when the sign-flip test does not reject; and tests
-E d = 0 three ways (sign-flip randomisation, exact by enumeration up to 16 batches; Chen–Qin normal
-approximation; Hotelling's T²). Derivations, assumptions and measured coverage: docs/statistics.md.
+intervals by a studentised bootstrap over batches (standard errors of U from its unbiased Hoeffding
+variance, the jackknife's where that is not positive; Fieller's linear combination for the ratio),
+with 0 inside exactly when the sign-flip test does not reject; and tests E d = 0 three ways (sign-flip
+randomisation, exact by enumeration up to 16 batches; Chen–Qin normal approximation; Hotelling's T²).
+Derivations, assumptions and measured coverage: docs/statistics.md.
 
 Everything works on the N×N Gram matrices, so the cost is O(N²P) for the Gram matrices and O(B N²)
-for B bootstrap resamples; nothing here depends on torch.
+for B bootstrap resamples (a resample is a vector of batch counts, so each costs a few length-N by
+N×N products); nothing here depends on torch.
 """
 
 from __future__ import annotations
@@ -334,8 +336,8 @@ def bootstrap_intervals(gd: np.ndarray, gg: np.ndarray, level: float, *, zero: b
                         rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
     """Intervals for ‖E d‖ and ‖E d‖/‖E g‖ from Gram matrices (N ≥ 4): studentised bootstrap over batches.
 
-    ‖E d‖² is U_d − (bootstrap quantiles of (U* − ‖d̄‖²)/SE*)·SE, SE the U-statistic's jackknife
-    standard error, mapped through √ (negative ends → 0); the ratio inverts the same pivot for the
+    ‖E d‖² is U_d − (bootstrap quantiles of (U* − ‖d̄‖²)/SE*)·SE, SE from the U-statistic's unbiased
+    (Hoeffding) variance, the jackknife's where that is ≤ 0 (:meth:`_Pivot.var`), mapped through √ (negative ends → 0); the ratio inverts the same pivot for the
     Fieller combination U_d − s² U_g (:func:`_ratio_range`). ``zero``: the data are consistent with
     E d = 0 (the sign-flip test does not reject at 1 − level), so both intervals start at 0 — the
     bootstrap cannot decide that itself, since a resampled world is never exactly unbiased.
