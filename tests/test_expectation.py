@@ -228,20 +228,36 @@ def test_intervals_contain_zero_exactly_when_the_sign_flip_test_does_not_reject(
         assert lo <= max(r.sq_bias, 0.0) <= hi
 
 
+def _loop_pivot(yd: np.ndarray, yg: np.ndarray, x: float, truth: float) -> tuple[float, bool]:
+    """(U(yd) − x U(yg) − truth) / SE by explicit loops: Hoeffding's variance of the kernel Gd − x Gg from
+    tuple sums where positive, else the jackknife over deleted rows; and whether it fell back."""
+    n = len(yd)
+    kern = yd @ yd.T - x * (yg @ yg.T)
+    zeta1, delta = _brute_components(kern, kern)
+    var = 4 * zeta1 / n + 2 * delta / (n * (n - 1))
+    fallback = var <= 0
+    if fallback:
+        loo = [ex.unbiased_sq_norm_of_mean(np.delete(yd, i, 0)) - x * ex.unbiased_sq_norm_of_mean(np.delete(yg, i, 0))
+               for i in range(n)]
+        var = (n - 1) / n * float(np.sum((np.array(loo) - np.mean(loo)) ** 2))
+    stat = ex.unbiased_sq_norm_of_mean(yd) - x * ex.unbiased_sq_norm_of_mean(yg) - truth
+    return (0.0 if stat == 0 and var == 0 else stat / math.sqrt(var)), fallback
+
+
 def test_studentised_bootstrap_quantiles_against_a_direct_resampling_loop() -> None:
-    """The vectorised pivots equal a loop that resamples rows and recomputes U and its jackknife SE."""
-    x = np.random.default_rng(52).exponential(size=(10, 4)) - 0.8
-    gram = x @ x.T
-    (lo_n, hi_n), _ = ex._bootstrap_quantiles(gram, gram, 0.9, 300, np.random.default_rng(3))
-    rng = np.random.default_rng(3)
-    pivots = []
-    for _ in range(300):
-        y = x[rng.integers(0, 10, 10)]
-        u = ex.unbiased_sq_norm_of_mean(y)
-        loo = [ex.unbiased_sq_norm_of_mean(np.delete(y, i, axis=0)) for i in range(10)]
-        se = math.sqrt(9 / 10 * float(np.sum((np.array(loo) - np.mean(loo)) ** 2)))
-        pivots.append((u - float(x.mean(0) @ x.mean(0))) / se)
-    assert (lo_n, hi_n) == pytest.approx(tuple(np.quantile(pivots, [0.05, 0.95])), rel=1e-9)
+    """The count-weighted pivots equal a loop that resamples rows and recomputes U, its variance from
+    tuple sums (jackknife where that is ≤ 0), for the norm and for Fieller's combination at the world's ratio."""
+    rng0 = np.random.default_rng(52)
+    d = rng0.exponential(size=(6, 4)) - 0.8
+    g = d + rng0.normal(1.0, 1.0, size=(6, 4))
+    x_d, x_g = float(d.mean(0) @ d.mean(0)), float(g.mean(0) @ g.mean(0))
+    (lo_n, hi_n), (lo_r, hi_r) = ex._bootstrap_quantiles(d @ d.T, g @ g.T, 0.9, 150, np.random.default_rng(3))
+    idx = np.random.default_rng(3).integers(0, 6, size=(150, 6))
+    norm, fell_n = zip(*[_loop_pivot(d[i], g[i], 0.0, x_d) for i in idx])
+    ratio, fell_r = zip(*[_loop_pivot(d[i], g[i], x_d / x_g, 0.0) for i in idx])
+    assert 0 < sum(fell_n) < len(idx) and 0 < sum(fell_r) < len(idx)  # both variance estimates are exercised
+    assert (lo_n, hi_n) == pytest.approx(tuple(np.quantile(norm, [0.05, 0.95])), rel=1e-9)
+    assert (lo_r, hi_r) == pytest.approx(tuple(np.quantile(ratio, [0.05, 0.95])), rel=1e-9)
 
 
 def test_exact_sign_flip_p_is_the_enumeration_and_its_floor_is_reported() -> None:

@@ -6,13 +6,15 @@ E‖mean d‖² = ‖E d‖² + tr Cov(d)/N: an exactly unbiased method looks bi
 
 This module estimates ‖E d‖² and ‖E g‖² with the U-statistic U(x) = Σ_{i≠j} x_iᵀx_j / N(N−1), which
 is unbiased (E U = ‖E x‖², also when E x = 0); gives ‖E d‖ and the ratio ‖E d‖/‖E g‖ confidence
-intervals by a studentised bootstrap over batches (jackknife standard errors of U; Fieller's linear
-combination for the ratio), with 0 inside exactly when the sign-flip test does not reject; and tests
-E d = 0 three ways (sign-flip randomisation, exact by enumeration up to 16 batches; Chen–Qin normal
-approximation; Hotelling's T²). Derivations, assumptions and measured coverage: docs/statistics.md.
+intervals by a studentised bootstrap over batches (standard errors of U from its unbiased Hoeffding
+variance, the jackknife's where that is not positive; Fieller's linear combination for the ratio),
+with 0 inside exactly when the sign-flip test does not reject; and tests E d = 0 three ways (sign-flip
+randomisation, exact by enumeration up to 16 batches; Chen–Qin normal approximation; Hotelling's T²).
+Derivations, assumptions and measured coverage: docs/statistics.md.
 
 Everything works on the N×N Gram matrices, so the cost is O(N²P) for the Gram matrices and O(B N²)
-for B bootstrap resamples; nothing here depends on torch.
+for B bootstrap resamples (a resample is a vector of batch counts, so each costs a few length-N by
+N×N products); nothing here depends on torch.
 """
 
 from __future__ import annotations
@@ -183,44 +185,100 @@ def _check_level(level: float) -> None:
         raise UsageError(f"level must be strictly between 0 and 1 (e.g. 0.95); got {level}")
 
 
-def _leave_one_out(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """U and its N leave-one-out values U_(i) from Gram matrices (shape [..., N, N]), in O(N²) each."""
-    n = gram.shape[-1]
-    total, trace = gram.sum((-2, -1)), np.trace(gram, axis1=-2, axis2=-1)
-    rows, diag = gram.sum(-1), np.diagonal(gram, axis1=-2, axis2=-1)
+def _resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each of the n batches occurs in each row of ``idx`` (shape [R, N]), as floats."""
+    offsets = (np.arange(idx.shape[0])[:, None] * n + idx).ravel()
+    return np.bincount(offsets, minlength=idx.shape[0] * n).reshape(idx.shape[0], n).astype(np.float64)
+
+
+def _weighted_u(k: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """U of each resample and its leave-one-out values, from a kernel matrix K (N×N) and counts w (R×N).
+
+    A resample holds batch i w_i times; its Gram matrix is K at the drawn indices, so every sum over
+    distinct *positions* is a sum over batches weighted by w (K w per resample: O(N²), no gathering).
+    Leave-one-out value i drops one copy of batch i (the jackknife weighs it by w_i).
+    """
+    n = k.shape[0]
+    diag = np.diag(k)
+    kw = w @ k
+    total, trace = (kw * w).sum(-1), w @ diag
     u = (total - trace) / (n * (n - 1))
-    loo = ((total[..., None] - 2.0 * rows + diag) - (trace[..., None] - diag)) / ((n - 1) * (n - 2))
+    loo = ((total[:, None] - 2.0 * kw + diag) - (trace[:, None] - diag)) / ((n - 1) * (n - 2))
     return u, loo
 
 
-def _jackknife(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Jackknife covariance (N−1)/N Σ_i (a_i − ā)(b_i − b̄) over the last axis of leave-one-out values."""
-    n = a.shape[-1]
-    return (n - 1) / n * ((a - a.mean(-1, keepdims=True)) * (b - b.mean(-1, keepdims=True))).sum(-1)
+def _weighted_jackknife(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Jackknife covariance (N−1)/N Σ_positions (a − ā)(b − b̄) of leave-one-out values, weighted by counts w."""
+    n = w.shape[-1]
+    ca = a - (w * a).sum(-1, keepdims=True) / n
+    cb = b - (w * b).sum(-1, keepdims=True) / n
+    return (n - 1) / n * (w * ca * cb).sum(-1)
+
+
+def _weighted_variance(k: np.ndarray, l: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Unbiased (Hoeffding) estimate of Cov(U_K, U_L) = 4ζ1/N + 2δ/N(N−1) per resample (counts w, R×N).
+
+    The sums of :func:`_components` over distinct positions, written with the counts (a position pair
+    that repeats a batch still counts: the resampled rows are independent draws). Can be ≤ 0.
+    """
+    n = k.shape[0]
+    dk, dl = np.diag(k), np.diag(l)
+    pair = (w * (w @ (k * l))).sum(-1) - w @ (dk * dl)
+    rk, rl = w @ k - dk, w @ l - dl
+    path = (w * rk * rl).sum(-1) - pair
+    disjoint = (w * rk).sum(-1) * (w * rl).sum(-1) - 4.0 * path - 2.0 * pair
+    sq_mean = disjoint / _falling(n, 4)
+    zeta1 = path / _falling(n, 3) - sq_mean
+    zeta2 = pair / _falling(n, 2) - sq_mean
+    return 4.0 * zeta1 / n + 2.0 * (zeta2 - 2.0 * zeta1) / _falling(n, 2)
 
 
 @dataclass(frozen=True)
 class _Pivot:
-    """U(d), U(g) and the jackknife (co)variances of the pair: Var(U_d − x U_g) = vdd − 2x vdg + x² vgg."""
+    """U(d), U(g) of R data sets and two estimates of Var(U_d − x U_g) = v_dd − 2x v_dg + x² v_gg.
+
+    ``hoeffding`` (unbiased, can be ≤ 0) is used where positive, else ``jackknife`` (never negative).
+    """
 
     ud: np.ndarray
     ug: np.ndarray
-    vdd: np.ndarray
-    vdg: np.ndarray
-    vgg: np.ndarray
+    hoeffding: tuple[np.ndarray, np.ndarray, np.ndarray]
+    jackknife: tuple[np.ndarray, np.ndarray, np.ndarray]
 
     @classmethod
-    def of(cls, gd: np.ndarray, gg: np.ndarray) -> _Pivot:
-        ud, d_loo = _leave_one_out(gd)
-        ug, g_loo = _leave_one_out(gg)
-        return cls(ud, ug, _jackknife(d_loo, d_loo), _jackknife(d_loo, g_loo), _jackknife(g_loo, g_loo))
+    def of(cls, gd: np.ndarray, gg: np.ndarray, w: np.ndarray) -> _Pivot:
+        """Pivots of the data sets that hold batch i w[r, i] times (w = ones((1, N)): the sample itself)."""
+        ud, d_loo = _weighted_u(gd, w)
+        ug, g_loo = _weighted_u(gg, w)
+        hoeffding = (_weighted_variance(gd, gd, w), _weighted_variance(gd, gg, w), _weighted_variance(gg, gg, w))
+        jackknife = (_weighted_jackknife(d_loo, d_loo, w), _weighted_jackknife(d_loo, g_loo, w),
+                     _weighted_jackknife(g_loo, g_loo, w))
+        return cls(ud, ug, hoeffding, jackknife)
+
+    def var(self, x: np.ndarray | float) -> np.ndarray:
+        """Estimated Var(U_d − x U_g): Hoeffding's where positive, else the jackknife's."""
+        (hdd, hdg, hgg), (jdd, jdg, jgg) = self.hoeffding, self.jackknife
+        unbiased = hdd - 2.0 * x * hdg + x * x * hgg
+        return np.where(unbiased > 0, unbiased, np.maximum(jdd - 2.0 * x * jdg + x * x * jgg, 0.0))
 
     def z(self, x: np.ndarray | float) -> np.ndarray:
         """The studentised (U_d − x U_g) / √Var at x = s², s the hypothesised ratio (0/0 counts as 0)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.maximum(self.vdd - 2.0 * x * self.vdg + x * x * self.vgg, 0.0)
-            out = (self.ud - x * self.ug) / np.sqrt(var)
+            out = (self.ud - x * self.ug) / np.sqrt(self.var(x))
         return np.where(np.isnan(out), 0.0, out)
+
+    def t(self, truth: np.ndarray | float) -> np.ndarray:
+        """The studentised (U_d − truth) / SE(U_d) for ‖E d‖² (0/0 counts as 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = (self.ud - truth) / np.sqrt(self.var(0.0))
+        return np.where(np.isnan(out), 0.0, out)
+
+    def limit(self) -> float:
+        """lim_{s→∞} Z(s²) = −U_g / √Var(U_g) of the first data set (±inf when that variance is 0)."""
+        hgg, jgg = float(self.hoeffding[2][0]), float(self.jackknife[2][0])
+        vgg = hgg if hgg > 0 else jgg
+        ug = float(self.ug[0])
+        return -ug / math.sqrt(vgg) if vgg > 0 else -math.copysign(math.inf, ug)
 
 
 def _bootstrap_quantiles(gd: np.ndarray, gg: np.ndarray, level: float, n_boot: int,
@@ -231,19 +289,10 @@ def _bootstrap_quantiles(gd: np.ndarray, gg: np.ndarray, level: float, n_boot: i
     n = gd.shape[0]
     x_d, x_g = gd.sum() / n**2, gg.sum() / n**2  # ‖d̄‖², ‖ḡ‖²
     x_b = x_d / x_g if x_g > 0 else 0.0
-    t_norm, z_ratio = [], []
-    step = max(1, 2_000_000 // (n * n))
-    for start in range(0, n_boot, step):
-        idx = rng.integers(0, n, size=(min(step, n_boot - start), n))
-        pick = (idx[:, :, None], idx[:, None, :])
-        piv = _Pivot.of(gd[pick], gg[pick])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = (piv.ud - x_d) / np.sqrt(np.maximum(piv.vdd, 0.0))
-        t_norm.append(np.where(np.isnan(t), 0.0, t))
-        z_ratio.append(piv.z(x_b))
+    piv = _Pivot.of(gd, gg, _resample_counts(rng.integers(0, n, size=(n_boot, n)), n))
     tail = (1.0 - level) / 2.0
-    qn = np.quantile(np.concatenate(t_norm), [tail, 1.0 - tail])
-    qr = np.quantile(np.concatenate(z_ratio), [tail, 1.0 - tail])
+    qn = np.quantile(piv.t(x_d), [tail, 1.0 - tail])
+    qr = np.quantile(piv.z(x_b), [tail, 1.0 - tail])
     return (float(qn[0]), float(qn[1])), (float(qr[0]), float(qr[1]))
 
 
@@ -254,9 +303,10 @@ def _ratio_range(piv: _Pivot, q: tuple[float, float]) -> tuple[float, float]:
     stretches and bisection pins their ends to ~1e-12; the set is unbounded (hi = inf) when Z's limit
     −U_g/√vgg lies in [q_lo, q_hi], i.e. when E g cannot be told from 0. Empty: (0, 0).
     """
-    ud, ug = float(piv.ud), float(piv.ug)
-    scale = math.sqrt(max(abs(ud), math.sqrt(max(float(piv.vdd), 0.0)), np.finfo(float).tiny)
-                      / max(abs(ug), math.sqrt(max(float(piv.vgg), 0.0)), np.finfo(float).tiny))
+    ud, ug = float(piv.ud[0]), float(piv.ug[0])
+    vdd, vgg = float(piv.var(0.0)[0]), float(piv.jackknife[2][0])
+    scale = math.sqrt(max(abs(ud), math.sqrt(vdd), np.finfo(float).tiny)
+                      / max(abs(ug), math.sqrt(vgg), np.finfo(float).tiny))
     grid = np.concatenate([[0.0], scale * np.geomspace(1e-8, 1e8, 4001)])
 
     def accept(s: np.ndarray) -> np.ndarray:
@@ -275,7 +325,7 @@ def _ratio_range(piv: _Pivot, q: tuple[float, float]) -> tuple[float, float]:
 
     first, last = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(ok)[-1])
     lo = grid[first] if first == 0 else edge(grid[first], grid[first - 1])
-    limit = -ug / math.sqrt(float(piv.vgg)) if piv.vgg > 0 else -math.copysign(math.inf, ug)
+    limit = piv.limit()
     if q[0] <= limit <= q[1]:
         return float(lo), math.inf
     hi = grid[last] if last == grid.size - 1 else edge(grid[last], grid[last + 1])
@@ -286,16 +336,16 @@ def bootstrap_intervals(gd: np.ndarray, gg: np.ndarray, level: float, *, zero: b
                         rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
     """Intervals for ‖E d‖ and ‖E d‖/‖E g‖ from Gram matrices (N ≥ 4): studentised bootstrap over batches.
 
-    ‖E d‖² is U_d − (bootstrap quantiles of (U* − ‖d̄‖²)/SE*)·SE, SE the U-statistic's jackknife
-    standard error, mapped through √ (negative ends → 0); the ratio inverts the same pivot for the
+    ‖E d‖² is U_d − (bootstrap quantiles of (U* − ‖d̄‖²)/SE*)·SE, SE from the U-statistic's unbiased
+    (Hoeffding) variance, the jackknife's where that is ≤ 0 (:meth:`_Pivot.var`), mapped through √ (negative ends → 0); the ratio inverts the same pivot for the
     Fieller combination U_d − s² U_g (:func:`_ratio_range`). ``zero``: the data are consistent with
     E d = 0 (the sign-flip test does not reject at 1 − level), so both intervals start at 0 — the
     bootstrap cannot decide that itself, since a resampled world is never exactly unbiased.
     """
-    piv = _Pivot.of(gd, gg)
+    piv = _Pivot.of(gd, gg, np.ones((1, gd.shape[0])))
     qn, qr = _bootstrap_quantiles(gd, gg, level, n_boot, rng)
-    se = math.sqrt(max(float(piv.vdd), 0.0))
-    ud = float(piv.ud)
+    se = math.sqrt(float(piv.var(0.0)[0]))
+    ud = float(piv.ud[0])
     norm = (math.sqrt(max(ud - qn[1] * se, 0.0)), math.sqrt(max(ud - qn[0] * se, 0.0)))
     ratio = _ratio_range(piv, qr)
     if zero:
