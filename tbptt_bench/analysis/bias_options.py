@@ -18,8 +18,8 @@ from tbptt_bench.methods.base import Method
 from tbptt_bench.methods.length import warn_long_windows
 from tbptt_bench.options import MAX_COUNT, option
 
-#: Random sign patterns of the test of zero bias: the statistics' own default
-#: (:data:`tbptt_bench.analysis.expectation.DEFAULT_FLIPS`, which needs scipy; a test checks they agree).
+#: Random sign patterns of the test of zero bias, declared here for the command line and the statistics
+#: (:data:`tbptt_bench.analysis.expectation.DEFAULT_FLIPS` is this value).
 FLIPS = 999
 
 

@@ -28,12 +28,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
+from tbptt_bench.analysis.bias_options import FLIPS
 from tbptt_bench.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-#: Random sign patterns drawn for the randomisation test (p-values are multiples of 1/(n_flips+1)).
-DEFAULT_FLIPS = 999
+#: Random sign patterns drawn for the randomisation test (p-values are multiples of 1/(n_flips+1)); declared with
+#: the bias options, which the command line reads without importing scipy.
+DEFAULT_FLIPS = FLIPS
 #: Up to this many batches the sign-flip test enumerates all 2^(N−1) distinct patterns (exact p-value).
 MAX_ENUMERATED_BATCHES = 16
 #: The variance estimates need four distinct batches.
