@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -336,3 +337,15 @@ def test_bad_options_are_usage_errors() -> None:
         ex.zero_mean_test(x, n_flips=-1)
     with pytest.raises(UsageError, match="at least 4"):
         ex.sq_norm_summary(x[:3])
+
+
+def test_bootstrap_quantiles_between_two_infinities_are_infinite_not_nan():
+    from tbptt_bench.analysis.expectation import _quantiles
+
+    x = np.array([-np.inf, -np.inf, -np.inf, 0.0, 1.0, np.inf, np.inf, np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = _quantiles(x, 0.05)
+    assert q[0] == -np.inf and q[1] == np.inf
+    finite = np.arange(11.0)
+    np.testing.assert_array_equal(_quantiles(finite, 0.1), np.quantile(finite, [0.1, 0.9]))

@@ -293,9 +293,20 @@ def _bootstrap_quantiles(gd: np.ndarray, gg: np.ndarray, level: float, n_boot: i
     x_b = x_d / x_g if x_g > 0 else 0.0
     piv = _Pivot.of(gd, gg, _resample_counts(rng.integers(0, n, size=(n_boot, n)), n))
     tail = (1.0 - level) / 2.0
-    qn = np.quantile(piv.t(x_d), [tail, 1.0 - tail])
-    qr = np.quantile(piv.z(x_b), [tail, 1.0 - tail])
+    qn, qr = _quantiles(piv.t(x_d), tail), _quantiles(piv.z(x_b), tail)
     return (float(qn[0]), float(qn[1])), (float(qr[0]), float(qr[1]))
+
+
+def _quantiles(x: np.ndarray, tail: float) -> np.ndarray:
+    """Quantiles ``tail`` and ``1 − tail`` of ``x``, interpolated; one that falls between two infinite values
+    (resamples with zero variance) is that infinity, not the NaN interpolation would give."""
+    probs = np.array([tail, 1.0 - tail])
+    with np.errstate(invalid="ignore"):
+        q = np.quantile(x, probs)
+    between_infinities = np.isnan(q)
+    if between_infinities.any():
+        q[between_infinities] = np.quantile(x, probs[between_infinities], method="nearest")
+    return q
 
 
 def _ratio_range(piv: _Pivot, q: tuple[float, float]) -> tuple[float, float]:
