@@ -7,7 +7,10 @@ OpenMP threads slow them down 10x or more); tests that measure threading set the
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -20,27 +23,31 @@ from cuda_sim import SimulatedCuda, install, running
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that read the ``quick_run`` folder share one pytest-xdist worker (``--dist loadgroup``), so the
-    README's quick suite runs once per test run, not once per worker."""
-    for item in items:
-        if "quick_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("quick_run"))
-
-
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder where the README's ``tbptt-bench run quick && tbptt-bench report results/quick --out
-    reports/quick`` ran, as written, once per test session (``results/quick`` and ``reports/quick`` in it)."""
+    reports/quick`` ran, as written, once per test run, whatever the number of pytest-xdist workers
+    (``results/quick`` and ``reports/quick`` in it)."""
     from readme import readme_section_commands, tbptt_bench_argv
 
-    cwd = tmp_path_factory.mktemp("readme_quick")
-    for command in readme_section_commands():
-        argv = shlex.split(command)
-        if argv[1] not in ("run", "report"):
-            continue
-        proc = subprocess.run(tbptt_bench_argv() + argv[1:], cwd=cwd, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    # pytest-xdist workers of one run share their base folder's parent: the first worker to get here runs the
+    # commands under a file lock, the others wait for it and use its folder.
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    cwd, done = root / "readme_quick", root / "readme_quick.done"
+    with open(root / "readme_quick.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(cwd, ignore_errors=True)
+            cwd.mkdir()
+            for command in readme_section_commands():
+                argv = shlex.split(command)
+                if argv[1] not in ("run", "report"):
+                    continue
+                proc = subprocess.run(tbptt_bench_argv() + argv[1:], cwd=cwd, capture_output=True, text=True,
+                                      timeout=1800)
+                assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+            done.touch()
     return cwd
 
 
