@@ -309,7 +309,8 @@ def test_fresh_child_runs_the_parents_package_not_a_stray_one(tmp_path, monkeypa
 
 
 def _server_pids() -> set[int]:
-    return {server.proc.pid for server in child.MeasuringServer._servers.values() if server.proc.poll() is None}
+    server = child.MeasuringServer.current
+    return {server.proc.pid} if server is not None and server.proc.poll() is None else set()
 
 
 def test_server_forks_a_new_process_per_configuration_and_survives_a_timeout():
@@ -327,7 +328,7 @@ def test_server_forks_a_new_process_per_configuration_and_survives_a_timeout():
 def test_the_server_and_its_children_end_with_their_parent():
     script = ("import os, sys, json; from tbptt_bench.perf import child; from tbptt_bench.perf.config import PerfConfig;"
               f"row = child.measure_in_fresh_process(PerfConfig(method='full', seq_len=24, **{TINY!r}));"
-              "print(json.dumps([s.proc.pid for s in child.MeasuringServer._servers.values()]), flush=True);"
+              "print(json.dumps([child.MeasuringServer.current.proc.pid]), flush=True);"
               "os._exit(0)")  # no atexit: the server learns of its parent's end from the kernel
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     (server,) = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -200,15 +200,17 @@ class MeasuringServer:
     """An isolated interpreter that has imported what a measurement needs and forks one child per configuration.
 
     One server per parent process, for its environment (plugin folders; a new environment replaces the server),
-    started on first use and stopped when the parent exits (or when its standard input closes: a killed parent's server ends by itself). It answers
-    each request (JSON lines on its standard input) with the child's pid and then its exit status, in
+    started on first use and stopped when the parent exits (or when its standard input closes: a killed
+    parent's server ends by itself). It answers each request (JSON lines on its standard input) with the child's pid and then its exit status, in
     ``subprocess`` convention (``-N``: killed by signal N). It computes nothing itself, so a child starts with
     no tensor memory, allocator cache or intra-op thread pool of its own parent's making.
     """
 
-    _servers: dict[tuple[tuple[str, str], ...], "MeasuringServer"] = {}
+    #: This process's server, if one was started (one at a time: each holds an interpreter with torch imported).
+    current: "MeasuringServer | None" = None
 
     def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
         self.folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-server-"))
         self.log = self.folder / "stderr.txt"
         with open(self.log, "wb") as err:
@@ -223,18 +225,17 @@ class MeasuringServer:
     @classmethod
     def for_environment(cls, env: dict[str, str]) -> "MeasuringServer":
         """This process's server for ``env``, started if there is none or the last one died."""
-        key = tuple(sorted(env.items()))
-        server = cls._servers.get(key)
-        if server is None or server.proc.poll() is not None:
-            cls.close_all()  # one server at a time: each holds an interpreter with torch imported
-            server = cls._servers[key] = cls(env)
+        server = cls.current
+        if server is None or server.env != env or server.proc.poll() is not None:
+            cls.close_current()
+            server = cls.current = cls(env)
         return server
 
     @classmethod
-    def close_all(cls) -> None:
-        for server in cls._servers.values():
-            server.close()
-        cls._servers.clear()
+    def close_current(cls) -> None:
+        if cls.current is not None:
+            cls.current.close()
+            cls.current = None
 
     def measure(self, cfg_path: Path, out_path: Path, err_path: Path, timeout: float | None) -> int | None:
         """Fork a child that measures ``cfg_path`` into ``out_path``; its exit status (None: timed out, killed)."""
@@ -250,14 +251,16 @@ class MeasuringServer:
             return self._died()
         deadline = None if timeout is None else time.monotonic() + timeout
         done = self._reply(deadline=deadline)
-        if done is None and self.proc.poll() is None:  # past its time: kill the child, the server reaps it
-            try:
-                os.kill(int(started["pid"]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._reply(timeout=60.0)
-            return None
-        return None if done is None else int(done["exit"])
+        if done is not None:
+            return int(done["exit"])
+        if self.proc.poll() is not None:
+            return self._died()
+        try:  # past its time: kill the child, the server reaps it
+            os.kill(int(started["pid"]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reply(timeout=60.0)
+        return None
 
     def close(self) -> None:
         """Stop the server (it exits when its standard input closes) and remove its folder."""
@@ -299,7 +302,7 @@ class MeasuringServer:
         return json.loads(line)
 
 
-atexit.register(MeasuringServer.close_all)
+atexit.register(MeasuringServer.close_current)
 
 
 def _serve() -> int:
@@ -336,16 +339,22 @@ def _forked_child(request: dict[str, str]) -> int:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the requests are the server's to read
         os.close(null)
-        return _child_main(request["config"], request["row"])
-    except UsageError as exc:
-        print(f"tbptt-bench perf: error: {exc}", file=sys.stderr)
-        return 2
+        return _run_child(request["config"], request["row"])
     except BaseException:
         traceback.print_exc()
         return 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _run_child(cfg_path: str, out_path: str) -> int:
+    """Measure ``cfg_path`` into ``out_path`` in this process; a UsageError is one line on stderr and status 2."""
+    try:
+        return _child_main(cfg_path, out_path)
+    except UsageError as exc:
+        print(f"tbptt-bench perf: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _child_main(cfg_path: str, out_path: str) -> int:
@@ -416,13 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if mismatch is not None:
         print(f"tbptt-bench perf: error: {mismatch}", file=sys.stderr)
         return 2
-    if args.serve:
-        return _serve()
-    try:
-        return _child_main(*args.child)
-    except UsageError as exc:
-        print(f"tbptt-bench perf: error: {exc}", file=sys.stderr)
-        return 2
+    return _serve() if args.serve else _run_child(*args.child)
 
 
 if __name__ == "__main__":
