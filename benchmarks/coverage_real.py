@@ -2,10 +2,13 @@
 
     PYTHONPATH=. python benchmarks/coverage_real.py                      # the table in docs/statistics.md
     PYTHONPATH=. python benchmarks/coverage_real.py --pool 300 --reps 100 --ns 8,16   # small (the test)
+    PYTHONPATH=. python benchmarks/coverage_real.py --cells adding/lstm/chunked:k=4 --worlds biased
+
 
 For each (task, model) the script draws ``--pool`` independent batches at fixed θ (float64, T=24, B=4,
 H=8, as the referee's check in issue 24) and stores every batch's true gradient g and each method's
-error d = ĝ − g. The pool's empirical law is then a world with a known truth: a data set of N batches
+error d = ĝ − g (a cell TASK/MODEL/SPEC names its own truncating method instead of
+:data:`BIASED`). The pool's empirical law is then a world with a known truth: a data set of N batches
 is N rows drawn with replacement from the pool (independent and identically distributed, exactly),
 and the truth is the pool's own ‖mean d‖ and ‖mean d‖ / ‖mean g‖. The *biased* world uses a truncating
 method's errors as they are; the *unbiased* world subtracts the pool mean from ARTBP's errors (whose
@@ -36,39 +39,41 @@ CELLS = (("copy", "rnn"), ("copy", "lstm"), ("char-lm", "rnn"), ("char-lm", "lst
 BIASED, UNBIASED = "chunked:k=2", "artbp:c=0.2,min=2"
 
 
-def gradient_pool(task_name: str, model_name: str, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``size`` batches' true gradients ``g`` and errors ``d:SPEC`` of :data:`BIASED` and :data:`UNBIASED`."""
+def gradient_pool(task_name: str, model_name: str, size: int, seed: int = 0,
+                  biased: str = BIASED) -> dict[str, np.ndarray]:
+    """``size`` batches' true gradients ``g`` and errors ``d:SPEC`` of ``biased`` and :data:`UNBIASED`."""
     task = make_task(task_name)
     model = make_model(model_name, task, HIDDEN, seed=seed, dtype="float64")
-    rows: dict[str, list[np.ndarray]] = {"g": [], f"d:{BIASED}": [], f"d:{UNBIASED}": []}
+    rows: dict[str, list[np.ndarray]] = {"g": [], f"d:{biased}": [], f"d:{UNBIASED}": []}
     for n in range(size):
         batch = task.sample(BATCH, SEQ_LEN, generator(derive_seed("coverage-pool", seed, n)), "valid")
         g = flatten(true_gradient(model, batch, task.loss_kind)).numpy()
         rows["g"].append(g)
-        for spec in (BIASED, UNBIASED):
+        for spec in (biased, UNBIASED):
             est = method_gradient(model, batch, parse_method(spec), task.loss_kind, seed=derive_seed("draws", n))
             rows[f"d:{spec}"].append(flatten(est).numpy() - g)
     return {k: np.stack(v) for k, v in rows.items()}
 
 
-def cached_pool(task_name: str, model_name: str, size: int, cache: Path | None) -> dict[str, np.ndarray]:
+def cached_pool(task_name: str, model_name: str, size: int, cache: Path | None,
+                biased: str = BIASED) -> dict[str, np.ndarray]:
     """:func:`gradient_pool`, read from / written to ``cache`` (a folder) when given."""
     if cache is None:
-        return gradient_pool(task_name, model_name, size)
-    path = cache / f"{task_name}-{model_name}-{size}.npz"
+        return gradient_pool(task_name, model_name, size, biased=biased)
+    path = cache / f"{task_name}-{model_name}-{size}-{biased.replace(':', '_')}.npz"
     if path.exists():
         return dict(np.load(path))
-    pool = gradient_pool(task_name, model_name, size)
+    pool = gradient_pool(task_name, model_name, size, biased=biased)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **pool)
     return pool
 
 
-def worlds(pool: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+def worlds(pool: dict[str, np.ndarray], biased: str = BIASED) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
     """(d, g, unbiased) of each world: the biased method's errors as they are, ARTBP's centred."""
     g = pool["g"]
-    d_b, d_u = pool[f"d:{BIASED}"], pool[f"d:{UNBIASED}"]
-    return {f"{BIASED} (biased)": (d_b, g, False), f"{UNBIASED} (centred)": (d_u - d_u.mean(0), g, True)}
+    d_b, d_u = pool[f"d:{biased}"], pool[f"d:{UNBIASED}"]
+    return {f"{biased} (biased)": (d_b, g, False), f"{UNBIASED} (centred)": (d_u - d_u.mean(0), g, True)}
 
 
 def coverage(d: np.ndarray, g: np.ndarray, unbiased: bool, n: int, reps: int, seed: int) -> dict[str, float]:
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=600, help="batches in each pool (default 600)")
     ap.add_argument("--reps", type=int, default=1000, help="resampled data sets per row (default 1000)")
     ap.add_argument("--ns", default="8,16,64", help="numbers of batches N (default 8,16,64)")
-    ap.add_argument("--cells", default=",".join(f"{t}/{m}" for t, m in CELLS), help="TASK/MODEL,...")
+    ap.add_argument("--cells", default=",".join(f"{t}/{m}" for t, m in CELLS),
+                    help=f"TASK/MODEL[/SPEC],... (SPEC: the biased world's method, default {BIASED}; no commas)")
+    ap.add_argument("--worlds", default="biased,unbiased", help="which worlds to measure (default biased,unbiased)")
     ap.add_argument("--cache", type=Path, default=None, help="folder to keep the pools in between runs")
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args(argv)
@@ -111,10 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     print("| task | model | world | N | true ratio | cover ratio | below / above | cover ‖E d‖ | below / above |")
     print("|" + "---|" * 9)
     start = time.perf_counter()
+    wanted = set(args.worlds.split(","))
+    if not wanted or wanted - {"biased", "unbiased"}:
+        ap.error(f"--worlds takes biased and/or unbiased; got {args.worlds!r}")
     for i, cell in enumerate(args.cells.split(",")):
-        task_name, model_name = cell.split("/")
-        pool = cached_pool(task_name, model_name, args.pool, args.cache)
-        for j, (name, (d, g, unbiased)) in enumerate(worlds(pool).items()):
+        parts = cell.split("/")
+        if len(parts) not in (2, 3):
+            ap.error(f"a cell is TASK/MODEL or TASK/MODEL/SPEC; got {cell!r}")
+        task_name, model_name, biased = parts[0], parts[1], parts[2] if len(parts) == 3 else BIASED
+        pool = cached_pool(task_name, model_name, args.pool, args.cache, biased)
+        for j, (name, (d, g, unbiased)) in enumerate(worlds(pool, biased).items()):
+            if ("unbiased" if unbiased else "biased") not in wanted:
+                continue
             for n in ns:
                 c = coverage(d, g, unbiased, n, args.reps, derive_seed(args.seed, i, j, n))
                 print(f"| {task_name} | {model_name} | {name} | {n} | {c['truth_ratio']:.4f} | "

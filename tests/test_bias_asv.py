@@ -196,3 +196,35 @@ def test_bad_expectation_option_is_a_usage_error():
     with pytest.raises(UsageError, match="probes=0"):
         analyse_bias(task, model, ["chunked:k=2"], seq_len=24, batch_size=2, n_batches=2, seed=0, expectation="exact",
                      probes=4)
+
+
+@pytest.mark.parametrize("model_name", ["rnn", "lstm"])
+def test_every_family_that_draws_random_numbers_says_so(model_name, gradient_bias, monkeypatch):
+    """At frozen θ and data, two draw seeds give the same estimate exactly when the family declares itself
+    deterministic: the exact columns and asv's draw-free figures rest on that declaration."""
+    from asv_bench import grid
+
+    task = make_task("copy")
+    model = make_model(model_name, task, 6, seed=0, dtype="float64")
+    batch = task.sample(2, 24, torch.Generator().manual_seed(0), "valid")
+    checked = 0
+    for family in grid.METHODS.names():
+        try:
+            m = parse_method(grid.representative_spec(family, 24))
+            a, b = (flatten(method_gradient(model, batch, m, task.loss_kind, seed=s)) for s in (1, 2))
+        except UsageError:  # a family defined for other models only, or one that needs parameters listed
+            continue
+        assert torch.equal(a, b) == m.deterministic, (family, m.spec)
+        checked += 1
+    assert checked >= 8
+
+
+def test_asv_tracks_uoro_by_its_test_and_rtrl_by_its_exact_bias(gradient_bias, monkeypatch):
+    """UORO has no exact expectation: only its 0/1 test is tracked, never a figure that moves with its draws;
+    RTRL is deterministic and exact, so its tracked bias is ~0."""
+    monkeypatch.setattr(gradient_bias, "N_BATCHES", 8)
+    uoro = gradient_bias.bias_figures("copy", "uoro")
+    assert uoro["bias_detected"] in (0.0, 1.0)
+    assert np.isnan(uoro["relative_bias"]) and np.isnan(uoro["one_minus_cosine"])
+    rtrl = gradient_bias.bias_figures("copy", "rtrl")
+    assert rtrl["relative_bias"] < 1e-12 and np.isnan(rtrl["bias_detected"])

@@ -16,7 +16,8 @@ state (docs/design.md §3):
 * draw-free, at the measured batches: ``exact_relative_bias`` = ‖Σ_n (E ĝ_n − g_n)‖ / ‖Σ_n g_n‖ and
   ``exact_relative_error_max`` = max_n ‖E ĝ_n − g_n‖ / ‖g_n‖, E over the method's own random draws — a
   deterministic method's ĝ is its expectation; a random one's comes from its family's exact expected mask
-  with ``expectation="exact"`` (NaN otherwise, and for forward-mode estimators, which have none);
+  with ``expectation="exact"`` (NaN otherwise, and for random forward-mode estimators — UORO, KF-RTRL —
+  which have none; RTRL, SnAp and RFLO are deterministic);
 * the lag profile and, for each method, the bias extrapolated from it after Aicher et al. — an estimate
   under a geometric-decay assumption, not a bound (:mod:`tbptt_bench.core.lags`) — and its ratio to the
   exact figure, ``extrapolation_ratio``.
@@ -352,7 +353,7 @@ def _collect(task: Task, mdl: nn.Module, methods: list[Method], opts: BiasOption
                                 seed=derive_seed("method-draws", opts.seed, n))
         for m in methods:
             out.est_rows[m].append(flatten(ests[m], names).cpu().numpy())
-            if opts.expectation == "exact" and not m.deterministic and not m.forward_mode:
+            if opts.expectation == "exact" and not m.deterministic:
                 if m.expected_mask(opts.seq_len) is not None:
                     mean = method_gradient(mdl, data, m, task.loss_kind, state, expectation=True)
                     out.exact_rows.setdefault(m, []).append(flatten(mean, names).cpu().numpy())
@@ -384,7 +385,7 @@ def _rows(methods: list[Method], samples: _Samples, groups: dict[str, np.ndarray
     rows = []
     for i, m in enumerate(methods):
         est_mat = np.stack(samples.est_rows[m])
-        mean_mat = (est_mat if m.deterministic and not m.forward_mode
+        mean_mat = (est_mat if m.deterministic
                     else np.stack(samples.exact_rows[m]) if m in samples.exact_rows else None)
         extrapolation = math.nan
         if profile is not None and not m.forward_mode:  # the extrapolation reads a mask

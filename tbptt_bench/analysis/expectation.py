@@ -7,7 +7,8 @@ E‖mean d‖² = ‖E d‖² + tr Cov(d)/N: an exactly unbiased method looks bi
 This module estimates ‖E d‖² and ‖E g‖² with the U-statistic U(x) = Σ_{i≠j} x_iᵀx_j / N(N−1), which
 is unbiased (E U = ‖E x‖², also when E x = 0); gives ‖E d‖ and the ratio ‖E d‖/‖E g‖ confidence
 intervals by a studentised bootstrap over batches (standard errors of U from its unbiased Hoeffding
-variance, the jackknife's where that is not positive; Fieller's linear combination for the ratio),
+variance, the jackknife's where that is not positive, the sample's never below a bias-corrected plug-in
+floor; Fieller's linear combination for the ratio),
 with 0 inside exactly when the sign-flip test does not reject; and tests E d = 0 three ways (sign-flip
 randomisation, exact by enumeration up to 16 batches; Chen–Qin normal approximation; Hotelling's T²).
 Derivations, assumptions and measured coverage: docs/statistics.md.
@@ -235,21 +236,69 @@ def _weighted_variance(k: np.ndarray, l: np.ndarray, w: np.ndarray) -> np.ndarra
     return 4.0 * zeta1 / n + 2.0 * (zeta2 - 2.0 * zeta1) / _falling(n, 2)
 
 
+def _quadratic(coef: tuple[float, float, float], x: np.ndarray | float) -> np.ndarray | float:
+    """c_dd − 2x c_dg + x² c_gg: a bilinear component of U_d − x U_g from its three polarised parts."""
+    return coef[0] - 2.0 * x * coef[1] + x * x * coef[2]
+
+
+@dataclass(frozen=True)
+class _VarianceFloor:
+    """A second estimate of Var(U_d − x U_g) for the sample itself, which its studentising variance never
+    goes below (:meth:`_Pivot.var`).
+
+    The unbiased Hoeffding estimate of the linear component ζ1 = Var(μ_dᵀd − x μ_gᵀg) is a difference of two
+    large terms (E[h12 h13] and the square of the mean), so at N = 8 it can come out far below ζ1, and the
+    interval's upper end with it. The floor takes the larger of that estimate and the plug-in sample variance
+    of d̄ᵀd_i − x ḡᵀg_i less its leading bias δ/N (exact for Gaussian rows: E[āᵀMΣ̂Mā] = ζ1 + tr(MΣ)²/N,
+    M = diag(I, −xI)), keeping the unbiased degenerate component δ. The resamples keep the plain
+    estimate: the floor only ever widens the bootstrap-t interval. docs/statistics.md has the measurements.
+    """
+
+    zeta1: tuple[float, float, float]
+    delta: tuple[float, float, float]
+    plug_in: tuple[float, float, float]
+    n: int
+
+    @classmethod
+    def of(cls, gd: np.ndarray, gg: np.ndarray) -> _VarianceFloor:
+        """The three polarised parts of ζ1, δ and the plug-in linear variance, from the sample's Gram matrices."""
+        dd, dg, gg_ = _components(gd, gd), _components(gd, gg), _components(gg, gg)
+        rows = np.stack([gd.mean(axis=1), gg.mean(axis=1)])  # d̄ᵀd_i, ḡᵀg_i
+        cov = np.cov(rows, ddof=1)
+        return cls((dd[0], dg[0], gg_[0]), (dd[1], dg[1], gg_[1]),
+                   (float(cov[0, 0]), float(cov[0, 1]), float(cov[1, 1])), gd.shape[0])
+
+    def var(self, x: np.ndarray | float) -> np.ndarray | float:
+        """4 max(ζ̂1, plug-in − δ̂⁺/N)/N + 2 δ̂⁺/N(N−1) at x."""
+        n = self.n
+        delta = np.maximum(_quadratic(self.delta, x), 0.0)
+        linear = np.maximum(_quadratic(self.zeta1, x), _quadratic(self.plug_in, x) - delta / n)
+        return 4.0 * linear / n + 2.0 * delta / (n * (n - 1))
+
+    def var_gg(self) -> float:
+        """The same estimate for U_g alone (the coefficient of x² as x → ∞)."""
+        n = self.n
+        delta = max(self.delta[2], 0.0)
+        return 4.0 * max(self.zeta1[2], self.plug_in[2] - delta / n) / n + 2.0 * delta / (n * (n - 1))
+
+
 @dataclass(frozen=True)
 class _Pivot:
     """U(d), U(g) of R data sets and two estimates of Var(U_d − x U_g) = v_dd − 2x v_dg + x² v_gg.
 
-    ``hoeffding`` (unbiased, can be ≤ 0) is used where positive, else ``jackknife`` (never negative).
+    ``hoeffding`` (unbiased, can be ≤ 0) is used where positive, else ``jackknife`` (never negative); the
+    sample's own pivot also has a ``floor`` (:class:`_VarianceFloor`), the resamples' do not.
     """
 
     ud: np.ndarray
     ug: np.ndarray
     hoeffding: tuple[np.ndarray, np.ndarray, np.ndarray]
     jackknife: tuple[np.ndarray, np.ndarray, np.ndarray]
+    floor: _VarianceFloor | None = None
 
     @classmethod
     def of(cls, gd: np.ndarray, gg: np.ndarray, w: np.ndarray) -> _Pivot:
-        """Pivots of the data sets that hold batch i w[r, i] times (w = ones((1, N)): the sample itself)."""
+        """Pivots of the data sets that hold batch i w[r, i] times (resamples; no floor)."""
         ud, d_loo = _weighted_u(gd, w)
         ug, g_loo = _weighted_u(gg, w)
         hoeffding = (_weighted_variance(gd, gd, w), _weighted_variance(gd, gg, w), _weighted_variance(gg, gg, w))
@@ -257,11 +306,17 @@ class _Pivot:
                      _weighted_jackknife(g_loo, g_loo, w))
         return cls(ud, ug, hoeffding, jackknife)
 
+    @classmethod
+    def sample(cls, gd: np.ndarray, gg: np.ndarray) -> _Pivot:
+        """The pivot of the sample itself, with its variance floor."""
+        piv = cls.of(gd, gg, np.ones((1, gd.shape[0])))
+        return cls(piv.ud, piv.ug, piv.hoeffding, piv.jackknife, _VarianceFloor.of(gd, gg))
+
     def var(self, x: np.ndarray | float) -> np.ndarray:
-        """Estimated Var(U_d − x U_g): Hoeffding's where positive, else the jackknife's."""
-        (hdd, hdg, hgg), (jdd, jdg, jgg) = self.hoeffding, self.jackknife
-        unbiased = hdd - 2.0 * x * hdg + x * x * hgg
-        return np.where(unbiased > 0, unbiased, np.maximum(jdd - 2.0 * x * jdg + x * x * jgg, 0.0))
+        """Estimated Var(U_d − x U_g): Hoeffding's where positive, else the jackknife's; never below the floor."""
+        unbiased = _quadratic(self.hoeffding, x)
+        out = np.where(unbiased > 0, unbiased, np.maximum(_quadratic(self.jackknife, x), 0.0))
+        return out if self.floor is None else np.maximum(out, self.floor.var(x))
 
     def z(self, x: np.ndarray | float) -> np.ndarray:
         """The studentised (U_d − x U_g) / √Var at x = s², s the hypothesised ratio (0/0 counts as 0)."""
@@ -278,7 +333,9 @@ class _Pivot:
     def limit(self) -> float:
         """lim_{s→∞} Z(s²) = −U_g / √Var(U_g) of the first data set (±inf when that variance is 0)."""
         hgg, jgg = float(self.hoeffding[2][0]), float(self.jackknife[2][0])
-        vgg = hgg if hgg > 0 else jgg
+        vgg = hgg if hgg > 0 else max(jgg, 0.0)
+        if self.floor is not None:
+            vgg = max(vgg, self.floor.var_gg())
         ug = float(self.ug[0])
         return -ug / math.sqrt(vgg) if vgg > 0 else -math.copysign(math.inf, ug)
 
@@ -350,12 +407,13 @@ def bootstrap_intervals(gd: np.ndarray, gg: np.ndarray, level: float, *, zero: b
     """Intervals for ‖E d‖ and ‖E d‖/‖E g‖ from Gram matrices (N ≥ 4): studentised bootstrap over batches.
 
     ‖E d‖² is U_d − (bootstrap quantiles of (U* − ‖d̄‖²)/SE*)·SE, SE from the U-statistic's unbiased
-    (Hoeffding) variance, the jackknife's where that is ≤ 0 (:meth:`_Pivot.var`), mapped through √ (negative ends → 0); the ratio inverts the same pivot for the
-    Fieller combination U_d − s² U_g (:func:`_ratio_range`). ``zero``: the data are consistent with
+    (Hoeffding) variance, the jackknife's where that is ≤ 0 (:meth:`_Pivot.var`), and for the sample itself
+    never below :class:`_VarianceFloor`; mapped through √ (negative ends → 0). The ratio inverts the same
+    pivot for the Fieller combination U_d − s² U_g (:func:`_ratio_range`). ``zero``: the data are consistent with
     E d = 0 (the sign-flip test does not reject at 1 − level), so both intervals start at 0 — the
     bootstrap cannot decide that itself, since a resampled world is never exactly unbiased.
     """
-    piv = _Pivot.of(gd, gg, np.ones((1, gd.shape[0])))
+    piv = _Pivot.sample(gd, gg)
     qn, qr = _bootstrap_quantiles(gd, gg, level, n_boot, rng)
     se = math.sqrt(float(piv.var(0.0)[0]))
     ud = float(piv.ud[0])

@@ -127,6 +127,7 @@ class SnAp(OnlineMethod):
 @register_method
 class UORO(OnlineMethod):
     family = "uoro"
+    deterministic = False  # draws random signs: its estimate at frozen θ depends on them
     summary = "UORO: unbiased rank-one influence estimate with random signs (Tallec & Ollivier)"
     schema = {"every": positive_int(1, required=False), "seed": Param(int, 0, lambda v: v >= 0, "an integer ≥ 0", False)}
 
@@ -141,6 +142,7 @@ class UORO(OnlineMethod):
 @register_method
 class KFRTRL(OnlineMethod):
     family = "kfrtrl"
+    deterministic = False  # draws random signs: its estimate at frozen θ depends on them
     summary = "KF-RTRL: unbiased Kronecker-factored influence per weight matrix (Mujika, Meier & Steger 2018)"
     cells = ("rnn",)
     declared = False
