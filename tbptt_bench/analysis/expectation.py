@@ -249,7 +249,7 @@ class _VarianceFloor:
     The unbiased Hoeffding estimate of the linear component ζ1 = Var(μ_dᵀd − x μ_gᵀg) is a difference of two
     large terms (E[h12 h13] and the square of the mean), so at N = 8 it can come out far below ζ1, and the
     interval's upper end with it. The floor takes the larger of that estimate and the plug-in sample variance
-    of d̄ᵀd_i − x ḡᵀg_i less its leading bias δ/N (exact for Gaussian rows: E[āᵀMΣ̂Mā] = ζ1 + tr(MΣ)²/N,
+    of d̄ᵀd_i − x ḡᵀg_i less its leading bias δ/N (exact for Gaussian rows: E[āᵀMΣ̂Mā] = ζ1 + tr((MΣ)²)/N,
     M = diag(I, −xI)), keeping the unbiased degenerate component δ. The resamples keep the plain
     estimate: the floor only ever widens the bootstrap-t interval. docs/statistics.md has the measurements.
     """
