@@ -199,7 +199,7 @@ def test_bad_expectation_option_is_a_usage_error():
 
 
 @pytest.mark.parametrize("model_name", ["rnn", "lstm"])
-def test_every_family_that_draws_random_numbers_says_so(model_name, gradient_bias, monkeypatch):
+def test_every_family_that_draws_random_numbers_says_so(model_name, gradient_bias):
     """At frozen θ and data, two draw seeds give the same estimate exactly when the family declares itself
     deterministic: the exact columns and asv's draw-free figures rest on that declaration."""
     from asv_bench import grid

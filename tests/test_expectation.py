@@ -265,7 +265,8 @@ def _loop_floor(yd: np.ndarray, yg: np.ndarray, x: float) -> float:
     """The sample's variance floor by explicit sums: ζ̂1 and δ̂ of the kernel Gd − x Gg from tuple sums, the
     plug-in variance of d̄ᵀd_i − x ḡᵀg_i from the rows, 4 max(ζ̂1, plug-in − δ̂⁺/N)/N + 2 δ̂⁺/N(N−1)."""
     n = len(yd)
-    zeta1, delta = _brute_components(yd @ yd.T - x * (yg @ yg.T), yd @ yd.T - x * (yg @ yg.T))
+    kernel = yd @ yd.T - x * (yg @ yg.T)
+    zeta1, delta = _brute_components(kernel, kernel)
     proj = yd @ yd.mean(0) - x * (yg @ yg.mean(0))
     plug_in = float(np.var(proj, ddof=1))
     delta = max(delta, 0.0)
@@ -289,13 +290,13 @@ def test_sample_variance_floor_is_the_explicit_formula_and_only_widens() -> None
     assert _loop_floor(d, g, 0.0) > 1.02 * float(plain.var(0.0)[0])  # the floor binds on this sample
     level, n_boot = 0.95, 300
     (norm, ratio) = ex.bootstrap_intervals(gd, gg, level, zero=False, n_boot=n_boot, rng=np.random.default_rng(4))
-    qn, _ = ex._bootstrap_quantiles(gd, gg, level, n_boot, np.random.default_rng(4))
+    qn, qr = ex._bootstrap_quantiles(gd, gg, level, n_boot, np.random.default_rng(4))
     u = ex.unbiased_sq_norm_of_mean(d)
     se = math.sqrt(max(float(plain.var(0.0)[0]), _loop_floor(d, g, 0.0)))
     assert norm == pytest.approx((math.sqrt(max(u - qn[1] * se, 0)), math.sqrt(max(u - qn[0] * se, 0))), rel=1e-12)
     se_plain = math.sqrt(float(plain.var(0.0)[0]))
     assert norm[0] < math.sqrt(max(u - qn[1] * se_plain, 0)) and norm[1] > math.sqrt(max(u - qn[0] * se_plain, 0))
-    plain_ratio = ex._ratio_range(plain, ex._bootstrap_quantiles(gd, gg, level, n_boot, np.random.default_rng(4))[1])
+    plain_ratio = ex._ratio_range(plain, qr)
     assert ratio[0] <= plain_ratio[0] and ratio[1] >= plain_ratio[1]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -268,18 +268,20 @@ class _VarianceFloor:
         return cls((dd[0], dg[0], gg_[0]), (dd[1], dg[1], gg_[1]),
                    (float(cov[0, 0]), float(cov[0, 1]), float(cov[1, 1])), gd.shape[0])
 
-    def var(self, x: np.ndarray | float) -> np.ndarray | float:
-        """4 max(ζ̂1, plug-in − δ̂⁺/N)/N + 2 δ̂⁺/N(N−1) at x."""
+    def _combine(self, zeta1: np.ndarray | float, delta: np.ndarray | float,
+                 plug_in: np.ndarray | float) -> np.ndarray | float:
+        """4 max(ζ̂1, plug-in − δ̂⁺/N)/N + 2 δ̂⁺/N(N−1) from one kernel's three estimates."""
         n = self.n
-        delta = np.maximum(_quadratic(self.delta, x), 0.0)
-        linear = np.maximum(_quadratic(self.zeta1, x), _quadratic(self.plug_in, x) - delta / n)
-        return 4.0 * linear / n + 2.0 * delta / (n * (n - 1))
+        delta = np.maximum(delta, 0.0)
+        return 4.0 * np.maximum(zeta1, plug_in - delta / n) / n + 2.0 * delta / (n * (n - 1))
+
+    def var(self, x: np.ndarray | float) -> np.ndarray | float:
+        """The floor for U_d − x U_g."""
+        return self._combine(_quadratic(self.zeta1, x), _quadratic(self.delta, x), _quadratic(self.plug_in, x))
 
     def var_gg(self) -> float:
-        """The same estimate for U_g alone (the coefficient of x² as x → ∞)."""
-        n = self.n
-        delta = max(self.delta[2], 0.0)
-        return 4.0 * max(self.zeta1[2], self.plug_in[2] - delta / n) / n + 2.0 * delta / (n * (n - 1))
+        """The floor for U_g alone (the coefficient of x² as x → ∞)."""
+        return float(self._combine(self.zeta1[2], self.delta[2], self.plug_in[2]))
 
 
 @dataclass(frozen=True)
@@ -309,8 +311,7 @@ class _Pivot:
     @classmethod
     def sample(cls, gd: np.ndarray, gg: np.ndarray) -> _Pivot:
         """The pivot of the sample itself, with its variance floor."""
-        piv = cls.of(gd, gg, np.ones((1, gd.shape[0])))
-        return cls(piv.ud, piv.ug, piv.hoeffding, piv.jackknife, _VarianceFloor.of(gd, gg))
+        return replace(cls.of(gd, gg, np.ones((1, gd.shape[0]))), floor=_VarianceFloor.of(gd, gg))
 
     def var(self, x: np.ndarray | float) -> np.ndarray:
         """Estimated Var(U_d − x U_g): Hoeffding's where positive, else the jackknife's; never below the floor."""
